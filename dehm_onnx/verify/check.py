@@ -268,15 +268,34 @@ class _LayerPlan:
     rows: int = 0
 
 
-def _layer_input(node, weight: str | None) -> tuple[str, bool]:
-    """The X input of a MatMul/Gemm node computing X @ W, and whether X is transposed (Gemm transA)."""
-    x_index = 1 if (weight is not None and node.input[0] == weight) else 0
-    trans_a = any(a.name == "transA" and a.i for a in node.attribute) if node.op_type == "Gemm" else False
-    return node.input[x_index], trans_a
+def _constant_names(graph) -> set:
+    """Tensors computable from initializers and Constant nodes alone (e.g. a dequantized weight)."""
+    constant = {t.name for t in graph.initializer} - {i.name for i in graph.input}
+    for node in graph.node:  # nodes are topologically sorted
+        if all(not name or name in constant for name in node.input):
+            constant.update(o for o in node.output if o)
+    return constant
+
+
+def _layer_input(node, weight: str | None, constants: set) -> tuple[str, bool]:
+    """The activation input of a MatMul/Gemm node and whether it enters ``X @ W`` transposed.
+
+    The activation is the non-constant one of the first two inputs. It is transposed (last two
+    axes) for ``MatMul(W_const, X)`` and for Gemm with the constant in A or with ``transA``.
+    """
+    first_is_weight = node.input[0] == weight or (node.input[0] in constants and node.input[1] not in constants)
+    x_index = 1 if first_is_weight else 0
+    if node.op_type == "Gemm":
+        trans = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
+        transposed = not trans.get("transB", 0) if first_is_weight else bool(trans.get("transA", 0))
+    else:
+        transposed = first_is_weight
+    return node.input[x_index], transposed
 
 
 def _plan_layers(orig, records: list) -> tuple[list, list]:
     producer = {out: node for node in orig.graph.node for out in node.output if out}
+    constants = _constant_names(orig.graph)
     plans, notes = [], []
     for record in records:
         plan = _LayerPlan(_new_check(record), record.get("weight"))
@@ -284,7 +303,7 @@ def _plan_layers(orig, records: list) -> tuple[list, list]:
         if node is None:
             plan.check.note = "output not produced in the original model's main graph"
         elif node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2:
-            plan.x_name, plan.transpose_x = _layer_input(node, plan.weight)
+            plan.x_name, plan.transpose_x = _layer_input(node, plan.weight, constants)
         else:
             plan.check.note = f"original producer is {node.op_type}, not MatMul/Gemm; measured in-model only"
         plans.append(plan)
@@ -344,8 +363,8 @@ def _sq(a: np.ndarray, b: np.ndarray | None = None) -> float:
 
 
 def _rows_of(plan: _LayerPlan, x: np.ndarray) -> np.ndarray | None:
-    if plan.transpose_x:
-        x = x.T if x.ndim == 2 else None
+    if plan.transpose_x and x.ndim >= 2:
+        x = np.swapaxes(x, -1, -2)
     width = plan.check.shape[0] if plan.check.shape else None
     if x is None or x.ndim == 0 or (width is not None and x.shape[-1] != width):
         return None
