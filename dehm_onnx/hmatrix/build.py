@@ -44,6 +44,8 @@ DEFAULT_LEAF_SIZE = 32
 # range finder; matrices whose full SVD costs at most _EXACT_FLOPS get exact SVDs throughout.
 _EXACT_MAX_SIDE = 64
 _EXACT_FLOPS = 2**27
+# permute="auto" tries a PCA reordering only when the natural order stores more than this.
+_PERMUTE_IF_RATIO_ABOVE = 0.5
 # Relative safety margins for floating-point summation of the certified error.
 _CERT_MARGIN = 1e-9
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -98,13 +100,19 @@ def _children(start: int, end: int, leaf_size: int) -> list[tuple[int, int]]:
 
 
 def _block_tree(m: int, n: int, leaf_size: int) -> list[_Level]:
-    """Levels of the block tree over ``[0, m) x [0, n)``; children of a block are contiguous."""
+    """Levels of the block tree over ``[0, m) x [0, n)``; children of a block are contiguous.
+
+    Each dimension is bisected at least three times (leaves of at most a ceil(1/8) of it)
+    so that the fixed 2x2, 4x4 and 8x8 partitions are always among the candidates.
+    """
+    row_leaf = min(leaf_size, -(-m // 8))
+    col_leaf = min(leaf_size, -(-n // 8))
     blocks = [(0, m, 0, n)]
     levels = []
     while blocks:
         child_start, nxt = [], []
         for r0, r1, c0, c1 in blocks:
-            rs, cs = _children(r0, r1, leaf_size), _children(c0, c1, leaf_size)
+            rs, cs = _children(r0, r1, row_leaf), _children(c0, c1, col_leaf)
             if len(rs) == 1 and len(cs) == 1:
                 child_start.append(-1)
                 continue
@@ -426,9 +434,13 @@ def compress(w, tol: float, *, seed: int = 0, leaf_size: int = DEFAULT_LEAF_SIZE
     budget2 = (tol * norm * (1 - _CERT_MARGIN)) ** 2
     rng = np.random.default_rng(seed)
     candidates = []
-    if permute in (False, "auto"):
+    can_permute = max(m, n) > leaf_size
+    if permute in (False, "auto") or not can_permute:
         candidates.append(_compress_in_order(w64, w, budget2, leaf_size, rng, None, None))
-    if permute in (True, "auto") and max(m, n) > leaf_size:
+    # A layer whose natural order already compresses well has meaningful order; reordering
+    # pays off where the natural order shows little structure (arbitrary neuron order).
+    natural_poor = not candidates or candidates[0].params > _PERMUTE_IF_RATIO_ABOVE * m * n
+    if (permute is True or (permute == "auto" and natural_poor)) and can_permute:
         row_perm = pca_order(w64, leaf_size, rng)
         col_perm = pca_order(w64.T, leaf_size, rng)
         candidates.append(_compress_in_order(w64, w, budget2, leaf_size, rng, row_perm, col_perm))

@@ -1,0 +1,77 @@
+"""The packed layout: round trip, product and validation messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dehm_onnx.hmatrix import compress, pack, unpack, validate_packed
+from dehm_onnx.hmatrix.pack import KIND, OFFSET, RANK, ROW1
+
+from .matrices import exp_kernel_1d
+
+
+@pytest.fixture
+def packed():
+    w = exp_kernel_1d(200, cols=130, scale=0.05).astype(np.float32)
+    return w, compress(w, 1e-3, permute=True), pack(compress(w, 1e-3, permute=True))
+
+
+def test_pack_round_trip_is_exact(packed):
+    _, hm, p = packed
+    np.testing.assert_array_equal(unpack(p).to_dense(), hm.to_dense())
+    assert p.data.dtype == np.float32 and p.layout.dtype == np.int64
+    assert p.data.size == hm.params
+    assert validate_packed(p.data, p.layout, p.row_perm, p.col_perm) == (200, 130)
+
+
+def test_pack_identity_permutation_is_empty():
+    p = pack(compress(exp_kernel_1d(64), 1e-3, permute=False))
+    assert p.row_perm.size == 0 and p.col_perm.size == 0
+
+
+def test_matmul_supports_batched_and_3d_inputs(packed):
+    w, hm, _ = packed
+    x = np.random.default_rng(0).standard_normal((2, 3, 200)).astype(np.float32)
+    y = hm.matmul(x)
+    assert y.shape == (2, 3, 130) and y.dtype == np.float32
+    np.testing.assert_allclose(y, x @ hm.to_dense(), rtol=1e-4, atol=1e-4)
+    assert hm.matmul(np.zeros((0, 200))).shape == (0, 130)
+
+
+def _broken(p, fix):
+    layout, data, rp, cp = p.layout.copy(), p.data.copy(), p.row_perm.copy(), p.col_perm.copy()
+    layout, data, rp, cp = fix(layout, data, rp, cp)
+    return data, layout, rp, cp
+
+
+@pytest.mark.parametrize(
+    ("fix", "match"),
+    [
+        (lambda l, d, r, c: (l[:, :6], d, r, c), "layout must have shape"),
+        (lambda l, d, r, c: (l, d[:-1], r, c), "outside data"),
+        (lambda l, d, r, c: (_set(l, 0, KIND, 7), d, r, c), "unknown kind"),
+        (lambda l, d, r, c: (_set(l, 0, OFFSET, -1), d, r, c), "outside data"),
+        (lambda l, d, r, c: (l, d, r[:-1], c), "row_perm"),
+        (lambda l, d, r, c: (l, d, np.zeros_like(r), c), "not a permutation"),
+        (lambda l, d, r, c: (l[1:], d, r, c), "cover"),
+        (lambda l, d, r, c: (_set(l, 0, ROW1, 10**6), d, r, c), "ROW1|bad ranges|cover|row_perm"),
+        (lambda l, d, r, c: (_set(_lowrank(l), _lowrank_row(l), RANK, -1), d, r, c), "negative rank"),
+    ],
+)
+def test_validate_packed_names_the_problem(packed, fix, match):
+    with pytest.raises(ValueError, match=match):
+        validate_packed(*_broken(packed[2], fix))
+
+
+def _set(layout, row, col, value):
+    layout[row, col] = value
+    return layout
+
+
+def _lowrank_row(layout):
+    return int(np.flatnonzero(layout[:, KIND] == 2)[0])
+
+
+def _lowrank(layout):
+    return layout

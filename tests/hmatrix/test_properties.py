@@ -1,0 +1,65 @@
+"""Hypothesis properties of compress(): the certified bound holds for the stored factors."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dehm_onnx.hmatrix import compress, pack, unpack
+
+from .matrices import exp_kernel_1d, low_rank_plus_noise
+
+
+def _structured(kind: str, m: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "kernel":
+        x, y = np.sort(rng.random(m)), np.sort(rng.random(n))
+        return 1.0 / (np.abs(x[:, None] - y[None, :]) + rng.uniform(1e-3, 1e-1))
+    if kind == "exp":
+        return exp_kernel_1d(m, cols=n, scale=rng.uniform(0.01, 1.0))
+    if kind == "lowrank":
+        return low_rank_plus_noise(m, n, int(rng.integers(1, 6)), 10.0 ** rng.uniform(-8, -2), rng)
+    if kind == "banded":
+        i, j = np.arange(m)[:, None] / m, np.arange(n)[None, :] / n
+        return np.where(np.abs(i - j) < rng.uniform(0.02, 0.3), rng.standard_normal((m, n)), 0.0)
+    if kind == "blocksparse":
+        w = np.zeros((m, n))
+        for _ in range(3):
+            r, c = rng.integers(0, m), rng.integers(0, n)
+            w[r : r + 20, c : c + 20] = rng.standard_normal((min(20, m - r), min(20, n - c)))
+        return w
+    return rng.standard_normal((m, n)) * 10.0 ** rng.uniform(-3, 3)
+
+
+matrices = st.builds(
+    lambda kind, m, n, seed: _structured(kind, m, n, np.random.default_rng(seed)),
+    st.sampled_from(["kernel", "exp", "lowrank", "banded", "blocksparse", "gaussian"]),
+    st.integers(1, 160),
+    st.integers(1, 160),
+    st.integers(0, 2**32 - 1),
+)
+dtypes = st.sampled_from([np.float16, np.float32, np.float64])
+tols = st.floats(1e-6, 0.5).map(lambda t: float(t))
+
+
+@settings(max_examples=250, deadline=None)
+@given(w=matrices, dtype=dtypes, tol=tols, permute=st.sampled_from([False, True, "auto"]))
+def test_certified_bound_holds_for_stored_factors(w, dtype, tol, permute):
+    w = w.astype(dtype)
+    hm = compress(w, tol, permute=permute)
+    true_error = np.linalg.norm(w.astype(np.float64) - hm.to_dense())
+    assert true_error <= hm.certified_error
+    assert hm.certified_error <= tol * hm.norm
+    assert hm.params <= w.size
+    assert sum(b.shape[0] * b.shape[1] for b in hm.blocks) == w.size
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=matrices, dtype=dtypes, tol=tols, batch=st.integers(0, 4))
+def test_packed_product_matches_dense_reconstruction(w, dtype, tol, batch):
+    w = w.astype(dtype)
+    hm = unpack(pack(compress(w, tol)))
+    x = np.random.default_rng(0).standard_normal((batch, w.shape[0]))
+    expected = x @ hm.to_dense()
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(hm.matmul(x), expected, rtol=0, atol=1e-9 * scale * w.shape[0])
