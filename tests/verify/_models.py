@@ -96,3 +96,12 @@ def scale_initializer(model: onnx.ModelProto, name: str, factor: float) -> onnx.
         if t.name == name:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.asarray(factor, numpy_helper.to_array(t).dtype), name))
     return out
+
+
+def tiered_matrix(rng, m: int, n: int, tiers) -> tuple[np.ndarray, np.ndarray]:
+    """W = U diag(s) V^T with ``tiers`` = [(count, sigma), ...]; returns (W, U) (U: m x k)."""
+    s = np.concatenate([np.full(count, sigma) for count, sigma in tiers])
+    k = len(s)
+    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return (u * s) @ v.T, u

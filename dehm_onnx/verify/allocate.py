@@ -1,0 +1,125 @@
+"""``max_model_error``: the largest shared per-layer tol meeting an end-to-end error target.
+
+Allocation rule: every compressed layer gets the same weight tol ``t`` (and, unless the user
+set ``tol_out``, the same output bound ``t``). ``t`` is searched on the geometric grid
+``TOL_MAX * GRID_RATIO**k`` down to ``TOL_MIN`` by bisection, assuming the end-to-end error
+grows with ``t``: each probe rewrites the model at ``t`` and runs it on the calibration set;
+the end-to-end error is the largest relative L2 error over the graph outputs (all samples
+together). The largest grid ``t`` whose error is ``<= max_model_error`` wins. If even
+``TOL_MIN`` misses the target, no layer is compressed (``t`` is None).
+
+A shared tol is the allocation that needs no model of how errors propagate: each layer's
+relative output error stays about ``t``, and the grid search measures how the network
+combines them. The per-layer verification then runs as usual at ``t`` (tightening any layer
+whose calibration inputs align with dropped directions), and the final model is checked
+against ``max_model_error`` once more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from ..errors import ConfigError
+from .check import _OutputAccumulator
+from .runner import make_cpu_session, run_samples
+
+__all__ = ["GRID_RATIO", "TOL_MAX", "TOL_MIN", "Allocation", "allocate_tol", "tol_grid", "model_error"]
+
+logger = logging.getLogger(__name__)
+
+TOL_MAX = 0.5
+TOL_MIN = 1e-6
+GRID_RATIO = 2.0**-0.5
+
+
+def tol_grid(tol_max: float = TOL_MAX, tol_min: float = TOL_MIN, ratio: float = GRID_RATIO) -> list:
+    """The candidate tols, largest first: ``tol_max * ratio**k >= tol_min``."""
+    count = int(np.floor(np.log(tol_min / tol_max) / np.log(ratio) + 1e-9)) + 1
+    return [float(tol_max * ratio**k) for k in range(count)]
+
+
+@dataclasses.dataclass
+class Allocation:
+    """Result of the search: the chosen shared tol and every probe made."""
+
+    tol: float | None
+    error: float | None
+    target: float
+    probes: list
+    config: object = dataclasses.field(repr=False, default=None)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary for the report."""
+        return {
+            "rule": "shared tol, bisection over a geometric grid",
+            "target": self.target,
+            "tol": self.tol,
+            "error": self.error,
+            "probes": [{"tol": t, "error": e} for t, e in self.probes],
+        }
+
+
+def _graph_outputs(model) -> list:
+    return [o.name for o in model.graph.output]
+
+
+def _reference_outputs(original, samples: list) -> list:
+    session = make_cpu_session(original)
+    return list(run_samples(session, samples, _graph_outputs(original)))
+
+
+def model_error(candidate, reference: list, samples: list) -> float:
+    """Largest relative L2 error over graph outputs of ``candidate`` vs the reference runs."""
+    names = list(reference[0]) if reference else []
+    session = make_cpu_session(candidate)
+    accumulators = {name: _OutputAccumulator(name) for name in names}
+    for ref, got in zip(reference, run_samples(session, samples, names)):
+        for name, acc in accumulators.items():
+            acc.add(ref[name], got[name])
+    return max((acc.result().rel_l2 for acc in accumulators.values()), default=0.0)
+
+
+def allocate_tol(original, calibration, config, rewrite) -> Allocation:
+    """Find the largest shared tol whose end-to-end error is ``<= config.max_model_error``.
+
+    Args:
+        original: the original ModelProto.
+        calibration: a CalibrationSet.
+        config: OptimizeConfig with ``max_model_error`` set.
+        rewrite: ``rewrite(original, config) -> (model, report)``.
+
+    Returns:
+        An Allocation whose ``config`` has ``tol`` set to the chosen value (or, when no grid
+        tol meets the target, an ``exclude`` of every layer so nothing is compressed).
+    """
+    target = float(config.max_model_error)
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"max_model_error must be in (0, 1), got {config.max_model_error!r}")
+    samples = list(calibration.samples())
+    reference = _reference_outputs(original, samples)
+    grid = tol_grid()
+    probes, cache = [], {}
+
+    def error_at(index: int) -> float:
+        if index not in cache:
+            candidate, _ = rewrite(original, dataclasses.replace(config, tol=grid[index]))
+            cache[index] = model_error(candidate, reference, samples)
+            probes.append((grid[index], cache[index]))
+            logger.info("max_model_error search: tol %.3e -> model error %.3e", grid[index], cache[index])
+        return cache[index]
+
+    # Invariant: error_at(lo) > target (or lo == -1), error_at(hi) <= target (or hi == len).
+    lo, hi = -1, len(grid)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if error_at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    if hi == len(grid):
+        chosen = dataclasses.replace(config, exclude=tuple(config.exclude) + ("*",))
+        return Allocation(None, None, target, probes, chosen)
+    return Allocation(grid[hi], cache[hi], target, probes, dataclasses.replace(config, tol=grid[hi]))

@@ -1,0 +1,207 @@
+"""Verification inside ``optimize``: check every layer's output bound, tighten what fails.
+
+The weight bound ``||W - W_H||_F <= tol ||W||_F`` does not imply the output bound
+``||X W - X W_H||_F <= tol_out ||X W||_F`` (calibration rows X may lie along the singular
+directions of W that the compression dropped). For a layer over its output bound this module
+picks a tighter weight tol from the layer's calibration input, through its Gram matrix
+``G = X^T X`` (X = the original model's input rows to that layer):
+
+* the exact output error of any candidate ``W_H`` is ``||X E||_F^2 = sum(E * (G E))`` with
+  ``E = W - W_H``, so candidate tols are tried in numpy, without running the model;
+* ``||X E||_F <= ||X||_2 ||E||_F`` gives a tol that always suffices,
+  ``t_safe = tol_out ||X W||_F / (||X||_2 ||W||_F)``; the search halves the tol from
+  ``tol * tol_out / measured`` down to ``t_safe`` and takes the first that meets the bound.
+
+The model is then rewritten with the new per-layer tols and verified again in onnxruntime,
+at most ``MAX_ROUNDS`` times. A layer whose bound cannot be met by a compressed form that
+stores fewer parameters than W is left dense. If a bound still fails, ``BoundViolation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import math
+
+import numpy as np
+
+from ..errors import BoundViolation
+from .calibration import DEFAULT_NUM_SAMPLES, resolve_calibration
+from .check import verify
+
+__all__ = ["MAX_ROUNDS", "SAFETY", "TOL_FLOOR", "calibration_for", "verify_and_tighten", "tighter_tol"]
+
+logger = logging.getLogger(__name__)
+
+MAX_ROUNDS = 4
+# Aim this far below tol_out: onnxruntime evaluates in the model's dtype, the search in float64.
+SAFETY = 0.9
+# Below this weight tol a float32 layer is as good as dense; leave it dense.
+TOL_FLOOR = 1e-7
+
+LEFT_DENSE = "OUTPUT_BOUND"
+
+
+def calibration_for(original, config):
+    """The calibration set that ``config`` (calibration/input_shape/input_range/...) asks for."""
+    return resolve_calibration(
+        original,
+        list(config.calibration) or None,
+        num_samples=config.num_samples or DEFAULT_NUM_SAMPLES,
+        input_shapes=list(config.input_shape),
+        input_ranges=list(config.input_range),
+        seed=config.seed,
+    )
+
+
+def _exact_rel_error(w: np.ndarray, w_h: np.ndarray, gram: np.ndarray, ref_sq: float) -> float:
+    e = w - w_h
+    return math.sqrt(max(float(np.sum(e * (gram @ e))), 0.0) / ref_sq)
+
+
+def tighter_tol(w: np.ndarray, stats, tol: float, tol_out: float, measured: float, seed: int = 0):
+    """A weight tol whose compression of ``w`` meets ``tol_out`` on the calibration rows.
+
+    Args:
+        w: the layer's weight in ``Y = X @ W`` orientation.
+        stats: the layer's ``LayerStats`` (Gram matrix of X), or None if unavailable.
+        tol: the weight tol that failed.
+        tol_out: the layer's output bound.
+        measured: the output error measured with ``tol``.
+        seed: seed passed to ``compress`` (the rewrite uses the same).
+
+    Returns:
+        The new tol (< ``tol``), or None when the layer should be left dense.
+    """
+    from ..hmatrix import compress
+
+    target = SAFETY * tol_out
+    first = tol * min(0.5, target / measured) if measured > 0 else tol * 0.5
+    if stats is None or stats.gram.shape[0] != w.shape[0]:
+        return first if first >= TOL_FLOOR else None
+    w64 = w.astype(np.float64)
+    gram = stats.gram
+    ref_sq = float(np.sum(w64 * (gram @ w64)))
+    if ref_sq == 0.0:
+        return None
+    t_safe = target * math.sqrt(ref_sq) / (max(stats.spectral_norm, 1e-300) * float(np.linalg.norm(w64)))
+    t = first
+    while True:
+        t = max(t, t_safe)
+        if t < TOL_FLOOR:
+            return None
+        hm = compress(w, min(t, 0.999), seed=seed)
+        if hm.params >= hm.dense_params:
+            return None  # a tighter tol can only store more
+        if t <= t_safe or _exact_rel_error(w64, hm.to_dense(np.float64), gram, ref_sq) <= target:
+            return t
+        t *= 0.5
+
+
+def _weights_by_layer(model) -> dict:
+    from ..graph.scan import activation_ranks, scan
+
+    found = scan(model)
+    if any(c.needs_x_rank for c in found.candidates):
+        found = scan(model, activation_ranks(model))
+    return {c.name: c for c in found.candidates}
+
+
+def _set_tol_out(report, tol_out: float) -> None:
+    for record in report.compressed:
+        record.tol_out = tol_out
+
+
+def _note_results(report, result, dense: dict) -> None:
+    checks = {c.name: c for c in result.layers}
+    for record in report.layers:
+        check = checks.get(record.name)
+        if check is not None and record.compressed:
+            record.measured_error = check.rel_fro_error
+        if record.name in dense and not record.compressed:
+            record.skip_reason = LEFT_DENSE
+            record.reason = dense[record.name]
+
+
+def _exclude_dense(config, dense: dict):
+    patterns = tuple(glob.escape(name) for name in dense)
+    return dataclasses.replace(config, exclude=tuple(config.exclude) + patterns)
+
+
+def verify_and_tighten(original, optimized, report, config, rewrite):
+    """Verify ``optimized`` against ``original``; recompress layers over their output bound.
+
+    Args:
+        original, optimized: ModelProtos (``optimized`` as written by ``rewrite``).
+        report: the rewrite's Report (updated in place: measured errors, verification).
+        config: the OptimizeConfig (fields tol, tol_out, no_verify, calibration, input_shape,
+            input_range, num_samples, max_model_error, seed).
+        rewrite: ``rewrite(original, config, layer_tols) -> (model, report)``.
+
+    Returns:
+        ``(model, report)`` whose every compressed layer holds its bound on the calibration set.
+
+    Raises:
+        BoundViolation: a bound (or ``max_model_error``) still fails after tightening.
+    """
+    if config.no_verify:
+        report.verification = {"performed": False, "reason": "skipped (no_verify / --no-verify)"}
+        return optimized, report
+    calib = calibration_for(original, config)
+    allocation = None
+    if config.max_model_error is not None:
+        from .allocate import allocate_tol
+
+        allocation = allocate_tol(original, calib, config, rewrite)
+        config = allocation.config
+        optimized, report = rewrite(original, config)
+    tol_out = config.tol_out if config.tol_out is not None else config.tol
+    layer_tols, dense, steps = {}, {}, []
+    for round_index in range(MAX_ROUNDS + 1):
+        _set_tol_out(report, tol_out)
+        result = verify(original, optimized, calib, layers=[r.metadata_entry() for r in report.compressed])
+        if result.ok or round_index == MAX_ROUNDS:
+            break
+        violators = {v.name for v in result.violations}
+        with_stats = verify(original, optimized, calib, layers=[r.metadata_entry() for r in report.compressed
+                                                                 if r.name in violators], collect_stats=True)
+        candidates = _weights_by_layer(original)
+        for check in result.violations:
+            current = layer_tols.get(check.name, check.tol if check.tol is not None else config.tol)
+            cand = candidates.get(check.name)
+            new = None
+            if cand is not None:
+                new = tighter_tol(cand.weight, with_stats.stats.get(check.name), current, tol_out,
+                                  check.rel_fro_error, config.seed)
+            step = {"layer": check.name, "round": round_index + 1, "measured": check.rel_fro_error,
+                    "tol": current, "new_tol": new}
+            steps.append(step)
+            if new is None:
+                dense[check.name] = (f"left dense: output error {check.rel_fro_error:.2e} > tol_out {tol_out:.2e} "
+                                     "on calibration data, and no compressed form that meets it is smaller")
+                layer_tols.pop(check.name, None)
+            else:
+                layer_tols[check.name] = new
+            logger.info("tightening layer %r: measured %.3e > tol_out %.3e; tol %.3e -> %s",
+                        check.name, check.rel_fro_error, tol_out, current, new)
+        optimized, report = rewrite(original, _exclude_dense(config, dense), layer_tols)
+    _note_results(report, result, dense)
+    report.verification = {
+        "performed": True,
+        "tol_out": tol_out,
+        "calibration": result.calibration,
+        "num_samples": result.num_samples,
+        "tightened": steps,
+        "left_dense": sorted(dense),
+        "allocation": allocation.to_dict() if allocation else None,
+        "result": result.to_dict(),
+    }
+    result.raise_if_violated()
+    if config.max_model_error is not None and result.max_rel_l2 > config.max_model_error:
+        worst = max(result.outputs, key=lambda o: o.rel_l2)
+        raise BoundViolation(
+            f"model output {worst.name!r}: rel. L2 error {worst.rel_l2:.3e} > max_model_error "
+            f"{config.max_model_error:.3e} on the calibration set", []
+        )
+    return optimized, report
