@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import dehm_onnx
-from _models import graded_matrix, lowrank_optimized, mlp, scale_initializer, truncate
+from ._models import graded_matrix, lowrank_optimized, mlp, scale_initializer, truncate
 from dehm_onnx.errors import BoundViolation, InvalidModelError
 from dehm_onnx.verify import read_layers, verify
 from dehm_onnx.verify.runner import expose_outputs, extract_layer_model, make_cpu_session

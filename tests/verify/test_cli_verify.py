@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from _models import graded_matrix, lowrank_optimized, mlp, scale_initializer
+from ._models import graded_matrix, lowrank_optimized, mlp, scale_initializer
 
 
 def _cli(*args):
