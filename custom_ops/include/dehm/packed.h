@@ -1,0 +1,53 @@
+// Validation of a packed H-matrix before any kernel reads it (CPU and CUDA share it).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dehm/layout.h"
+
+namespace dehm {
+
+// One validated block, with sizes already computed.
+struct BlockView {
+  BlockKind kind;
+  int64_t r0, r1, c0, c1;
+  int64_t rank;    // low-rank blocks: k >= 0; others: 0
+  int64_t offset;  // payload start in `data`
+};
+
+// Host views of the op inputs (layout and permutations must be host memory).
+struct PackedInputs {
+  std::vector<int64_t> x_shape;
+  std::vector<int64_t> data_shape;
+  std::vector<int64_t> layout_shape;
+  std::vector<int64_t> row_perm_shape;
+  std::vector<int64_t> col_perm_shape;
+  const int64_t* layout = nullptr;
+  const int64_t* row_perm = nullptr;
+  const int64_t* col_perm = nullptr;
+};
+
+// What the kernels need after validation.
+struct PackedPlan {
+  int64_t batch = 0;  // product of X's leading dimensions
+  int64_t m = 0;
+  int64_t n = 0;
+  bool has_row_perm = false;
+  bool has_col_perm = false;
+  std::vector<BlockView> blocks;
+  std::vector<int64_t> y_shape;
+};
+
+// Checks ranks, shapes, layout rows (kinds, ranges inside [0,m)x[0,n), payload bounds with
+// overflow-safe int64 arithmetic, exact area) and permutations. Returns "" and fills `plan`
+// on success, else a one-line message naming the problem. Never reads outside the inputs.
+std::string ValidatePacked(const PackedInputs& in, PackedPlan* plan);
+
+// a * b, or false when it would overflow int64 (a, b >= 0).
+bool CheckedMul(int64_t a, int64_t b, int64_t* out);
+// a + b, or false when it would overflow int64 (a, b >= 0).
+bool CheckedAdd(int64_t a, int64_t b, int64_t* out);
+
+}  // namespace dehm

@@ -1,0 +1,1 @@
+"""The HMatMul custom op: its contract (``hmatmul``) and the compiled library (``library``)."""

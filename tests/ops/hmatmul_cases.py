@@ -1,0 +1,141 @@
+"""The one conformance table for HMatMul: hand-built H-matrices and inputs.
+
+Every case is built from ``dehm_onnx.hmatrix`` types and ``pack`` (never from ``compress``),
+so it does not depend on the compression algorithm's choices. The expected result is
+``X @ hm.to_dense()`` in float64; every implementation (numpy reference, onnx.reference
+OpRun, CPU kernel, emit modes, CUDA kernel) runs the same table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dehm_onnx.hmatrix import Block, BlockKind, HMatrix
+
+__all__ = ["Case", "CASES", "expected", "tolerance"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    hm: HMatrix
+    x: np.ndarray
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _dense(rng, r0, r1, c0, c1, dtype):
+    return Block(BlockKind.DENSE, r0, r1, c0, c1, dense=rng.standard_normal((r1 - r0, c1 - c0)).astype(dtype))
+
+
+def _lowrank(rng, r0, r1, c0, c1, k, dtype):
+    u = rng.standard_normal((r1 - r0, k)).astype(dtype)
+    vt = rng.standard_normal((k, c1 - c0)).astype(dtype)
+    return Block(BlockKind.LOWRANK, r0, r1, c0, c1, u=u, vt=vt)
+
+
+def _hm(shape, blocks, dtype, row_perm=None, col_perm=None) -> HMatrix:
+    return HMatrix(tuple(shape), np.dtype(dtype), tuple(blocks), 1.0, 0.0, 0.1, row_perm, col_perm)
+
+
+def _hodlr(rng, r0, r1, c0, c1, depth, dtype, leaf_kinds):
+    """A two-way split down to ``depth``: low-rank off-diagonal, recursive diagonal."""
+    if depth == 0:
+        kind = leaf_kinds[(r0 + c0) % len(leaf_kinds)]
+        if kind == BlockKind.ZERO:
+            return [Block(BlockKind.ZERO, r0, r1, c0, c1)]
+        if kind == BlockKind.DENSE:
+            return [_dense(rng, r0, r1, c0, c1, dtype)]
+        return [_lowrank(rng, r0, r1, c0, c1, min(r1 - r0, c1 - c0), dtype)]  # full-rank low-rank
+    rm, cm = (r0 + r1) // 2, (c0 + c1) // 2
+    out = _hodlr(rng, r0, rm, c0, cm, depth - 1, dtype, leaf_kinds)
+    out.append(_lowrank(rng, r0, rm, cm, c1, 1 + depth % 3, dtype))
+    out.append(_lowrank(rng, rm, r1, c0, cm, depth % 2, dtype))  # rank 0 at odd depths
+    out += _hodlr(rng, rm, r1, cm, c1, depth - 1, dtype, leaf_kinds)
+    return out
+
+
+def _build_cases() -> list[Case]:
+    f32, f16 = np.float32, np.float16
+    cases = []
+    rng = _rng(1)
+    cases.append(Case("dense_only_odd", _hm((5, 3), [_dense(rng, 0, 5, 0, 3, f32)], f32),
+                      rng.standard_normal((1, 5)).astype(f32)))
+    rng = _rng(2)
+    mixed = [
+        _dense(rng, 0, 3, 0, 2, f32),
+        _lowrank(rng, 0, 3, 2, 5, 2, f32),
+        Block(BlockKind.ZERO, 3, 7, 0, 2),
+        _lowrank(rng, 3, 7, 2, 5, 1, f32),
+    ]
+    hm = _hm((7, 5), mixed, f32, rng.permutation(7), rng.permutation(5))
+    cases.append(Case("mixed_permuted", hm, rng.standard_normal((3, 7)).astype(f32)))
+    rng = _rng(3)
+    cases.append(Case("all_zero", _hm((4, 6), [Block(BlockKind.ZERO, 0, 4, 0, 6)], f32),
+                      rng.standard_normal((2, 4)).astype(f32)))
+    rng = _rng(4)
+    zero_rank = [_lowrank(rng, 0, 6, 0, 9, 0, f32), _dense(rng, 6, 11, 0, 9, f32)]
+    cases.append(Case("rank0_lowrank", _hm((11, 9), zero_rank, f32), rng.standard_normal((4, 11)).astype(f32)))
+    rng = _rng(5)
+    full = [_lowrank(rng, 0, 13, 0, 4, 4, f32), _lowrank(rng, 0, 13, 4, 10, 13, f32)]  # k = min and k > min
+    cases.append(Case("full_rank_lowrank", _hm((13, 10), full, f32), rng.standard_normal((5, 13)).astype(f32)))
+    rng = _rng(6)
+    kinds = (BlockKind.DENSE, BlockKind.LOWRANK, BlockKind.ZERO)
+    tree = _hodlr(rng, 0, 37, 0, 29, 3, f32, kinds)
+    hm = _hm((37, 29), tree, f32, rng.permutation(37), rng.permutation(29))
+    cases.append(Case("hodlr_permuted_3d", hm, rng.standard_normal((2, 3, 37)).astype(f32)))
+    cases.append(Case("hodlr_empty_batch", hm, np.zeros((0, 37), f32)))
+    cases.append(Case("hodlr_empty_3d", hm, np.zeros((2, 0, 37), f32)))
+    cases.append(Case("hodlr_1d_x", hm, rng.standard_normal(37).astype(f32)))
+    rng = _rng(7)
+    wide = _hodlr(rng, 0, 3, 0, 301, 1, f32, kinds)
+    cases.append(Case("wide_batch130", _hm((3, 301), wide, f32, None, rng.permutation(301)),
+                      rng.standard_normal((130, 3)).astype(f32)))
+    rng = _rng(8)
+    tall = _hodlr(rng, 0, 300, 0, 4, 2, f32, (BlockKind.LOWRANK, BlockKind.DENSE))
+    cases.append(Case("tall_row_perm", _hm((300, 4), tall, f32, rng.permutation(300)),
+                      rng.standard_normal((70, 300)).astype(f32)))
+    rng = _rng(9)
+    tree16 = _hodlr(rng, 0, 45, 0, 33, 2, f16, kinds)
+    hm16 = _hm((45, 33), tree16, f16, rng.permutation(45), rng.permutation(33))
+    cases.append(Case("float16_hodlr", hm16, rng.standard_normal((6, 45)).astype(f16)))
+    hm16b = _hm((45, 33), tree16, f16)
+    cases.append(Case("float16_identity_3d", hm16b, rng.standard_normal((2, 65, 45)).astype(f16)))
+    return cases
+
+
+CASES = _build_cases()
+
+
+def expected(case: Case) -> np.ndarray:
+    """``X @ W_H`` in float64 from the dense reconstruction."""
+    return case.x.astype(np.float64) @ case.hm.to_dense()
+
+
+def tolerance(case: Case) -> np.ndarray:
+    """Elementwise bound: float accumulation error plus one rounding to the output dtype.
+
+    The terms are bounded by ``(|X| @ |U|) @ |Vt|`` per block, so we scale by the dense
+    product of absolute values of every factor (exact factors: no approximation error).
+    """
+    x = np.abs(case.x.astype(np.float64))
+    m, n = case.hm.shape
+    absw = np.zeros((m, n))
+    for b in case.hm.blocks:
+        if b.kind == BlockKind.DENSE:
+            absw[b.r0 : b.r1, b.c0 : b.c1] = np.abs(b.dense.astype(np.float64))
+        elif b.kind == BlockKind.LOWRANK:
+            absw[b.r0 : b.r1, b.c0 : b.c1] = np.abs(b.u.astype(np.float64)) @ np.abs(b.vt.astype(np.float64))
+    w = np.empty_like(absw)
+    rows = case.hm.row_perm if case.hm.row_perm is not None else np.arange(m)
+    cols = case.hm.col_perm if case.hm.col_perm is not None else np.arange(n)
+    w[np.ix_(rows, cols)] = absw
+    scale = x @ w
+    depth = m + max((b.rank for b in case.hm.blocks), default=0)
+    acc_eps = depth * np.finfo(np.float32).eps
+    out_eps = np.finfo(case.x.dtype).eps if case.x.dtype != np.float64 else 0.0
+    return (acc_eps + out_eps) * scale + 1e-30

@@ -1,0 +1,70 @@
+"""The conformance table run through the numpy reference, the onnx.reference OpRun and the CPU kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hmatmul_cases import CASES, expected, tolerance
+
+from dehm_onnx.hmatrix import pack
+from dehm_onnx.ops import hmatmul
+from dehm_onnx.ops.library import make_session
+
+
+def _model(case):
+    return hmatmul.make_hmatmul_model(pack(case.hm), x_rank=case.x.ndim)
+
+
+def _run_numpy(case):
+    return case.hm.matmul(case.x)
+
+
+def _run_reference_op(case):
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(_model(case), new_ops=[hmatmul.HMatMul])
+    return evaluator.run(None, {"X": case.x})[0]
+
+
+def _run_cpu_kernel(case):
+    return make_session(_model(case)).run(None, {"X": case.x})[0]
+
+
+RUNNERS = {"numpy": _run_numpy, "onnx_reference": _run_reference_op, "cpu_kernel": _run_cpu_kernel}
+
+
+def assert_matches(case, y):
+    exp = expected(case)
+    assert y.dtype == case.x.dtype
+    assert y.shape == case.x.shape[:-1] + (case.hm.shape[1],)
+    err = np.abs(y.astype(np.float64) - exp)
+    bound = tolerance(case)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else ()
+    assert np.all(err <= bound), f"{case.name}: error {err[worst]:.3e} > bound {bound[worst]:.3e} at {worst}"
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hmatmul_matches_dense_product(case, runner):
+    assert_matches(case, RUNNERS[runner](case))
+
+
+def test_hmatmul_contract_constants():
+    assert (hmatmul.DOMAIN, hmatmul.OP_TYPE, hmatmul.VERSION) == ("ai.dehm", "HMatMul", 1)
+    assert hmatmul.INPUTS == ("X", "data", "layout", "row_perm", "col_perm")
+
+
+def test_reference_rejects_mixed_dtypes():
+    case = CASES[0]
+    p = pack(case.hm)
+    with pytest.raises(ValueError, match="data dtype"):
+        hmatmul.hmatmul_reference(case.x, p.data.astype(np.float16), p.layout, p.row_perm, p.col_perm)
+
+
+def test_cpu_kernel_rejects_wrong_x_width():
+    case = CASES[1]
+    session = make_session(hmatmul.make_hmatmul_model(pack(case.hm), packed_as_inputs=True))
+    p = pack(case.hm)
+    feeds = {"w.data": p.data, "w.layout": p.layout, "w.row_perm": p.row_perm, "w.col_perm": p.col_perm}
+    with pytest.raises(Exception, match="HMatMul: X has last dimension 6"):
+        session.run(None, {"X": np.zeros((2, 6), np.float32), **feeds})
