@@ -1,0 +1,60 @@
+"""``python -m dehm_onnx optimize IN OUT``: compress a model's weights, print the report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import add_config_arguments, config_from_args
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers) -> None:
+    """Add the ``optimize`` parser; its option flags come from ``OptimizeConfig``."""
+    parser = subparsers.add_parser(
+        "optimize",
+        help="compress constant MatMul/Gemm weights into error-bounded H-matrices",
+        description=(
+            "Replace every eligible constant MatMul/Gemm weight W of IN by an H-matrix W_H with "
+            "||W - W_H||_F <= tol * ||W||_F, write OUT atomically and print the per-layer report."
+        ),
+    )
+    parser.add_argument("input", metavar="IN", help="input .onnx model (never modified)")
+    parser.add_argument("output", metavar="OUT", help="output .onnx path (must differ from IN)")
+    add_config_arguments(parser)
+    parser.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    parser.add_argument("-q", "--quiet", action="store_true", help="do not print the report table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Optimize ``args.input`` into ``args.output``; 0 on success."""
+    from ..api import optimize, save_model  # onnx is imported only when the command runs
+
+    config = config_from_args(args)
+    output = Path(args.output)
+    _refuse_same(Path(args.input), output)
+    model, report = optimize(args.input, config)
+    report.bytes_after = save_model(model, output, refuse=args.input)
+    if args.report:
+        _write_text(Path(args.report), report.to_json() + "\n")
+    if not args.quiet:
+        print(report.to_table())
+        print(f"wrote {output}")
+    return 0
+
+
+def _refuse_same(source: Path, target: Path) -> None:
+    # Checked before the (possibly long) optimization, and again when saving.
+    from ..api import same_file
+    from ..errors import ConfigError
+
+    if same_file(target, source):
+        raise ConfigError(f"output {str(target)!r} is the input model; choose another output path")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

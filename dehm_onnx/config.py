@@ -1,0 +1,147 @@
+"""Options of the optimize pass, each default written once.
+
+``OptimizeConfig`` serves the Python API and the CLI alike: ``dehm_onnx.cli`` builds one
+``--flag`` per field from the field's metadata (``help``, and optionally ``choices``, a
+callable returning the allowed values, and ``metavar``). Adding a field here adds the flag.
+
+Field kinds understood by the flag builder (see ``add_config_arguments``):
+
+- ``bool`` defaulting to ``False``: a ``--flag`` switch;
+- ``tuple`` of strings: a repeatable ``--flag VALUE``;
+- ``float``/``int``/``str`` (or ``None`` with ``metadata["type"]``): ``--flag VALUE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["OptimizeConfig", "add_config_arguments", "config_from_args", "make_config"]
+
+
+def _emit_modes() -> list[str]:
+    # Imported lazily: the emitters need onnx, the config module does not.
+    from .graph.emit import EMITTERS
+
+    return list(EMITTERS)
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Every option of ``dehm_onnx.optimize`` (and of ``python -m dehm_onnx optimize``)."""
+
+    tol: float = field(
+        default=1e-3,
+        metadata={
+            "help": "per-layer weight bound: ||W - W_H||_F <= tol * ||W||_F (relative Frobenius), in (0, 1)",
+            "metavar": "T",
+        },
+    )
+    emit: str = field(
+        default="subgraph",
+        metadata={
+            "help": "how a compressed layer is written: 'subgraph' = standard ONNX ops",
+            "choices": _emit_modes,
+        },
+    )
+    min_size: int = field(
+        default=64,
+        metadata={
+            "help": "leave a weight dense when min(rows, cols) is below this",
+            "metavar": "N",
+        },
+    )
+    include: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "only consider layers whose node or weight name matches this glob (repeatable)",
+            "metavar": "GLOB",
+        },
+    )
+    exclude: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "never compress layers whose node or weight name matches this glob (repeatable)",
+            "metavar": "GLOB",
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of the randomized parts of the compression", "metavar": "S"},
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first option that is out of range."""
+        tol = self.tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < float(tol) < 1.0:
+            raise ConfigError(f"tol must be in (0, 1), got {tol!r}")
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 1:
+            raise ConfigError(f"min_size must be an integer >= 1, got {self.min_size!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{name} must be a sequence of glob strings, got {value!r}")
+        modes = _emit_modes()
+        if self.emit not in modes:
+            raise ConfigError(f"emit must be one of {modes}, got {self.emit!r}")
+
+
+def make_config(config: OptimizeConfig | None = None, **overrides) -> OptimizeConfig:
+    """Return ``config`` (or the defaults) with ``overrides`` applied and validated.
+
+    Raises:
+        ConfigError: an override names no option, or a value is out of range.
+    """
+    base = config if config is not None else OptimizeConfig()
+    if not isinstance(base, OptimizeConfig):
+        raise ConfigError(f"config must be an OptimizeConfig, got {type(base).__name__}")
+    known = {f.name for f in dataclasses.fields(OptimizeConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+    for name in ("include", "exclude"):
+        if name in overrides and isinstance(overrides[name], list):
+            overrides[name] = tuple(overrides[name])
+    return dataclasses.replace(base, **overrides)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per ``OptimizeConfig`` field; flags default to "not given"."""
+    for f in dataclasses.fields(OptimizeConfig):
+        meta = dict(f.metadata)
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS}
+        default = f.default
+        shown = default
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        elif isinstance(default, tuple):
+            kwargs["action"] = "append"
+            kwargs["metavar"] = meta.get("metavar", "VALUE")
+            shown = "none" if not default else ", ".join(default)
+        else:
+            value_type = meta.get("type") or type(default)
+            kwargs["type"] = value_type
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]()
+            else:
+                kwargs["metavar"] = meta.get("metavar", f.name.upper())
+        kwargs["help"] = f"{meta.get('help', '')} (default: {shown})"
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
+    """Build the config from parsed flags (fields not given keep their defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(OptimizeConfig) if hasattr(args, f.name)}
+    return make_config(None, **given)

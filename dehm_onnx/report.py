@@ -1,0 +1,213 @@
+"""What the optimize pass did, layer by layer: ``LayerRecord`` and ``Report``.
+
+A ``LayerRecord`` describes one candidate MatMul/Gemm node, compressed or skipped (with the
+reason as a sentence). ``Report`` adds model totals and renders as a table or JSON.
+The ``dehm.layers`` model metadata (see ``metadata_entry``) is the part of a compressed
+record that other tools read back from the optimized model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["LayerRecord", "Report", "METADATA_KEYS"]
+
+# Keys of one entry of the ``dehm.layers`` model metadata (contract 2 of the team brief).
+METADATA_KEYS = (
+    "name",
+    "op",
+    "output",
+    "weight",
+    "shape",
+    "tol",
+    "tol_out",
+    "certified_error",
+    "params",
+    "dense_params",
+    "emit",
+)
+
+
+@dataclass
+class LayerRecord:
+    """One MatMul/Gemm candidate and what happened to it.
+
+    Attributes:
+        name: node name (generated as ``Op(output)`` when the node has none).
+        op: ``"MatMul"`` or ``"Gemm"``.
+        output: the node's output tensor name (kept by the rewrite).
+        weight: name of the constant weight tensor.
+        graph: ``"main"`` or the path of the subgraph holding the node.
+        shape: ``[m, n]`` of W in the ``Y = X @ W`` orientation.
+        compressed: whether the node was replaced.
+        skip_reason: ``SkipReason`` name when skipped, else ``None``.
+        reason: the skip reason as a sentence.
+        tol: weight bound used (relative Frobenius).
+        tol_out: layer-output bound (defaults to ``tol``; checked by ``dehm_onnx.verify``).
+        certified_error: relative ``||W - W_H||_F / ||W||_F`` certified by construction.
+        params, dense_params: stored scalars after / before.
+        blocks: block count per kind (``zero``/``dense``/``lowrank``).
+        max_rank: largest rank of a low-rank block.
+        permuted: whether a row or column permutation is used.
+        emit: emission mode.
+        nodes: number of ONNX nodes that replace the layer.
+        measured_error: relative output error measured on calibration data, if verified.
+    """
+
+    name: str
+    op: str
+    output: str
+    weight: str
+    graph: str = "main"
+    shape: list[int] = field(default_factory=list)
+    compressed: bool = False
+    skip_reason: str | None = None
+    reason: str | None = None
+    tol: float | None = None
+    tol_out: float | None = None
+    certified_error: float | None = None
+    params: int | None = None
+    dense_params: int | None = None
+    blocks: dict[str, int] = field(default_factory=dict)
+    max_rank: int = 0
+    permuted: bool = False
+    emit: str | None = None
+    nodes: int = 0
+    measured_error: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """Stored / dense parameters (``None`` when not compressed)."""
+        if not self.compressed or not self.dense_params:
+            return None
+        return self.params / self.dense_params
+
+    def metadata_entry(self) -> dict:
+        """The ``dehm.layers`` entry of a compressed layer."""
+        assert self.compressed, f"Bug: layer {self.name!r} was not compressed"
+        entry = {key: getattr(self, key) for key in METADATA_KEYS}
+        if entry["tol_out"] is None:
+            entry["tol_out"] = entry["tol"]
+        return entry
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["ratio"] = self.ratio
+        return out
+
+
+@dataclass
+class Report:
+    """Per-layer records plus model totals.
+
+    ``params_before``/``params_after`` count the scalars of every candidate weight (skipped
+    ones count on both sides); ``bytes_before``/``bytes_after`` are serialized model sizes.
+    """
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    tol: float | None = None
+    emit: str | None = None
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    version: str = ""
+
+    @property
+    def compressed(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.compressed]
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [r for r in self.layers if not r.compressed]
+
+    @property
+    def params_before(self) -> int:
+        return sum(_dense_count(r) for r in _unique_weights(self.layers))
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params if r.compressed else _dense_count(r) for r in _unique_weights(self.layers))
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "tol": self.tol,
+            "emit": self.emit,
+            "totals": {
+                "layers": len(self.layers),
+                "compressed": len(self.compressed),
+                "skipped": len(self.skipped),
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+            },
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        """The report as JSON (layers in graph order, totals apart)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_table(self) -> str:
+        """A fixed-width table, one row per layer, then the totals."""
+        header = ("layer", "op", "shape", "blocks z/d/lr", "rank", "perm", "params", "ratio", "cert.err", "status")
+        rows = [header] + [_row(r) for r in self.layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("")
+        lines.append(self._totals_line())
+        return "\n".join(lines)
+
+    def _totals_line(self) -> str:
+        before, after = self.params_before, self.params_after
+        ratio = f" ({after / before:.3f}x)" if before else ""
+        text = (
+            f"{len(self.compressed)} of {len(self.layers)} layers compressed at tol={_num(self.tol)}; "
+            f"weight params {before} -> {after}{ratio}"
+        )
+        if self.bytes_before is not None and self.bytes_after is not None:
+            text += f"; model bytes {self.bytes_before} -> {self.bytes_after}"
+        return text
+
+
+def _dense_count(record: LayerRecord) -> int:
+    if record.dense_params is not None:
+        return record.dense_params
+    return record.shape[0] * record.shape[1] if len(record.shape) == 2 else 0
+
+
+def _unique_weights(records: list[LayerRecord]) -> list[LayerRecord]:
+    # A shared weight is stored (and compressed) once, so it counts once in the totals.
+    seen, out = set(), []
+    for r in records:
+        key = (r.graph, r.weight, r.compressed)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _row(r: LayerRecord) -> tuple[str, ...]:
+    shape = "x".join(str(s) for s in r.shape) or "?"
+    if r.compressed:
+        b = r.blocks
+        blocks = f"{b.get('zero', 0)}/{b.get('dense', 0)}/{b.get('lowrank', 0)}"
+        return (
+            r.name,
+            r.op,
+            shape,
+            blocks,
+            str(r.max_rank),
+            "yes" if r.permuted else "no",
+            f"{r.dense_params}->{r.params}",
+            f"{r.ratio:.3f}",
+            _num(r.certified_error),
+            f"compressed ({r.emit}, {r.nodes} nodes)",
+        )
+    return (r.name, r.op, shape, "-", "-", "-", str(_dense_count(r)), "-", "-", f"skipped: {r.reason}")

@@ -1,0 +1,252 @@
+"""The optimize pass on small models built here: wiring, bounds, sharing, subgraphs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import dehm_onnx
+from dehm_onnx.graph.rewrite import LAYERS_KEY, read_layers
+from dehm_onnx.graph.scan import is_emitted
+from dehm_onnx.report import METADATA_KEYS
+from tests.conftest import low_rank, make_model, output_bound, rel_fro, run_model, smooth_kernel
+
+# Exactly low-rank weights compress with rounding error only: wiring errors show up far above.
+WIRING_RTOL = 1e-5
+
+
+def _mlp(rng, m=128, h=96, n=80):
+    w1 = low_rank(rng, m, h)
+    w2 = low_rank(rng, h, n)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    return make_model(nodes, [("x", np.float32, ["B", m])], [("y", np.float32, ["B", n])], [("w1", w1), ("w2", w2)])
+
+
+def test_rewrite_mlp_matches_original_and_keeps_interface(rng):
+    model = _mlp(rng)
+    out, report = dehm_onnx.optimize(model)
+    onnx.checker.check_model(out, full_check=True)
+    assert [r.compressed for r in report.layers] == [True, True]
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+    assert {t.name for t in out.graph.initializer}.isdisjoint({"w1", "w2"})
+    assert [n.name for n in out.graph.node if not is_emitted(n)] == ["relu"]
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    (y0, h0), (y1, h1) = run_model(model, {"x": x}, ["y", "h"]), run_model(out, {"x": x}, ["y", "h"])
+    assert rel_fro(h1, h0) < WIRING_RTOL and rel_fro(y1, y0) < WIRING_RTOL
+
+
+def test_rewrite_does_not_modify_input_model(rng):
+    model = _mlp(rng)
+    before = model.SerializeToString()
+    dehm_onnx.optimize(model)
+    assert model.SerializeToString() == before
+
+
+def test_rewrite_writes_layer_metadata_contract(rng):
+    out, report = dehm_onnx.optimize(_mlp(rng))
+    props = {p.key: p.value for p in out.metadata_props}
+    assert props["dehm.version"] == dehm_onnx.__version__
+    layers = json.loads(props[LAYERS_KEY])
+    assert [entry["name"] for entry in layers] == ["fc1", "fc2"]
+    for entry in layers:
+        assert tuple(entry) == METADATA_KEYS
+        assert entry["op"] == "MatMul" and entry["emit"] == "subgraph"
+        assert entry["tol_out"] == entry["tol"] == 1e-3
+        assert 0 <= entry["certified_error"] <= entry["tol"]
+        assert entry["params"] < entry["dense_params"]
+    assert layers[0]["shape"] == [128, 96] and layers[0]["output"] == "h" and layers[0]["weight"] == "w1"
+    provenance = [n for n in out.graph.node if is_emitted(n)]
+    assert provenance and all({p.key for p in n.metadata_props} >= {"dehm.source_node", "dehm.tol"} for n in provenance)
+
+
+def test_rewrite_is_idempotent(rng):
+    out, _ = dehm_onnx.optimize(_mlp(rng))
+    again, report = dehm_onnx.optimize(out)
+    assert again.SerializeToString() == out.SerializeToString()
+    assert report.compressed == []
+
+
+def test_rewrite_layer_error_within_certified_bound(rng):
+    m, n = 256, 192
+    w = smooth_kernel(m, n)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="kernel")],
+        [("x", np.float32, ["B", m])],
+        [("y", np.float32, ["B", n])],
+        [("w", w)],
+    )
+    out, report = dehm_onnx.optimize(model, tol=1e-2)
+    (record,) = report.layers
+    assert record.compressed and record.params < record.dense_params
+    assert record.certified_error <= 1e-2
+    x = rng.standard_normal((16, m)).astype(np.float32)
+    measured = rel_fro(run_model(out, {"x": x})[0], x.astype(np.float64) @ w.astype(np.float64))
+    assert measured <= output_bound(x, w, record.certified_error)
+
+
+def _gemm_model(rng, trans_a, trans_b, alpha, beta, bias, const_side):
+    k, m, n = 96, 7, 80  # op(A): (m, k); op(B): (k, n)
+    w = low_rank(rng, *((n, k) if trans_b else (k, n))) if const_side == "B" else low_rank(rng, *((k, m) if trans_a else (m, k)))
+    a_shape = [k, m] if trans_a else [m, k]
+    b_shape = [n, k] if trans_b else [k, n]
+    inputs = []
+    inits = [("w", w)]
+    if const_side == "B":
+        names = ["a", "w"]
+        inputs.append(("a", np.float32, a_shape))
+    else:
+        names = ["w", "b"]
+        inputs.append(("b", np.float32, b_shape))
+    if bias == "const":
+        inits.append(("c", rng.standard_normal(n).astype(np.float32)))
+        names.append("c")
+    elif bias == "input":
+        inputs.append(("c", np.float32, [m, n]))
+        names.append("c")
+    node = helper.make_node("Gemm", names, ["y"], name="gemm", transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+    return make_model([node], inputs, [("y", np.float32, [m, n])], inits)
+
+
+@pytest.mark.parametrize("const_side", ["B", "A"])
+@pytest.mark.parametrize("bias", ["none", "const", "input"])
+@pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (0, 1), (1, 0), (1, 1)])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0)])
+def test_rewrite_gemm_variants_exact(rng, const_side, bias, trans_a, trans_b, alpha, beta):
+    model = _gemm_model(rng, trans_a, trans_b, alpha, beta, bias, const_side)
+    out, report = dehm_onnx.optimize(model, min_size=1)
+    onnx.checker.check_model(out, full_check=True)
+    (record,) = report.layers
+    assert record.compressed, record.reason
+    assert [o.name for o in out.graph.output] == ["y"]
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in model.graph.input}
+    assert rel_fro(run_model(out, feeds)[0], run_model(model, feeds)[0]) < WIRING_RTOL
+
+
+@pytest.mark.parametrize("x_shape", [[96], [5, 96], [3, 4, 96]])
+def test_rewrite_right_matmul_any_rank(rng, x_shape):
+    w = low_rank(rng, 96, 72)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [("x", np.float32, x_shape)],
+        [("y", np.float32, x_shape[:-1] + [72])],
+        [("w", w)],
+    )
+    out, report = dehm_onnx.optimize(model)
+    assert report.layers[0].compressed and report.layers[0].name == "MatMul(y)"
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < WIRING_RTOL
+
+
+@pytest.mark.parametrize("x_shape", [[72], [72, 5], [3, 72, 5]])
+def test_rewrite_left_matmul_any_rank(rng, x_shape):
+    w = low_rank(rng, 96, 72)  # Y = W @ X
+    out_shape = [96] if len(x_shape) == 1 else x_shape[:-2] + [96, x_shape[-1]]
+    model = make_model(
+        [helper.make_node("MatMul", ["w", "x"], ["y"], name="left")],
+        [("x", np.float32, x_shape)],
+        [("y", np.float32, out_shape)],
+        [("w", w)],
+    )
+    out, report = dehm_onnx.optimize(model)
+    (record,) = report.layers
+    assert record.compressed and record.shape == [72, 96]
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < WIRING_RTOL
+
+
+def test_rewrite_left_matmul_unknown_rank_is_skipped(rng):
+    w = low_rank(rng, 96, 72)
+    nodes = [  # Reshape to a run-time shape of run-time length: the rank of x is unknown
+        helper.make_node("Reshape", ["x_in", "shape"], ["x"], name="reshape"),
+        helper.make_node("MatMul", ["w", "x"], ["y"], name="left"),
+    ]
+    model = make_model(nodes, [("x_in", np.float32, [72, 5]), ("shape", np.int64, ["k"])], [("y", np.float32, [96, 5])], [("w", w)])
+    out, report = dehm_onnx.optimize(model)
+    (record,) = report.layers
+    assert record.skip_reason == "UNKNOWN_RANK" and "'x'" in record.reason
+    assert out.SerializeToString() == model.SerializeToString()
+
+
+def test_rewrite_fp16_weights_stay_fp16(rng):
+    w = low_rank(rng, 128, 64, dtype=np.float16)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="half")],
+        [("x", np.float16, ["B", 128])],
+        [("y", np.float16, ["B", 64])],
+        [("w", w)],
+    )
+    out, report = dehm_onnx.optimize(model, tol=1e-2)
+    assert report.layers[0].compressed
+    assert {t.data_type for t in out.graph.initializer if t.data_type != onnx.TensorProto.INT64} == {onnx.TensorProto.FLOAT16}
+    x = rng.standard_normal((4, 128)).astype(np.float16)
+    y = run_model(out, {"x": x})[0]
+    assert y.dtype == np.float16
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    assert rel_fro(y, exact) <= output_bound(x, w, report.layers[0].certified_error, np.float16)
+
+
+def test_rewrite_shared_weight_compressed_once(rng):
+    w = low_rank(rng, 128, 128)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="second"),
+    ]
+    model = make_model(nodes, [("x", np.float32, ["B", 128])], [("y", np.float32, ["B", 128])], [("w", w)])
+    out, report = dehm_onnx.optimize(model)
+    assert [r.compressed for r in report.layers] == [True, True]
+    emitted_params = sum(int(np.prod(t.dims)) for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    assert emitted_params == report.layers[0].params
+    assert report.params_after == report.layers[0].params and report.params_before == 128 * 128
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < WIRING_RTOL
+
+
+def test_rewrite_weight_shared_with_other_op_is_skipped(rng):
+    w = low_rank(rng, 128, 128)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "w"], ["y"], name="add"),
+    ]
+    model = make_model(nodes, [("x", np.float32, [128, 128])], [("y", np.float32, [128, 128])], [("w", w)])
+    out, report = dehm_onnx.optimize(model)
+    (record,) = report.layers
+    assert record.skip_reason == "SHARED_WEIGHT" and "'add'" in record.reason
+    assert out.SerializeToString() == model.SerializeToString()
+
+
+def _if_model(rng, weight_inside: str):
+    """``If(cond)``: then-branch ``x @ w`` (w outer initializer or inner Constant), else ``x``."""
+    w = low_rank(rng, 128, 128)
+    then_nodes = [helper.make_node("MatMul", ["x", "w"], ["t_out"], name="branch_mm")]
+    if weight_inside == "constant":
+        then_nodes.insert(0, helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")))
+    then_graph = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("t_out", onnx.TensorProto.FLOAT, ["B", 128])])
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e_out"])], "else", [], [helper.make_tensor_value_info("e_out", onnx.TensorProto.FLOAT, ["B", 128])]
+    )
+    node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_graph, else_branch=else_graph)
+    inits = [("w", w)] if weight_inside == "outer" else []
+    return make_model([node], [("cond", np.bool_, []), ("x", np.float32, ["B", 128])], [("y", np.float32, ["B", 128])], inits)
+
+
+@pytest.mark.parametrize("weight_inside", ["outer", "constant"])
+def test_rewrite_weight_in_if_branch(rng, weight_inside):
+    model = _if_model(rng, weight_inside)
+    out, report = dehm_onnx.optimize(model)
+    onnx.checker.check_model(out, full_check=True)
+    (record,) = report.layers
+    assert record.compressed and record.graph == "main/if.then_branch"
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": x}
+        assert rel_fro(run_model(out, feeds)[0], run_model(model, feeds)[0]) < WIRING_RTOL
+    again, second = dehm_onnx.optimize(out)
+    assert again.SerializeToString() == out.SerializeToString() and second.layers == []

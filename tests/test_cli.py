@@ -1,0 +1,141 @@
+"""``python -m dehm_onnx optimize``: exit codes, one-line errors, atomic output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from dehm_onnx import cli
+from dehm_onnx.errors import BoundViolation
+from tests.conftest import low_rank, make_model, rel_fro, run_model
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dehm_onnx", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def model_path(tmp_path, rng):
+    w = low_rank(rng, 128, 96)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        [("x", np.float32, ["B", 128])],
+        [("y", np.float32, ["B", 96])],
+        [("w", w)],
+    )
+    path = tmp_path / "in.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_cli_optimize_writes_model_report_and_table(model_path, tmp_path, rng):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    before = model_path.read_bytes()
+    proc = _cli("optimize", model_path, out, "--tol", "0.01", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "fc" in proc.stdout and "compressed" in proc.stdout and "1 of 1 layers" in proc.stdout
+    assert model_path.read_bytes() == before
+    data = json.loads(report.read_text())
+    assert data["totals"]["compressed"] == 1 and data["layers"][0]["tol"] == 0.01
+    assert data["totals"]["bytes_after"] == out.stat().st_size
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    original = onnx.load(model_path)
+    assert rel_fro(run_model(onnx.load(out), {"x": x})[0], run_model(original, {"x": x})[0]) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "report.json"]
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.write_text("hello, not a model"), "ONNX"),
+        (lambda p: p.write_bytes(b""), "not an ONNX model"),
+    ],
+    ids=["missing", "text", "empty"],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, make_input, message):
+    source = tmp_path / "in.onnx"
+    make_input(source)
+    proc = _cli("optimize", source, tmp_path / "out.onnx")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_truncated_and_checker_failing_inputs_exit_2(model_path, tmp_path, capsys):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
+    broken = onnx.load(model_path)
+    broken.graph.node[0].input[0] = "nowhere"  # an undefined input fails the checker
+    bad = tmp_path / "bad.onnx"
+    onnx.save(broken, bad)
+    for source, message in ((truncated, "ONNX"), (bad, "checker")):
+        assert cli.main(["optimize", str(source), str(tmp_path / "out.onnx")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "in.onnx", "truncated.onnx"]
+
+
+def test_cli_refuses_output_equal_to_input(model_path, tmp_path, capsys):
+    before = model_path.read_bytes()
+    same = tmp_path / "." / "in.onnx"
+    assert cli.main(["optimize", str(model_path), str(same)]) == 2
+    assert "is the input model" in capsys.readouterr().err
+    assert model_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("tol", ["0", "1.5", "-1", "nan"])
+def test_cli_tol_out_of_range_exits_2(model_path, tmp_path, capsys, tol):
+    assert cli.main(["optimize", str(model_path), str(tmp_path / "o.onnx"), "--tol", tol]) == 2
+    assert "tol must be in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(model_path, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["optimize", str(model_path), str(tmp_path / "o.onnx"), "--emit", "nonsense"])
+    assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_missing_output_folder_exits_2(model_path, tmp_path, capsys):
+    assert cli.main(["optimize", str(model_path), str(tmp_path / "no" / "such" / "o.onnx")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_bound_violation_exits_1(monkeypatch, model_path, tmp_path, capsys):
+    def violate(args):
+        raise BoundViolation("layer 'fc' (MatMul, 128x96): measured rel. error 3e-03 > tol_out 1e-03")
+
+    monkeypatch.setattr("dehm_onnx.commands.optimize.run", violate)
+    assert cli.main(["optimize", str(model_path), str(tmp_path / "o.onnx")]) == 1
+    assert capsys.readouterr().err.startswith("error: BoundViolation: layer 'fc'")
+
+
+def test_cli_verbose_shows_traceback(tmp_path, capsys):
+    assert cli.main(["optimize", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx"), "--verbose"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_cli_help_for_every_command():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
+    assert "optimize" in commands
+    for name in commands:
+        proc = _cli(name, "--help")
+        assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_cli_flags_mirror_config_fields():
+    import dataclasses
+
+    from dehm_onnx.config import OptimizeConfig
+
+    text = cli.build_parser()._subparsers._group_actions[0].choices["optimize"].format_help()  # noqa: SLF001
+    for f in dataclasses.fields(OptimizeConfig):
+        assert "--" + f.name.replace("_", "-") in text
