@@ -1,0 +1,1 @@
+"""Scripts that generate or fetch the models used by the demo, tests and benchmarks."""
