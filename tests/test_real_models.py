@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 import dehm_onnx
+from dehm_onnx.api import save_model
 from models.fetch import SILERO_VAD, SILERO_VAD_IFLESS, WHISPER128, fetch_wheel_member
 from tests.conftest import assert_layers_within_bound, error_bound_abs, run_model
 
@@ -19,7 +20,7 @@ def whisper128():
 def test_whisper128_mel_filterbank_compresses_within_bound(whisper128, tmp_path, rng):
     out_path = tmp_path / "whisper128.opt.onnx"
     model, report = dehm_onnx.optimize(whisper128)
-    dehm_onnx.api.save_model(model, out_path)
+    save_model(model, out_path)
     (record,) = report.layers
     assert record.compressed and record.weight == "melscale_fbanks128" and record.shape == [201, 128]
     assert record.blocks["zero"] > 0 and record.params < record.dense_params

@@ -1,0 +1,53 @@
+"""The README's promises: its two set-up commands, CI, and a complete CLI reference."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from dehm_onnx import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _make_target(name: str) -> list[str]:
+    text = (ROOT / "Makefile").read_text()
+    block = re.search(rf"^{name}:.*\n((?:\t.*\n)+)", text, re.M)
+    assert block, f"Makefile has no target {name!r}"
+    return [line.strip() for line in block.group(1).splitlines()]
+
+
+def test_readme_two_setup_commands():
+    assert "```bash\nmake demo\n```" in README and "```bash\nmake test\n```" in README
+    assert _make_target("install") == ['$(PYTHON) -m pip install -e ".[test]"']
+    assert _make_target("test") == ["$(PYTHON) -m pytest -q"]
+    assert "demo: install" in (ROOT / "Makefile").read_text() and "test: install" in (ROOT / "Makefile").read_text()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    script = ROOT / ".ci" / "run"
+    assert script.stat().st_mode & 0o111, ".ci/run must be executable"
+    lines = [line.strip() for line in script.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0] == "set -euo pipefail" and lines[-1] == "make test"
+
+
+def test_readme_documents_every_optimize_flag():
+    parser = cli.build_parser()
+    optimize = parser._subparsers._group_actions[0].choices["optimize"]  # noqa: SLF001
+    flags = [s for action in optimize._actions for s in action.option_strings if s.startswith("--") and s != "--help"]  # noqa: SLF001
+    missing = [flag for flag in flags if f"`{flag}" not in README]
+    assert missing == []
+
+
+def test_readme_keeps_sections_for_others():
+    for heading in ("## Results", "## Custom op", "## Limitations", "### Why `--tol 1e-3` by default"):
+        assert heading in README
+
+
+def test_readme_defaults_match_config():
+    from dehm_onnx.config import OptimizeConfig
+
+    defaults = OptimizeConfig()
+    assert f"Why `--tol {defaults.tol:g}` by default" in README and f"default `{defaults.tol:g}`" in README
+    assert f"(default {defaults.min_size})" in README
