@@ -49,5 +49,7 @@ def test_readme_defaults_match_config():
     from dehm_onnx.config import OptimizeConfig
 
     defaults = OptimizeConfig()
-    assert f"Why `--tol {defaults.tol:g}` by default" in README and f"default `{defaults.tol:g}`" in README
+    heading = re.search(r"Why `--tol ([0-9.e-]+)` by default", README)
+    prose = re.search(r"The default `([0-9.e-]+)`", README)
+    assert heading and prose and float(heading.group(1)) == float(prose.group(1)) == defaults.tol
     assert f"(default {defaults.min_size})" in README
