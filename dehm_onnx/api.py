@@ -21,7 +21,7 @@ from .errors import ConfigError, InvalidModelError
 from .graph.rewrite import CompressWeightsPass
 from .report import Report
 
-__all__ = ["optimize", "load_model", "save_model", "rewrite"]
+__all__ = ["optimize", "load_model", "save_model", "rewrite", "uses_external_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +124,16 @@ def _size(model_or_path, model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
-def save_model(model: onnx.ModelProto, path, *, refuse: str | os.PathLike | None = None) -> int:
+def save_model(model: onnx.ModelProto, path, *, refuse: str | os.PathLike | None = None, external_data: bool = False) -> int:
     """Write ``model`` to ``path`` atomically: a temporary file beside it, then a rename.
 
     Args:
         model: the model to write.
         path: destination file.
         refuse: a path that must not be overwritten (the input model).
+        external_data: store tensors in ``<path>.data`` beside the model (as the input did);
+            forced for models over protobuf's 2 GB limit. That data file is written in
+            place, before the model file is renamed into place.
 
     Returns:
         The size of the written file in bytes.
@@ -146,15 +149,30 @@ def save_model(model: onnx.ModelProto, path, *, refuse: str | os.PathLike | None
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
-        if model.ByteSize() < _PROTO_LIMIT:
-            onnx.save(model, tmp)
+        if external_data or model.ByteSize() >= _PROTO_LIMIT:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving as external data rewrites the tensors it is given
+            onnx.save(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
         else:
-            onnx.save(model, tmp, save_as_external_data=True, location=f"{path.name}.data")
+            onnx.save(model, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path.stat().st_size
+    data = path.with_name(f"{path.name}.data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() and external_data else 0)
+
+
+def uses_external_data(path) -> bool:
+    """True when the model file at ``path`` keeps some initializer in an external file."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by load_model
+        return False
+    return any(
+        onnx.external_data_helper.uses_external_data(t)
+        for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001 - includes subgraphs
+    )
 
 
 def same_file(a: Path, b: Path) -> bool:

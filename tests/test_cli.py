@@ -139,3 +139,15 @@ def test_cli_flags_mirror_config_fields():
     text = cli.build_parser()._subparsers._group_actions[0].choices["optimize"].format_help()  # noqa: SLF001
     for f in dataclasses.fields(OptimizeConfig):
         assert "--" + f.name.replace("_", "-") in text
+
+
+def test_cli_keeps_external_data_layout(model_path, tmp_path, rng):
+    source = tmp_path / "ext" / "in.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(model_path), source, save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    out = tmp_path / "ext" / "out.onnx"
+    assert cli.main(["optimize", str(source), str(out), "-q"]) == 0
+    assert (tmp_path / "ext" / "out.onnx.data").is_file()
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(out, load_external_data=False).graph.initializer)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    assert rel_fro(run_model(onnx.load(out), {"x": x})[0], run_model(onnx.load(source), {"x": x})[0]) < 1e-5

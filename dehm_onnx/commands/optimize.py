@@ -30,13 +30,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Optimize ``args.input`` into ``args.output``; 0 on success."""
-    from ..api import optimize, save_model  # onnx is imported only when the command runs
+    from ..api import optimize, save_model, uses_external_data  # imports onnx: only when run
 
     config = config_from_args(args)
     output = Path(args.output)
     _refuse_same(Path(args.input), output)
     model, report = optimize(args.input, config)
-    report.bytes_after = save_model(model, output, refuse=args.input)
+    external = uses_external_data(args.input)
+    report.bytes_after = save_model(model, output, refuse=args.input, external_data=external)
     if args.report:
         _write_text(Path(args.report), report.to_json() + "\n")
     if not args.quiet:

@@ -151,3 +151,17 @@ def test_config_errors_name_the_option():
     ):
         with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             dehm_onnx.optimize(onnx.ModelProto(), **options)
+
+
+def test_skip_bfloat16_weight():
+    # onnxruntime's CPU provider has no bfloat16 MatMul; such weights are left alone.
+    w = helper.make_tensor("w", onnx.TensorProto.BFLOAT16, [96, 96], np.zeros(96 * 96, np.uint16).tobytes(), raw=True)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="bf16")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.BFLOAT16, [2, 96])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.BFLOAT16, [2, 96])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _assert_skipped(model, SkipReason.UNSUPPORTED_DTYPE, "bfloat16")
