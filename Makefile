@@ -1,6 +1,7 @@
 # The two set-up commands of the README. Each one installs the package with its test
 # extras first, so either works on a fresh machine with Python >= 3.10, pip and make.
-PYTHON ?= python
+# `python` if it exists, else `python3` (Debian and Ubuntu ship only the latter).
+PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
 
 .PHONY: install demo test
 

@@ -43,3 +43,10 @@ def test_demo_commands_of_the_makefile(tmp_path):
     onnx.checker.check_model(str(out))
     makefile = (ROOT / "Makefile").read_text()
     assert "models/make_demo.py models/demo.onnx" in makefile and "-m dehm_onnx optimize models/demo.onnx" in makefile
+
+
+def test_demo_second_pass_changes_nothing():
+    optimized, _ = dehm_onnx.optimize(make_demo.build())
+    again, report = dehm_onnx.optimize(optimized)
+    assert again.SerializeToString() == optimized.SerializeToString()
+    assert [r.skip_reason for r in report.layers] == ["NOT_SMALLER"]  # only the random layer

@@ -32,11 +32,13 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert lines[0] == "set -euo pipefail" and lines[-1] == "make test"
 
 
-def test_readme_documents_every_optimize_flag():
+def test_readme_or_docs_document_every_optimize_flag():
     parser = cli.build_parser()
     optimize = parser._subparsers._group_actions[0].choices["optimize"]  # noqa: SLF001
     flags = [s for action in optimize._actions for s in action.option_strings if s.startswith("--") and s != "--help"]  # noqa: SLF001
-    missing = [flag for flag in flags if f"`{flag}" not in README]
+    # Other engineers document their flags in docs/<topic>.md, merged into the README later.
+    documented = README + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
+    missing = [flag for flag in flags if f"`{flag}" not in documented]
     assert missing == []
 
 
