@@ -41,11 +41,10 @@ std::string CheckRow(const int64_t* row, int64_t i, int64_t data_size, BlockView
   b->c1 = row[kCol1];
   b->offset = row[kOffset];
   b->rank = 0;
-  std::ostringstream where;
-  where << "layout row " << i << ": ";
+  auto where = [i] { return "layout row " + std::to_string(i) + ": "; };  // built only on error
   if (!(0 <= b->r0 && b->r0 < b->r1) || !(0 <= b->c0 && b->c0 < b->c1)) {
     std::ostringstream s;
-    s << where.str() << "empty or negative ranges rows [" << b->r0 << ", " << b->r1 << ") cols [" << b->c0
+    s << where() << "empty or negative ranges rows [" << b->r0 << ", " << b->r1 << ") cols [" << b->c0
       << ", " << b->c1 << ")";
     return Fail(s.str());
   }
@@ -55,20 +54,20 @@ std::string CheckRow(const int64_t* row, int64_t i, int64_t data_size, BlockView
     b->kind = BlockKind::kZero;
   } else if (kind == static_cast<int64_t>(BlockKind::kDense)) {
     b->kind = BlockKind::kDense;
-    if (!CheckedMul(rows, cols, &size)) return Fail(where.str() + "dense payload size overflows int64");
+    if (!CheckedMul(rows, cols, &size)) return Fail(where() + "dense payload size overflows int64");
   } else if (kind == static_cast<int64_t>(BlockKind::kLowRank)) {
     b->kind = BlockKind::kLowRank;
     b->rank = row[kRank];
     int64_t rc = 0;
-    if (b->rank < 0) return Fail(where.str() + "negative rank " + std::to_string(b->rank));
+    if (b->rank < 0) return Fail(where() + "negative rank " + std::to_string(b->rank));
     if (!CheckedAdd(rows, cols, &rc) || !CheckedMul(b->rank, rc, &size))
-      return Fail(where.str() + "low-rank payload size overflows int64");
+      return Fail(where() + "low-rank payload size overflows int64");
   } else {
-    return Fail(where.str() + "unknown block kind " + std::to_string(kind) + " (expected 0 zero, 1 dense, 2 low-rank)");
+    return Fail(where() + "unknown block kind " + std::to_string(kind) + " (expected 0 zero, 1 dense, 2 low-rank)");
   }
   if ((b->offset < 0 || size > data_size || b->offset > data_size - size)) {
     std::ostringstream s;
-    s << where.str() << "payload [" << b->offset << ", offset + " << size << ") lies outside data of size "
+    s << where() << "payload [" << b->offset << ", offset + " << size << ") lies outside data of size "
       << data_size;
     return Fail(s.str());
   }

@@ -20,83 +20,24 @@
 
 #include "dehm/layout.h"
 #include "dehm/packed.h"
+#include "gemm.h"
 
-#if defined(_MSC_VER)
-#define DEHM_RESTRICT __restrict
-#else
-#define DEHM_RESTRICT __restrict__
-#endif
 
 namespace dehm {
 namespace {
 
 constexpr int64_t kBatchTile = 64;
+constexpr int64_t kTransposeBatch = 16;  // batches at least this wide use the batch-major layout
+constexpr int64_t kTransposeRows = 64;
 constexpr int64_t kMaxWorkers = 64;
 
-// IEEE half (bits) to float, exact for every value, without hardware support.
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7fffu;
-  uint32_t bits;
-  float f;
-  if (em >= 0x7c00u) {  // Inf / NaN
-    bits = sign | 0x7f800000u | (static_cast<uint32_t>(em & 0x3ffu) << 13);
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
-  bits = em << 13;  // normals and subnormals: rebias the exponent by multiplying by 2^112
-  std::memcpy(&f, &bits, sizeof f);
-  f *= 5.192296858534828e+33f;
-  std::memcpy(&bits, &f, sizeof f);
-  bits |= sign;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+inline void Gemm(const GemmKernels& k, const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth,
+                 const float* b, int64_t ldb, float* y, int64_t ldy, int64_t w) {
+  k.f32(a, lda, ainc, rows, depth, b, ldb, y, ldy, w);
 }
-
-inline float Load(const float* p, int64_t i) { return p[i]; }
-inline float Load(const uint16_t* p, int64_t i) { return HalfToFloat(p[i]); }
-
-// y[r, 0:w] += sum_i a[r, i] * b[i, 0:w] for r < rows (row-major with leading dims).
-template <typename W>
-void AccumulateProduct(const float* a, int64_t lda, int64_t rows, int64_t depth, const W* b, int64_t ldb,
-                       float* y, int64_t ldy, int64_t w) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    float* DEHM_RESTRICT y0 = y + r * ldy;
-    float* DEHM_RESTRICT y1 = y0 + ldy;
-    float* DEHM_RESTRICT y2 = y1 + ldy;
-    float* DEHM_RESTRICT y3 = y2 + ldy;
-    const float* a0 = a + r * lda;
-    for (int64_t i = 0; i < depth; ++i) {
-      const float s0 = a0[i], s1 = a0[lda + i], s2 = a0[2 * lda + i], s3 = a0[3 * lda + i];
-      const W* bi = b + i * ldb;
-      for (int64_t j = 0; j < w; ++j) {
-        const float v = Load(bi, j);
-        y0[j] += s0 * v;
-        y1[j] += s1 * v;
-        y2[j] += s2 * v;
-        y3[j] += s3 * v;
-      }
-    }
-  }
-  for (; r < rows; ++r) {
-    float* DEHM_RESTRICT yr = y + r * ldy;
-    const float* ar = a + r * lda;
-    int64_t i = 0;
-    for (; i + 4 <= depth; i += 4) {  // four rows of b per pass: a quarter of the y traffic
-      const float s0 = ar[i], s1 = ar[i + 1], s2 = ar[i + 2], s3 = ar[i + 3];
-      const W* b0 = b + i * ldb;
-      const W* b1 = b0 + ldb;
-      const W* b2 = b1 + ldb;
-      const W* b3 = b2 + ldb;
-      for (int64_t j = 0; j < w; ++j) yr[j] += s0 * Load(b0, j) + s1 * Load(b1, j) + s2 * Load(b2, j) + s3 * Load(b3, j);
-    }
-    for (; i < depth; ++i) {
-      const float s = ar[i];
-      const W* bi = b + i * ldb;
-      for (int64_t j = 0; j < w; ++j) yr[j] += s * Load(bi, j);
-    }
-  }
+inline void Gemm(const GemmKernels& k, const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth,
+                 const uint16_t* b, int64_t ldb, float* y, int64_t ldy, int64_t w) {
+  k.f16(a, lda, ainc, rows, depth, b, ldb, y, ldy, w);
 }
 
 // Runs task(t) for t in [0, num_tasks) on the session's intra-op pool, tasks pulled dynamically.
@@ -135,6 +76,13 @@ struct Storage<Ort::Float16_t> {
   static Ort::Float16_t FromFloat(float v) { return Ort::Float16_t(v); }
 };
 
+// Strided view of a float matrix: element (b, i) at p[b * ld_b + i * ld_i].
+struct View {
+  float* p;
+  int64_t ld_b;
+  int64_t ld_i;
+};
+
 template <typename T>
 void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T* data_t, const int64_t* row_perm,
              const int64_t* col_perm, T* y) {
@@ -143,10 +91,14 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
   const Raw* data = reinterpret_cast<const Raw*>(data_t);
   const int64_t batch = plan.batch, m = plan.m, n = plan.n;
   constexpr bool kIsFloat = std::is_same<T, float>::value;
-  const bool need_xp = plan.has_row_perm || !kIsFloat;
+  const GemmKernels& kernels = SelectGemmKernels();
+  // Batch-major ("transposed") layout for X and the X_b U_b products once the batch is wide
+  // enough to vectorize over it; small batches vectorize over the output columns instead.
+  const bool transposed = kIsFloat && batch >= kTransposeBatch;
+  const bool need_xp = transposed || plan.has_row_perm || !kIsFloat;
   const bool need_yp = plan.has_col_perm || !kIsFloat;
 
-  // Scratch: [Xp (batch x m)] [T blocks (batch x rank each)] [Yp (batch x n)].
+  // Scratch: [Xp (batch x m)] [per low-rank block: batch x rank] [Yp (batch x n)].
   std::vector<int64_t> t_offset(plan.blocks.size(), 0);
   int64_t t_total = 0;
   for (size_t i = 0; i < plan.blocks.size(); ++i) {
@@ -161,8 +113,7 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
   if (!CheckedAdd(xp_size, t_total, &scratch_size) || !CheckedAdd(scratch_size, yp_size, &scratch_size))
     throw std::bad_alloc();
   std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(std::max<int64_t>(scratch_size, 1))]);
-  float* xp = scratch.get();
-  float* tbuf = xp + xp_size;
+  float* tbuf = scratch.get() + xp_size;
   float* yp = tbuf + t_total;
 
   const int64_t batch_tiles = (batch + kBatchTile - 1) / kBatchTile;
@@ -171,28 +122,38 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
     *b1 = std::min(batch, *b0 + kBatchTile);
   };
 
-  const float* xf = nullptr;
-  if (need_xp) {
+  View xv{const_cast<float*>(reinterpret_cast<const float*>(x)), m, 1};
+  if (transposed) {
+    xv = View{scratch.get(), 1, batch};
+    const int64_t row_chunks = (m + kTransposeRows - 1) / kTransposeRows;
+    RunTasks(ctx, row_chunks, [&](int64_t chunk) {
+      const int64_t i0 = chunk * kTransposeRows, i1 = std::min(m, i0 + kTransposeRows);
+      // 16 batch rows at a time: each store run is one contiguous 64-byte line of Xt.
+      for (int64_t b0 = 0; b0 < batch; b0 += 16) {
+        const int64_t b1 = std::min(batch, b0 + 16);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t src = plan.has_row_perm ? row_perm[i] : i;
+          float* out = xv.p + i * batch;
+          for (int64_t b = b0; b < b1; ++b) out[b] = Storage<T>::ToFloat(x[b * m + src]);
+        }
+      }
+    });
+  } else if (need_xp) {
+    xv = View{scratch.get(), m, 1};
     RunTasks(ctx, batch_tiles, [&](int64_t tile) {
       int64_t b0, b1;
       tile_range(tile, &b0, &b1);
       for (int64_t b = b0; b < b1; ++b) {
         const T* xr = x + b * m;
-        float* out = xp + b * m;
-        if (plan.has_row_perm) {
-          for (int64_t i = 0; i < m; ++i) out[i] = Storage<T>::ToFloat(xr[row_perm[i]]);
-        } else {
-          for (int64_t i = 0; i < m; ++i) out[i] = Storage<T>::ToFloat(xr[i]);
-        }
+        float* out = xv.p + b * m;
+        for (int64_t i = 0; i < m; ++i) out[i] = Storage<T>::ToFloat(xr[plan.has_row_perm ? row_perm[i] : i]);
       }
     });
-    xf = xp;
-  } else {
-    xf = reinterpret_cast<const float*>(x);
   }
   float* yf = need_yp ? yp : reinterpret_cast<float*>(y);
 
-  // Phase 1: T_b = Xp_b @ U_b, largest tasks first.
+  // Phase 1: T_b = Xp_b @ U_b per low-rank block and batch tile, largest tasks first.
+  // Row layout: T_b[b, k] at t[b * rank + k]; transposed: at t[k * batch + b].
   std::vector<int64_t> tasks;
   for (size_t i = 0; i < plan.blocks.size(); ++i) {
     if (plan.blocks[i].kind == BlockKind::kLowRank && plan.blocks[i].rank > 0) {
@@ -203,17 +164,26 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
     const BlockView& b = plan.blocks[static_cast<size_t>(task / batch_tiles)];
     return (b.r1 - b.r0) * b.rank;
   };
-  std::stable_sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  std::sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
   RunTasks(ctx, static_cast<int64_t>(tasks.size()), [&](int64_t t) {
     const int64_t task = tasks[static_cast<size_t>(t)];
     const size_t bi = static_cast<size_t>(task / batch_tiles);
     const BlockView& blk = plan.blocks[bi];
     int64_t b0, b1;
     tile_range(task % batch_tiles, &b0, &b1);
-    const int64_t k = blk.rank;
-    float* tb = tbuf + t_offset[bi] + b0 * k;
-    std::fill(tb, tb + (b1 - b0) * k, 0.0f);
-    AccumulateProduct(xf + b0 * m + blk.r0, m, b1 - b0, blk.r1 - blk.r0, data + blk.offset, k, tb, k, k);
+    const int64_t k = blk.rank, rows = blk.r1 - blk.r0;
+    const Raw* u = data + blk.offset;
+    if (transposed) {
+      float* tb = tbuf + t_offset[bi] + b0;
+      for (int64_t kk = 0; kk < k; ++kk) std::fill(tb + kk * batch, tb + kk * batch + (b1 - b0), 0.0f);
+      // T^T[k, b] += sum_i U[i, k] * Xt[r0 + i, b]: vectorized over the batch.
+      kernels.f32(reinterpret_cast<const float*>(u), 1, k, k, rows, xv.p + blk.r0 * batch + b0, batch, tb, batch,
+                  b1 - b0);
+    } else {
+      float* tb = tbuf + t_offset[bi] + b0 * k;
+      std::fill(tb, tb + (b1 - b0) * k, 0.0f);
+      Gemm(kernels, xv.p + b0 * xv.ld_b + blk.r0, xv.ld_b, 1, b1 - b0, rows, u, k, tb, k, k);
+    }
   });
 
   // Phase 2: each column chunk owns Yp[:, chunk]; no two tasks write the same entries.
@@ -228,15 +198,21 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
       const BlockView& blk = plan.blocks[bi];
       const int64_t lo = std::max(blk.c0, j0), hi = std::min(blk.c1, j1);
       if (lo >= hi || blk.kind == BlockKind::kZero) continue;
-      const int64_t cols = blk.c1 - blk.c0;
+      const int64_t cols = blk.c1 - blk.c0, rows = blk.r1 - blk.r0;
+      float* yt = yf + b0 * n + lo;
       if (blk.kind == BlockKind::kLowRank) {
-        if (blk.rank == 0) continue;
-        const Raw* vt = data + blk.offset + (blk.r1 - blk.r0) * blk.rank;
-        AccumulateProduct(tbuf + t_offset[bi] + b0 * blk.rank, blk.rank, b1 - b0, blk.rank, vt + (lo - blk.c0), cols,
-                          yf + b0 * n + lo, n, hi - lo);
+        const int64_t k = blk.rank;
+        if (k == 0) continue;
+        const Raw* vt = data + blk.offset + rows * k + (lo - blk.c0);
+        const float* t = tbuf + t_offset[bi];
+        if (transposed) {
+          Gemm(kernels, t + b0, 1, batch, b1 - b0, k, vt, cols, yt, n, hi - lo);
+        } else {
+          Gemm(kernels, t + b0 * k, k, 1, b1 - b0, k, vt, cols, yt, n, hi - lo);
+        }
       } else {
-        AccumulateProduct(xf + b0 * m + blk.r0, m, b1 - b0, blk.r1 - blk.r0, data + blk.offset + (lo - blk.c0), cols,
-                          yf + b0 * n + lo, n, hi - lo);
+        const float* xa = xv.p + b0 * xv.ld_b + blk.r0 * xv.ld_i;
+        Gemm(kernels, xa, xv.ld_b, xv.ld_i, b1 - b0, rows, data + blk.offset + (lo - blk.c0), cols, yt, n, hi - lo);
       }
     }
   });

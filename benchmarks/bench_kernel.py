@@ -1,0 +1,134 @@
+"""HMatMul kernel vs onnxruntime's dense MatMul (and the standard-op fallbacks) on one weight.
+
+The weight is a 4096x4096 log kernel W[i, j] = log|x_i - y_j| over two interleaved sorted
+point sets, compressed with ``compress(W, tol)``. Every variant computes Y = X @ W(_H) in
+its own onnxruntime session (intra_op_num_threads fixed, spinning off); the variants are
+timed alternately in one process and the medians are reported, with ratios to dense.
+
+    python benchmarks/bench_kernel.py [--size 4096] [--tol 1e-4] [--batches 1 16 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from dehm_onnx.hmatrix import compress, pack
+from dehm_onnx.ops import hmatmul
+from dehm_onnx.ops.library import custom_op_library
+
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
+
+def log_kernel(size: int, seed: int = 0) -> np.ndarray:
+    """``W[i, j] = log|x_i - y_j|``, x and y interleaved sorted uniform points on [0, 1]."""
+    pts = np.sort(np.random.default_rng(seed).uniform(0.0, 1.0, 2 * size))
+    return np.log(np.abs(pts[0::2, None] - pts[None, 1::2])).astype(np.float32)
+
+
+def dense_model(w: np.ndarray):
+    m, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "dense",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", m])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", n])],
+        [numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def emitted_model(hm, mode: str):
+    """A one-layer model from a registered emitter (None if the mode is not registered)."""
+    from dehm_onnx.graph.emit import EMITTERS
+
+    if mode not in EMITTERS:
+        return None
+    m, n = hm.shape
+    nodes, inits, functions = EMITTERS[mode](hm, "X", "Y", "w", np.dtype(np.float32))
+    graph = helper.make_graph(
+        nodes, mode,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", m])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", n])], inits)
+    opsets = [helper.make_opsetid("", 18), hmatmul.opset_import()]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10, functions=list(functions))
+
+
+def session(model, threads: int, library: bool):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    if library:
+        options.register_custom_ops_library(str(custom_op_library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_alternating(sessions: dict, x: np.ndarray, repeats: int) -> dict:
+    """Median seconds per run of each session, runs interleaved so noise hits all alike."""
+    times = {name: [] for name in sessions}
+    for s in sessions.values():  # warm-up
+        s.run(None, {"X": x})
+    for _ in range(repeats):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"X": x})
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=6.0, help="time budget per batch size")
+    args = parser.parse_args(argv)
+
+    w = log_kernel(args.size)
+    t0 = time.perf_counter()
+    hm = compress(w, args.tol)
+    build_s = time.perf_counter() - t0
+    gain = hm.dense_params / hm.params
+    print(f"W: {args.size}x{args.size} log kernel, tol {args.tol:g}: {hm.counts()}, max rank {hm.max_rank}, "
+          f"params {hm.params} ({hm.ratio:.4f} of dense, gain {gain:.1f}x), "
+          f"rel. certified error {hm.rel_certified_error:.2e}, compress {build_s:.1f} s")
+    print(f"onnxruntime {ort.__version__}, intra_op_num_threads={args.threads}, {SESSION_CONFIG}\n")
+
+    sessions = {"dense": session(dense_model(w), args.threads, library=False),
+                "hmatmul": session(hmatmul.make_hmatmul_model(pack(hm)), args.threads, library=True)}
+    for mode, label in (("function", "function (stock ORT)"), ("subgraph", "subgraph")):
+        model = emitted_model(hm, mode)
+        if model is not None:
+            sessions[label] = session(model, args.threads, library=False)
+
+    x_all = np.random.default_rng(1).standard_normal((max(args.batches), args.size)).astype(np.float32)
+    ref = sessions["dense"].run(None, {"X": x_all[:1]})[0]
+    for name, s in sessions.items():
+        err = np.linalg.norm(s.run(None, {"X": x_all[:1]})[0] - ref) / np.linalg.norm(ref)
+        assert err < 10 * args.tol, f"{name}: relative output error {err:.2e}"
+
+    others = [name for name in sessions if name != "dense"]
+    header = "| batch | dense ms | " + " | ".join(f"{n} ms | speedup" for n in others) + " |"
+    print(header)
+    print("|" + "---|" * (2 + 2 * len(others)))
+    for batch in args.batches:
+        x = x_all[:batch]
+        t0 = time.perf_counter()
+        sessions["dense"].run(None, {"X": x})
+        one = max(time.perf_counter() - t0, 1e-5) * (1 + len(others))
+        repeats = int(min(500, max(15, args.seconds / one)))
+        med = time_alternating(sessions, x, repeats)
+        cells = " | ".join(f"{med[n] * 1e3:.3f} | {med['dense'] / med[n]:.2f}x" for n in others)
+        print(f"| {batch} | {med['dense'] * 1e3:.3f} | {cells} |", flush=True)
+    print(f"\ntargets: batch 1 hmatmul speedup >= {0.5 * gain:.1f}x (0.5 x dense/stored params); "
+          f"batch {max(args.batches)} hmatmul speedup >= 1.0x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
