@@ -39,6 +39,7 @@ class LayerRecord:
         output: the node's output tensor name (kept by the rewrite).
         weight: name of the constant weight tensor.
         graph: ``"main"`` or the path of the subgraph holding the node.
+        weight_graph: the same for the graph that defines the weight (outer scope or own).
         shape: ``[m, n]`` of W in the ``Y = X @ W`` orientation.
         compressed: whether the node was replaced.
         skip_reason: ``SkipReason`` name when skipped, else ``None``.
@@ -60,6 +61,7 @@ class LayerRecord:
     output: str
     weight: str
     graph: str = "main"
+    weight_graph: str = "main"
     shape: list[int] = field(default_factory=list)
     compressed: bool = False
     skip_reason: str | None = None
@@ -182,7 +184,7 @@ def _unique_weights(records: list[LayerRecord]) -> list[LayerRecord]:
     # A shared weight is stored (and compressed) once, so it counts once in the totals.
     seen, out = set(), []
     for r in records:
-        key = (r.graph, r.weight, r.compressed)
+        key = (r.weight_graph, r.weight, r.compressed)
         if key not in seen:
             seen.add(key)
             out.append(r)

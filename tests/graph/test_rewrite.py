@@ -250,3 +250,26 @@ def test_rewrite_weight_in_if_branch(rng, weight_inside):
         assert rel_fro(run_model(out, feeds)[0], run_model(model, feeds)[0]) < WIRING_RTOL
     again, second = dehm_onnx.optimize(out)
     assert again.SerializeToString() == out.SerializeToString() and second.layers == []
+
+
+def test_rewrite_outer_weight_shared_by_both_branches_stored_once(rng):
+    w = low_rank(rng, 128, 128)
+
+    def branch(name):
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], [f"{name}_out"], name=f"{name}_mm")],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, ["B", 128])],
+        )
+
+    node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then"), else_branch=branch("else"))
+    model = make_model([node], [("cond", np.bool_, []), ("x", np.float32, ["B", 128])], [("y", np.float32, ["B", 128])], [("w", w)])
+    out, report = dehm_onnx.optimize(model)
+    assert [r.compressed for r in report.layers] == [True, True]
+    factors = [t for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert sum(int(np.prod(t.dims)) for t in factors) == report.layers[0].params == report.params_after
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": x}
+        assert rel_fro(run_model(out, feeds)[0], run_model(model, feeds)[0]) < WIRING_RTOL
