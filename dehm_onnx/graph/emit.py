@@ -14,6 +14,8 @@ node with its provenance).
 
 from __future__ import annotations
 
+from .emit_custom import emit_custom
+from .emit_function import emit_function
 from .emit_ops import emit_subgraph
 
 __all__ = ["EMITTERS"]
@@ -21,4 +23,9 @@ __all__ = ["EMITTERS"]
 # The first entry is the standard-op emission that runs on every onnxruntime provider.
 EMITTERS = {
     "subgraph": emit_subgraph,
+    # One HMatMul node (dehm_onnx/ops/hmatmul.py) plus a standard-op function body:
+    # runs everywhere, and runs the compiled kernel where the library is registered.
+    "function": emit_function,
+    # The HMatMul node alone: needs the compiled library (dehm_onnx.make_session).
+    "custom": emit_custom,
 }

@@ -35,6 +35,7 @@ from ..hmatrix import compress
 from ..report import LayerRecord, Report
 from .checks import Skip, SkipReason, check_candidate, check_gain, check_weight
 from .emit import EMITTERS
+from .emit_function import fit_function_to_model
 from .scan import Candidate, ConstRef, activation_ranks, iter_graphs, scan
 
 __all__ = ["CompressWeightsPass", "PassResult", "LAYERS_KEY", "VERSION_KEY", "read_layers"]
@@ -338,6 +339,7 @@ def _add_functions(model, functions) -> None:
     for fn in functions:
         key = (fn.domain, fn.name, getattr(fn, "overload", ""))
         if key not in have:
+            fit_function_to_model(model, fn)  # opsets and IR version (emit_function)
             model.functions.append(fn)
             have.add(key)
 

@@ -68,3 +68,31 @@ def test_cpu_kernel_rejects_wrong_x_width():
     feeds = {"w.data": p.data, "w.layout": p.layout, "w.row_perm": p.row_perm, "w.col_perm": p.col_perm}
     with pytest.raises(Exception, match="HMatMul: X has last dimension 6"):
         session.run(None, {"X": np.zeros((2, 6), np.float32), **feeds})
+
+
+def _cuda_missing_reason():
+    """None when onnxruntime can run on a CUDA device, else why not."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "CUDAExecutionProvider not available (needs onnxruntime-gpu and a CUDA device)"
+    try:
+        model = hmatmul.make_hmatmul_model(pack(CASES[0].hm))
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - any failure here means no usable device
+        return f"CUDA session cannot start: {e}".splitlines()[0]
+    if "CUDAExecutionProvider" not in session.get_providers():
+        return "onnxruntime fell back to CPU: no CUDA device"
+    return None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_cuda_kernel_matches_dense_product(case):
+    reason = _cuda_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    # No CPU fallback: the HMatMul node must run on the CUDA kernel or the session fails.
+    session = make_session(_model(case), providers=["CUDAExecutionProvider"],
+                           config={"session.disable_cpu_ep_fallback": "1"})
+    assert_matches(case, session.run(None, {"X": case.x})[0])

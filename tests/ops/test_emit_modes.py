@@ -1,0 +1,120 @@
+"""The conformance table through every emit mode, and an optimized model on both runtimes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hmatmul_cases import CASES, expected, tolerance
+from onnx import TensorProto, helper, numpy_helper
+from test_hmatmul_cases import assert_matches
+
+import dehm_onnx
+from dehm_onnx.graph.emit import EMITTERS
+from dehm_onnx.graph.emit_function import fit_function_to_model
+from dehm_onnx.graph.rewrite import read_layers
+from dehm_onnx.ops import hmatmul
+from dehm_onnx.ops.library import make_session
+
+# (emit mode, runs with the library registered)
+RUNS = [("subgraph", False), ("function", False), ("function", True), ("custom", True)]
+
+
+def layer_model(case, mode: str, opset: int = 17) -> onnx.ModelProto:
+    """A one-layer model ``Y = X @ W_H`` from the emitter, spliced as the rewrite would."""
+    m, n = case.hm.shape
+    nodes, inits, functions = EMITTERS[mode](case.hm, "X", "Y", "layer.w.hm", case.x.dtype)
+    elem = helper.np_dtype_to_tensor_dtype(case.x.dtype)
+    lead = [f"d{i}" for i in range(case.x.ndim - 1)]
+    graph = helper.make_graph(nodes, mode, [helper.make_tensor_value_info("X", elem, [*lead, m])],
+                              [helper.make_tensor_value_info("Y", elem, [*lead, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), hmatmul.opset_import()])
+    for fn in functions:
+        fit_function_to_model(model, fn)
+        model.functions.append(fn)
+    onnx.checker.check_model(model)
+    return model
+
+
+def run(model, feeds, library: bool):
+    if library:
+        return make_session(model).run(None, feeds)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("mode,library", RUNS, ids=[f"{m}-{'library' if lib else 'stock'}" for m, lib in RUNS])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_emit_mode_matches_dense_product(case, mode, library):
+    assert_matches(case, run(layer_model(case, mode), {"X": case.x}, library)[0])
+
+
+def test_function_mode_stores_weights_once():
+    case = next(c for c in CASES if c.name == "hodlr_permuted_3d")
+    model = layer_model(case, "function")
+    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
+    assert [t.name for t in floats] == ["layer.w.hm.data"]
+    assert numpy_helper.to_array(floats[0]).size == case.hm.params
+    body_values = sum(np.asarray(numpy_helper.to_array(a.t)).size for n in model.functions[0].node
+                      for a in n.attribute if a.name == "value" and a.t.data_type == TensorProto.FLOAT)
+    assert body_values == 0, "the function body must slice the factors out of data, not copy them"
+
+
+def test_library_runs_the_kernel_not_the_body():
+    """Negate the body's result: stock onnxruntime then returns -Y, the library still Y."""
+    case = next(c for c in CASES if c.name == "mixed_permuted")
+    model = layer_model(case, "function")
+    body = model.functions[0]
+    for node in body.node:
+        for i, name in enumerate(node.output):
+            if name == "Y":
+                node.output[i] = "Y_body"
+    body.node.append(helper.make_node("Neg", ["Y_body"], ["Y"]))
+    exp = expected(case)
+    np.testing.assert_allclose(run(model, {"X": case.x}, False)[0], -exp, atol=float(tolerance(case).max()))
+    np.testing.assert_allclose(run(model, {"X": case.x}, True)[0], exp, atol=float(tolerance(case).max()))
+
+
+def _two_layer_model() -> tuple[onnx.ModelProto, dict]:
+    rng = np.random.default_rng(0)
+    s, t = np.linspace(0.0, 1.0, 96)[:, None], np.linspace(0.0, 1.0, 80)[None, :]
+    weights = {
+        "W1": np.exp(-4.0 * np.abs(s - t)).astype(np.float32),
+        "W2": (rng.standard_normal((64, 3)) @ rng.standard_normal((3, 80))).astype(np.float32),  # transB=1
+        "b": rng.standard_normal(64).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "W2", "b"], ["Y"], name="fc2", transB=1)],
+        "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 96])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 64])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weights
+
+
+def test_optimized_function_model_same_outputs_stock_and_library(tmp_path):
+    model, w = _two_layer_model()
+    optimized, _ = dehm_onnx.optimize(model, emit="function", tol=1e-3)
+    path = tmp_path / "opt.onnx"
+    onnx.save(optimized, path)
+    loaded = onnx.load(path)
+    onnx.checker.check_model(loaded)
+    assert [n.op_type for n in loaded.graph.node if n.domain == hmatmul.DOMAIN] == ["HMatMul", "HMatMul"]
+    assert len(loaded.functions) == 2 and loaded.ir_version >= 10
+
+    x = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
+    stock = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    library = make_session(path).run(None, {"X": x})[0]
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+
+    # Bound from the certified weight errors: with E_i = ||W_i - W_H,i||_F and Relu 1-Lipschitz,
+    # ||Y - Y_H||_F <= ||X||_2 E_1 (||W_2||_2 + E_2) + ||relu(X W_1)||_2 E_2.
+    layers = {layer["weight"]: layer for layer in read_layers(loaded)}
+    e1 = layers["W1"]["certified_error"] * np.linalg.norm(w["W1"])
+    e2 = layers["W2"]["certified_error"] * np.linalg.norm(w["W2"])
+    hidden = np.maximum(x @ w["W1"], 0.0)
+    bound = np.linalg.norm(x, 2) * e1 * (np.linalg.norm(w["W2"], 2) + e2) + np.linalg.norm(hidden, 2) * e2
+    rounding = 1e-5 * np.linalg.norm(original)  # float32 evaluation of either model
+    assert np.linalg.norm(stock - original) <= bound + rounding
+    assert np.linalg.norm(library - original) <= bound + rounding
+    np.testing.assert_allclose(library, stock, rtol=1e-4, atol=1e-4 * np.abs(stock).max())
