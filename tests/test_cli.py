@@ -151,3 +151,25 @@ def test_cli_keeps_external_data_layout(model_path, tmp_path, rng):
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(out, load_external_data=False).graph.initializer)
     x = rng.standard_normal((2, 128)).astype(np.float32)
     assert rel_fro(run_model(onnx.load(out), {"x": x})[0], run_model(onnx.load(source), {"x": x})[0]) < 1e-5
+
+
+def test_save_model_leaves_nothing_behind_when_writing_fails(model_path, tmp_path, monkeypatch):
+    from dehm_onnx.api import save_model
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("onnx.save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(onnx.load(model_path), tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_save_model_refuses_the_input_path(model_path):
+    from dehm_onnx.api import save_model
+    from dehm_onnx.errors import ConfigError
+
+    before = model_path.read_bytes()
+    with pytest.raises(ConfigError, match="is the input model"):
+        save_model(onnx.load(model_path), model_path, refuse=model_path)
+    assert model_path.read_bytes() == before
