@@ -19,7 +19,7 @@ from .errors import BoundViolation, DehmError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = ("dehm_onnx.commands.optimize", "dehm_onnx.commands.verify")
+COMMANDS = ("dehm_onnx.commands.optimize", "dehm_onnx.commands.verify", "dehm_onnx.commands.compare")
 
 EXIT_OK, EXIT_BOUND, EXIT_INPUT = 0, 1, 2
 

@@ -1,0 +1,162 @@
+"""What ``compare`` measures on each method's model: size, errors, latency.
+
+* ``stored_params``: scalars in every initializer and ``Constant`` tensor (all graphs and
+  model-local functions), integers included; a ``MatMulNBits`` weight counts ``8 // bits``
+  values per stored byte. Pruning adds its sparse-format correction (see ``methods``).
+* ``file_bytes``: the size of the model file (plus its external data file, if any).
+* ``output_rel_error``: ``||Y - Y_orig||_2 / ||Y_orig||_2`` over the whole calibration set,
+  the largest over the graph outputs (``dehm_onnx.verify``).
+* ``max_layer_error``: the largest relative Frobenius output error of one MatMul/Gemm layer
+  with a constant weight, the layer run alone on the original model's input to it
+  (``dehm_onnx.verify``'s isolated measurement; layers inside If/Loop/Scan bodies are not
+  measured).
+* ``latency_ms``: onnxruntime CPU, ``LATENCY_THREADS`` intra-op threads, spinning off; every
+  session runs the first calibration sample in turn, round after round, in one process, and
+  the median per method is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..verify import verify
+
+__all__ = ["LATENCY_THREADS", "stored_params", "file_bytes", "layer_records", "measure_errors", "measure_latency"]
+
+logger = logging.getLogger(__name__)
+
+LATENCY_THREADS = 2
+# A timed measurement repeats the run until it lasts at least this long (short models).
+_MIN_TIMED_SECONDS = 2e-3
+
+
+def _tensors(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            yield attr.t
+        elif attr.type == onnx.AttributeProto.GRAPH:
+            yield from _tensors(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                yield from _tensors(g)
+
+
+def _nbits_weights(model: onnx.ModelProto) -> dict:
+    """Packed MatMulNBits weight name -> values per stored element."""
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and len(node.input) > 1:
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            out[node.input[1]] = max(8 // int(bits), 1)
+    return out
+
+
+def stored_params(model: onnx.ModelProto) -> int:
+    """Scalars stored in the model's constants (see the module docstring)."""
+    packed = _nbits_weights(model)
+    tensors = list(_tensors(model.graph))
+    for function in model.functions:
+        for node in function.node:
+            tensors.extend(_node_tensors(node))
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * packed.get(t.name, 1) for t in tensors)
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes on disk of the model file and the external data files it names."""
+    path = Path(path)
+    total = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _tensors(model.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return total + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def layer_records(model: onnx.ModelProto) -> list:
+    """One ``dehm.layers``-style record per main-graph MatMul/Gemm with a constant weight."""
+    from ..graph.scan import activation_ranks, scan
+
+    found = scan(model)
+    if any(c.needs_x_rank for c in found.candidates):
+        found = scan(model, activation_ranks(model))
+    return [
+        {
+            "name": c.name,
+            "op": c.op,
+            "output": c.output,
+            "weight": c.weight_name,
+            "shape": list(c.weight.shape),
+            "tol": 1.0,  # verify needs a bound; compare reports the measured error only
+        }
+        for c in found.candidates
+        if c.graph_path == "main"
+    ]
+
+
+def measure_errors(original_path: Path, path: Path, calibration, records: list) -> tuple:
+    """``(output_rel_error, max_layer_error, {layer name: error})`` of ``path`` against the original."""
+    result = verify(original_path, path, calibration, layers=records)
+    per_layer = {layer.name: layer.rel_fro_error for layer in result.layers if layer.checked}
+    max_layer = max(per_layer.values(), default=None)
+    return result.max_rel_l2, max_layer, per_layer
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = LATENCY_THREADS
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _timed(session, feed: dict, inner: int) -> float:
+    start = time.perf_counter()
+    for _ in range(inner):
+        session.run(None, feed)
+    return (time.perf_counter() - start) / inner
+
+
+def measure_latency(paths: dict, feed: dict, rounds: int) -> tuple:
+    """Median milliseconds per run of each model, timed alternately in this process.
+
+    Args:
+        paths: label -> model file.
+        feed: one input feed (the first calibration sample).
+        rounds: timed rounds; each round runs every model once (or ``inner`` times).
+
+    Returns:
+        ``({label: ms}, {label: error})``: a model that onnxruntime cannot load or run is
+        left out of the timing and reported with its exception instead.
+    """
+    sessions, inner, failures = {}, {}, {}
+    for label, path in paths.items():
+        try:
+            session = _session(path)
+            first = _timed(session, feed, 1)  # warm-up, also sizes the inner loop
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; reported per row
+            failures[label] = e
+            continue
+        sessions[label] = session
+        inner[label] = max(1, int(_MIN_TIMED_SECONDS / max(first, 1e-7)))
+    times = {label: [] for label in sessions}
+    for _ in range(rounds):
+        for label, session in sessions.items():
+            times[label].append(_timed(session, feed, inner[label]))
+    return {label: 1e3 * statistics.median(values) for label, values in times.items()}, failures

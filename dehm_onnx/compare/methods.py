@@ -1,0 +1,243 @@
+"""How each compared method turns the original model into a new one.
+
+=========  ==================================================================================
+method     model written
+=========  ==================================================================================
+original   the input model, unchanged
+dehm       ``dehm_onnx.optimize`` at ``tol`` (H-matrices, standard ops)
+svd        every eligible weight W -> ``(X @ U) @ Vt``, the lowest rank meeting ``tol``
+           (``baselines.truncated_svd``), spliced by the optimize pass itself
+pruning    every eligible weight W -> its magnitude-pruned copy meeting ``tol``, stored dense
+           (``baselines.magnitude_prune``)
+int8       ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights, per channel,
+           MatMul nodes)
+int4       ``onnxruntime`` ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric, MatMul nodes)
+=========  ==================================================================================
+
+"Eligible" is decided by the optimize pass's own checks (``OptimizeConfig``: ``min_size``,
+``include``/``exclude``, shared weights, dtype ...), so dehm, svd and pruning touch the same
+weights at the same certified weight bound. Like dehm, svd and pruning leave a weight dense
+when their compressed form would not store fewer parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..api import optimize, save_model
+from ..config import OptimizeConfig, make_config
+from ..errors import CompressionError, InvalidWeightError
+from ..graph.checks import Skip, SkipReason, check_candidate, check_gain, check_weight
+from ..graph.rewrite import CompressWeightsPass, _default_opset, _group_by_const, _skip_shared
+from ..graph.scan import activation_ranks, scan
+from ..hmatrix import Block, BlockKind, HMatrix
+from .baselines import csr_params, magnitude_prune, truncated_svd
+
+__all__ = ["Built", "MethodSpec", "BUILDERS", "TOL_METHODS", "FIXED_METHODS", "build"]
+
+logger = logging.getLogger(__name__)
+
+# Methods that take the --tol values (one row per tol) and those that run once.
+TOL_METHODS = ("dehm", "svd", "pruning")
+FIXED_METHODS = ("int8", "int4")
+INT4_BLOCK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row to produce: a method and, for the certified methods, its tol."""
+
+    method: str
+    tol: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The row's ``method`` value, e.g. ``dehm@1e-03``."""
+        return self.method if self.tol is None else f"{self.method}@{self.tol:.0e}"
+
+
+@dataclass
+class Built:
+    """A method's model on disk and what building it cost.
+
+    Attributes:
+        path: the model file.
+        seconds: wall time of the transformation (0 for the original).
+        params_delta: scalars to add to the file's stored count (pruning: sparse storage
+            minus the dense weights it replaces).
+        certified: layer name -> certified relative weight error (certified methods only).
+    """
+
+    path: Path
+    seconds: float
+    params_delta: int = 0
+    certified: dict = field(default_factory=dict)
+
+
+def build(spec: MethodSpec, original: onnx.ModelProto, source: Path, config: OptimizeConfig, workdir: Path) -> Built:
+    """Write ``spec``'s model into ``workdir`` (``source`` is the original's file)."""
+    return BUILDERS[spec.method](spec, original, source, config, workdir)
+
+
+def _target(workdir: Path, spec: MethodSpec) -> Path:
+    return workdir / f"{spec.label.replace('@', '_at_')}.onnx"
+
+
+def _build_original(spec, original, source, config, workdir) -> Built:
+    return Built(Path(source), 0.0)
+
+
+def _build_dehm(spec, original, source, config, workdir) -> Built:
+    start = time.perf_counter()
+    model, report = optimize(original, make_config(config, tol=spec.tol))
+    seconds = time.perf_counter() - start
+    path = _target(workdir, spec)
+    save_model(model, path)
+    certified = {r.name: r.certified_error for r in report.compressed}
+    return Built(path, seconds, certified=certified)
+
+
+def svd_hmatrix(w: np.ndarray, tol: float) -> HMatrix:
+    """A truncated SVD of W as a one-block H-matrix (so the optimize pass can emit it)."""
+    factors = truncated_svd(w, tol)
+    m, n = w.shape
+    block = Block(BlockKind.LOWRANK, 0, m, 0, n, u=factors.u, vt=factors.vt)
+    norm = float(np.linalg.norm(w.astype(np.float64)))
+    return HMatrix((m, n), np.dtype(w.dtype), (block,), norm, factors.rel_error * norm, tol)
+
+
+class TruncatedSvdPass(CompressWeightsPass):
+    """The optimize pass with ``compress`` replaced by a global truncated SVD per weight.
+
+    ``W -> (X @ U) @ Vt``: the subgraph emitter writes a one-block H-matrix as two MatMuls.
+    """
+
+    def _compress_groups(self, groups, skips):
+        out = {}
+        for group in groups:
+            live = [c for c in group.cands if id(c) not in skips]
+            for key in dict.fromkeys(c.share_key for c in live):
+                users = [c for c in live if c.share_key == key]
+                tol = min(self._tol(c) for c in users)
+                try:
+                    hm = svd_hmatrix(users[0].weight, tol)
+                    skip = check_gain(hm, tol)
+                except (InvalidWeightError, CompressionError, np.linalg.LinAlgError) as e:
+                    skip = Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e))
+                if skip is not None:
+                    for cand in live:
+                        skips[id(cand)] = skip
+                    break
+                out[key] = (hm, tol)
+        return out
+
+
+def _build_svd(spec, original, source, config, workdir) -> Built:
+    start = time.perf_counter()
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    result = TruncatedSvdPass(make_config(config, tol=spec.tol)).call(model)
+    onnx.checker.check_model(result.model)
+    seconds = time.perf_counter() - start
+    path = _target(workdir, spec)
+    save_model(result.model, path)
+    certified = {r.name: r.certified_error for r in result.report.compressed}
+    return Built(path, seconds, certified=certified)
+
+
+def eligible_groups(model: onnx.ModelProto, config: OptimizeConfig) -> list:
+    """The weights (grouped by constant) that the optimize pass would try to compress."""
+    found = scan(model)
+    if any(c.needs_x_rank for c in found.candidates):
+        found = scan(model, activation_ranks(model))
+    opset = _default_opset(model)
+    skips = {}
+    for cand in found.candidates:
+        skip = check_candidate(cand, config, opset) or check_weight(cand, config)
+        if skip:
+            skips[id(cand)] = skip
+    groups = _group_by_const(found.candidates)
+    for group in groups:
+        _skip_shared(group, skips)
+    return [g for g in groups if all(id(c) not in skips for c in g.cands)]
+
+
+def _build_pruning(spec, original, source, config, workdir) -> Built:
+    start = time.perf_counter()
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    delta, certified = 0, {}
+    for group in eligible_groups(model, config):
+        w = group.const.value  # pruning is elementwise: the stored orientation is fine
+        pruned = magnitude_prune(w, spec.tol)
+        sparse = csr_params(pruned.weight)
+        if sparse >= w.size:
+            continue  # a sparse copy would not be smaller: leave it dense, as dehm does
+        group.const.tensor.CopyFrom(numpy_helper.from_array(pruned.weight, group.const.name))
+        delta += sparse - w.size
+        for cand in group.cands:
+            certified[cand.name] = pruned.rel_error
+    seconds = time.perf_counter() - start
+    path = _target(workdir, spec)
+    save_model(model, path)
+    return Built(path, seconds, params_delta=delta, certified=certified)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """Hide the quantizer's advice, which it logs on the root logger at WARNING."""
+    root = logging.getLogger()
+
+    def advice(record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
+def _build_int8(spec, original, source, config, workdir) -> Built:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = _target(workdir, spec)
+    start = time.perf_counter()
+    with _quiet_root_logger():
+        quantize_dynamic(
+            Path(source), path, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
+        )
+    return Built(path, time.perf_counter() - start)
+
+
+def _build_int4(spec, original, source, config, workdir) -> Built:
+    # Needs the optional package onnx_ir; an ImportError becomes this row's error note.
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    start = time.perf_counter()
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(source)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, op_types_to_quantize=("MatMul",)
+    )
+    quantizer.process()
+    seconds = time.perf_counter() - start
+    path = _target(workdir, spec)
+    save_model(quantizer.model.model, path)
+    return Built(path, seconds)
+
+
+BUILDERS = {
+    "original": _build_original,
+    "dehm": _build_dehm,
+    "svd": _build_svd,
+    "pruning": _build_pruning,
+    "int8": _build_int8,
+    "int4": _build_int4,
+}
