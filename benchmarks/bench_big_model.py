@@ -1,0 +1,227 @@
+"""Peak memory, time and throughput of ``optimize`` on a generated ~3 GB external-data model.
+
+Run by hand:  python benchmarks/bench_big_model.py [--layers 45] [--size 4096] [--jobs 0]
+
+The model has ``--layers`` parallel ``MatMul(x, W_i) -> y_i`` layers with float32 ``size x size``
+weights, all in one external data file (45 x 4096 x 4096 x 4 B = 3.0 GB, more than protobuf's
+2 GB limit). Most weights are smooth kernels (exp, Cauchy, log of sorted random points, a
+different length scale each), which compress; ``--random-layers`` of them are Gaussian, which
+do not (they are copied to the output unchanged). The model is written once into a cache folder
+(``$DEHM_CACHE`` or ``~/.cache/dehm_onnx``, ``bench_big/``) and reused.
+
+``python -m dehm_onnx optimize`` runs in a subprocess while this script samples the resident
+memory of its process tree every 50 ms (sum over the main process and its workers, from
+``/proc``); ``ru_maxrss`` of the children is the largest single process. Then every layer of
+the output is checked against its certified bound with onnxruntime: ``||x W_i - x W_H||_F <=
+||x||_2 ||W_i - W_H||_F``. Prints a Markdown table and the time extrapolated to 7B parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODEL_NAME = "big.onnx"
+SEVEN_B = 7e9
+
+
+def cache_folder() -> Path:
+    base = Path(os.environ.get("DEHM_CACHE", Path.home() / ".cache" / "dehm_onnx"))
+    return base / "bench_big"
+
+
+def make_weight(i: int, n: int, random_layer: bool) -> np.ndarray:
+    """Layer ``i``'s weight: a smooth kernel (three families in turn) or a Gaussian matrix."""
+    rng = np.random.default_rng(1000 + i)
+    if random_layer:
+        return (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+    s, t = np.sort(rng.random(n)), np.sort(rng.random(n))
+    d = np.abs(s[:, None] - t[None, :])
+    scale = 0.05 + 0.45 * rng.random()
+    family = i % 3
+    if family == 0:
+        w = np.exp(-d / scale)
+    elif family == 1:
+        w = 1.0 / (1.0 + (d / scale) ** 2)
+    else:
+        w = np.log(d + 1e-3 * scale)
+    return (w / np.sqrt(n)).astype(np.float32)
+
+
+def generate(folder: Path, layers: int, n: int, random_layers: int) -> Path:
+    """Write the model and its data file one weight at a time (memory: one weight)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MODEL_NAME
+    spec = {"layers": layers, "n": n, "random_layers": random_layers, "version": 1}
+    stamp = folder / "spec.json"
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return path
+    data_name = f"{MODEL_NAME}.data"
+    nodes, inits, outputs = [], [], []
+    offset = 0
+    with open(folder / data_name, "wb") as data:
+        for i in range(layers):
+            w = make_weight(i, n, i >= layers - random_layers)
+            data.write(w.tobytes())
+            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[n, n])
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(w.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += w.nbytes
+            inits.append(tensor)
+            nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"fc{i}"))
+            outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["B", n]))
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", n])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    stamp.write_text(json.dumps(spec))
+    return path
+
+
+def _tree(pid: int) -> list[int]:
+    pids, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_optimize(model: Path, out: Path, jobs: int, tol: float) -> dict:
+    """Run the CLI in a subprocess; sample the RSS of its process tree."""
+    cmd = [sys.executable, "-m", "dehm_onnx", "optimize", str(model), str(out), "--tol", str(tol),
+           "--jobs", str(jobs), "--no-verify", "--quiet", "--report", str(out.with_suffix(".json"))]
+    peak = {"tree": 0}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak["tree"] = max(peak["tree"], sum(_rss(p) for p in _tree(proc.pid)))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"optimize failed ({proc.returncode}): {stderr.strip()}")
+    single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"wall_s": wall, "peak_tree_rss": peak["tree"], "peak_process_rss": single, "command": " ".join(cmd)}
+
+
+def check_bounds(model: Path, out: Path, n: int, batch: int = 8) -> tuple[int, float]:
+    """Run the output in onnxruntime; every layer must meet its certified output bound."""
+    import onnxruntime as ort
+
+    from dehm_onnx.graph.rewrite import read_layers
+
+    layers = {entry["output"]: entry for entry in read_layers(onnx.load(out, load_external_data=False))}
+    x = np.random.default_rng(0).standard_normal((batch, n)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"x": x})))
+    data = np.memmap(model.with_name(f"{MODEL_NAME}.data"), dtype="<f4", mode="r")
+    worst = 0.0
+    x64 = x.astype(np.float64)
+    for i, name in enumerate(names):
+        w = np.asarray(data[i * n * n : (i + 1) * n * n], dtype=np.float64).reshape(n, n)
+        exact = x64 @ w
+        err = np.linalg.norm(got[name] - exact)
+        if name in layers:
+            cert = layers[name]["certified_error"] * np.linalg.norm(w)
+            rounding = 4 * n * np.finfo(np.float32).eps * np.linalg.norm(np.abs(x64) @ np.abs(w))
+            bound = np.linalg.norm(x64, 2) * cert + rounding
+            if err > bound:
+                raise SystemExit(f"layer {name}: output error {err:.3e} > bound {bound:.3e}")
+        worst = max(worst, float(err / np.linalg.norm(exact)))
+    return len(layers), worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=45)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--random-layers", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=0, help="0 = all cores")
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--folder", type=Path, default=None, help="where the model is generated")
+    args = parser.parse_args()
+
+    folder = args.folder or cache_folder()
+    model_bytes = args.layers * args.size * args.size * 4
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    have = (folder / f"{MODEL_NAME}.data").stat().st_size if (folder / f"{MODEL_NAME}.data").exists() else 0
+    if free + have < 1.5 * model_bytes:
+        raise SystemExit(f"need {1.5 * model_bytes / 1e9:.1f} GB free in {folder}, have {free / 1e9:.1f} GB")
+
+    start = time.perf_counter()
+    model = generate(folder, args.layers, args.size, args.random_layers)
+    generated = time.perf_counter() - start
+    out = folder / "big.opt.onnx"
+    result = run_optimize(model, out, args.jobs, args.tol)
+    compressed, worst = check_bounds(model, out, args.size)
+    report = json.loads(out.with_suffix(".json").read_text())
+    out_bytes = out.stat().st_size + sum(p.stat().st_size for p in folder.glob("big.opt.onnx.data"))
+
+    from dehm_onnx.parallel import resolve_jobs
+
+    jobs = resolve_jobs(args.jobs)
+    per_matrix = result["wall_s"] / args.layers
+    params = args.layers * args.size * args.size
+    seven_b_hours = SEVEN_B / params * result["wall_s"] / 3600
+    gb = 1e9
+    print(f"command: {result['command']}")
+    print(f"(model generated or reused in {generated:.0f} s; {folder})\n")
+    print("| model | layers | jobs | wall time | matrices/s | params/s | peak RSS (tree) | peak RSS (one process) | RSS / model size | output size | compressed layers | worst rel. output error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {model_bytes / gb:.2f} GB float32 | {args.layers} x {args.size}x{args.size} | {jobs} | {result['wall_s']:.0f} s "
+        f"| {args.layers / result['wall_s']:.3f} | {params / result['wall_s'] / 1e6:.1f} M "
+        f"| {result['peak_tree_rss'] / gb:.2f} GB | {result['peak_process_rss'] / gb:.2f} GB "
+        f"| {result['peak_tree_rss'] / model_bytes:.2f} | {out_bytes / gb:.3f} GB | {compressed} of {args.layers} | {worst:.1e} |"
+    )
+    print(
+        f"\n7B parameters = {SEVEN_B / (args.size * args.size):.0f} matrices of {args.size}x{args.size}: "
+        f"about {seven_b_hours:.1f} h at the measured {per_matrix:.1f} s per matrix (wall, {jobs} jobs, this machine)."
+    )
+    print(f"totals from the report: {json.dumps(report.get('totals', {}))}")
+
+
+if __name__ == "__main__":
+    main()
