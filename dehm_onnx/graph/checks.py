@@ -78,7 +78,8 @@ def check_weight(cand, config) -> Skip | None:
         return Skip.of(SkipReason.UNSUPPORTED_DTYPE, dtype=w.dtype)
     if min(w.shape) < config.min_size:
         return Skip.of(SkipReason.TOO_SMALL, size=min(w.shape), min_size=config.min_size)
-    bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    # An external (memory-mapped) weight is checked when it is compressed, to read it once.
+    bad = 0 if isinstance(w, np.memmap) else int(w.size - np.count_nonzero(np.isfinite(w)))
     if bad:
         return Skip.of(SkipReason.NON_FINITE, weight=cand.weight_name, count=bad)
     return None

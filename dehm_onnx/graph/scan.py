@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .external import tensor_array, uses_external_data
 
 __all__ = ["ConstRef", "Candidate", "Scan", "scan", "is_emitted", "iter_graphs", "activation_ranks"]
 
@@ -60,10 +61,19 @@ class ConstRef:
 
     @property
     def value(self) -> np.ndarray:
-        """The tensor as an ndarray (loaded once)."""
-        if self._value is None:
-            self._value = numpy_helper.to_array(self.tensor)
-        return self._value
+        """The tensor as an ndarray (loaded once; external data is memory-mapped on each use)."""
+        if self._value is not None:
+            return self._value
+        value = tensor_array(self.tensor)
+        # A memory-mapped weight is not kept: its pages would stay resident until the end.
+        if not isinstance(value, np.memmap):
+            self._value = value
+        return value
+
+    @property
+    def is_external(self) -> bool:
+        """The tensor's values live in an external data file (read only when compressed)."""
+        return uses_external_data(self.tensor)
 
 
 @dataclass(eq=False)
