@@ -45,6 +45,9 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, **overrides):
     Raises:
         ConfigError: an option is unknown or out of range.
         InvalidModelError: the model is missing, unreadable or fails the ONNX checker.
+        BoundViolation: a layer's output error on calibration data exceeds its ``tol_out``
+            even after tightening (or the model misses ``max_model_error``); skip the check
+            with ``no_verify=True``.
     """
     config = make_config(config, **overrides)
     original = load_model(model_or_path)
@@ -74,9 +77,11 @@ def _after_rewrite(original: onnx.ModelProto, optimized: onnx.ModelProto, report
     This is where output-error verification belongs: measure each compressed layer on
     calibration inputs, call ``rewrite(original, config, layer_tols)`` with tighter tols
     for layers over their bound, and raise ``BoundViolation`` if that does not suffice.
-    Without a verifier it returns its inputs unchanged.
+    The verifier is ``dehm_onnx.verify.tighten.verify_and_tighten``.
     """
-    return optimized, report
+    from .verify.tighten import verify_and_tighten
+
+    return verify_and_tighten(original, optimized, report, config, rewrite)
 
 
 def load_model(model_or_path) -> onnx.ModelProto:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .verify.calibration import DEFAULT_NUM_SAMPLES
 
 __all__ = ["OptimizeConfig", "add_config_arguments", "config_from_args", "make_config"]
 
@@ -73,6 +75,50 @@ class OptimizeConfig:
         metadata={"help": "seed of the randomized parts of the compression", "metavar": "S"},
     )
 
+    # Verification options (dehm_onnx.verify; definitions in docs/verify.md).
+    tol_out: float | None = field(
+        default=None,
+        metadata={
+            "help": "per-layer output bound checked on calibration data: "
+            "||X W - X W_H||_F <= tol_out * ||X W||_F, in (0, 1); none = tol",
+            "metavar": "T",
+            "type": float,
+        },
+    )
+    no_verify: bool = field(
+        default=False,
+        metadata={"help": "skip the output-bound check on calibration data (the report says so)"},
+    )
+    calibration: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "calibration samples: .npz with arrays keyed by input name, first axis = samples "
+            "(repeatable); none = generated from the input signature",
+            "metavar": "FILE.npz",
+        },
+    )
+    input_shape: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "shape of a generated calibration input, e.g. x=1x128 (repeatable)", "metavar": "NAME=SHAPE"},
+    )
+    input_range: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "range [LO, HI] of a generated integer input (repeatable)", "metavar": "NAME=LO:HI"},
+    )
+    num_samples: int = field(
+        default=DEFAULT_NUM_SAMPLES,
+        metadata={"help": "number of generated calibration samples", "metavar": "N"},
+    )
+    max_model_error: float | None = field(
+        default=None,
+        metadata={
+            "help": "end-to-end target: choose the largest shared per-layer tol whose relative L2 error "
+            "on every graph output stays <= this on calibration data (overrides tol), in (0, 1)",
+            "metavar": "E",
+            "type": float,
+        },
+    )
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -89,9 +135,25 @@ class OptimizeConfig:
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"{name} must be a sequence of glob strings, got {value!r}")
+        self._validate_verification()
         modes = _emit_modes()
         if self.emit not in modes:
             raise ConfigError(f"emit must be one of {modes}, got {self.emit!r}")
+
+
+    def _validate_verification(self) -> None:
+        for name in ("tol_out", "max_model_error"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0
+            ):
+                raise ConfigError(f"{name} must be in (0, 1), got {value!r}")
+        for name in ("calibration", "input_shape", "input_range"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{name} must be a sequence of strings, got {value!r}")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ConfigError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
 
 
 def make_config(config: OptimizeConfig | None = None, **overrides) -> OptimizeConfig:
@@ -107,9 +169,12 @@ def make_config(config: OptimizeConfig | None = None, **overrides) -> OptimizeCo
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(known)}")
-    for name in ("include", "exclude"):
-        if name in overrides and isinstance(overrides[name], list):
-            overrides[name] = tuple(overrides[name])
+    for f in dataclasses.fields(OptimizeConfig):
+        value = overrides.get(f.name)
+        if isinstance(f.default, tuple) and isinstance(value, (str, os.PathLike)) and f.name == "calibration":
+            overrides[f.name] = (os.fspath(value),)
+        elif isinstance(f.default, tuple) and isinstance(value, (list, tuple)):
+            overrides[f.name] = tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
     return dataclasses.replace(base, **overrides)
 
 

@@ -113,6 +113,8 @@ class Report:
     bytes_before: int | None = None
     bytes_after: int | None = None
     version: str = ""
+    # Set by dehm_onnx.verify.tighten: {"performed": False, "reason": ...} or the measured results.
+    verification: dict | None = None
 
     @property
     def compressed(self) -> list[LayerRecord]:
@@ -145,6 +147,7 @@ class Report:
                 "bytes_after": self.bytes_after,
             },
             "layers": [r.to_dict() for r in self.layers],
+            "verification": self.verification,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -160,6 +163,8 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("")
         lines.append(self._totals_line())
+        if self.verification is not None:
+            lines.append(_verification_line(self.verification))
         return "\n".join(lines)
 
     def _totals_line(self) -> str:
@@ -172,6 +177,27 @@ class Report:
         if self.bytes_before is not None and self.bytes_after is not None:
             text += f"; model bytes {self.bytes_before} -> {self.bytes_after}"
         return text
+
+
+def _verification_line(v: dict) -> str:
+    if not v.get("performed"):
+        return f"verification: not performed, {v.get('reason', '')}"
+    text = (
+        f"verification: every compressed layer's output error <= tol_out={_num(v.get('tol_out'))} "
+        f"on {v.get('num_samples')} calibration samples ({v.get('calibration')})"
+    )
+    if v.get("tightened"):
+        text += f"; {len(v['tightened'])} tightening step(s)"
+    if v.get("left_dense"):
+        text += f"; left dense: {', '.join(v['left_dense'])}"
+    allocation = v.get("allocation")
+    if allocation:
+        text += f"; max_model_error {allocation['target']:.2e}: shared tol {_num(allocation['tol'])}"
+    outputs = (v.get("result") or {}).get("outputs") or []
+    if outputs:
+        worst = max(outputs, key=lambda o: o["rel_l2"])
+        text += f"; max output rel. L2 error {worst['rel_l2']:.2e} ({worst['name']!r})"
+    return text
 
 
 def _dense_count(record: LayerRecord) -> int:

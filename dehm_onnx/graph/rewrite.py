@@ -200,7 +200,8 @@ class CompressWeightsPass:
             shape=list(hm.shape),
             compressed=True,
             tol=tol,
-            tol_out=tol,
+            # The output bound is the user's, even for a layer whose weight tol was tightened.
+            tol_out=self.config.tol_out if self.config.tol_out is not None else self.config.tol,
             certified_error=float(hm.rel_certified_error),
             params=int(hm.params),
             dense_params=int(hm.dense_params),

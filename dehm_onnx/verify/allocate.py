@@ -68,7 +68,7 @@ def _graph_outputs(model) -> list:
 
 def _reference_outputs(original, samples: list) -> list:
     session = make_cpu_session(original)
-    return list(run_samples(session, samples, _graph_outputs(original)))
+    return list(run_samples(session, samples, _graph_outputs(original), "original"))
 
 
 def model_error(candidate, reference: list, samples: list) -> float:
@@ -76,7 +76,7 @@ def model_error(candidate, reference: list, samples: list) -> float:
     names = list(reference[0]) if reference else []
     session = make_cpu_session(candidate)
     accumulators = {name: _OutputAccumulator(name) for name in names}
-    for ref, got in zip(reference, run_samples(session, samples, names)):
+    for ref, got in zip(reference, run_samples(session, samples, names, "optimized")):
         for name, acc in accumulators.items():
             acc.add(ref[name], got[name])
     return max((acc.result().rel_l2 for acc in accumulators.values()), default=0.0)

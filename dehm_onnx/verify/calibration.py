@@ -43,7 +43,7 @@ __all__ = [
 
 DEFAULT_NUM_SAMPLES = 16
 DEFAULT_BATCH_DIM = 1
-DEFAULT_DYNAMIC_DIM = 16
+DEFAULT_DYNAMIC_DIM = 64
 DEFAULT_INT_RANGE = (0, 9)
 
 _SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*(\d+(?:\s*[x,]\s*\d+)*)?\s*$")
@@ -184,10 +184,15 @@ def _show_shape(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def _is_extended_float(dtype: np.dtype) -> bool:
+    # bfloat16 and float8 types come from ml_dtypes as numpy "void"-kind dtypes.
+    return dtype.kind == "V" and "float" in dtype.name
+
+
 def _random_array(spec: InputSpec, shape: tuple, num_samples: int, rng, int_range) -> np.ndarray:
     full = (num_samples, *shape)
     kind = spec.dtype.kind
-    if kind == "f":
+    if kind == "f" or _is_extended_float(spec.dtype):
         return rng.standard_normal(full).astype(spec.dtype)
     if kind in "iu":
         lo, hi = int_range

@@ -480,7 +480,9 @@ def verify(
     opt_names = list(dict.fromkeys(compared + opt_exposed.exposed))
     accumulators = [_OutputAccumulator(name) for name in compared]
     samples = list(calib.samples())
-    for ref, opt_values in zip(run_samples(ref_session, samples, ref_names), run_samples(opt_session, samples, opt_names)):
+    ref_runs = run_samples(ref_session, samples, ref_names, "original")
+    opt_runs = run_samples(opt_session, samples, opt_names, "optimized")
+    for ref, opt_values in zip(ref_runs, opt_runs):
         for acc in accumulators:
             acc.add(ref[acc.name], opt_values[acc.name])
         for plan in active:

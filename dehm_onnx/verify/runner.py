@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import InvalidModelError
 
 __all__ = [
+    "CalibrationRunError",
     "ExposedModel",
     "expose_outputs",
     "extract_layer_model",
@@ -141,19 +142,28 @@ def make_cpu_session(model):
         raise InvalidModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
 
 
-def run_samples(session, samples: Iterable[dict], outputs: Sequence[str]) -> Iterator[dict]:
+class CalibrationRunError(InvalidModelError):
+    """onnxruntime failed on a calibration sample; ``which`` names the model ("original", ...)."""
+
+    def __init__(self, message: str, which: str):
+        super().__init__(message)
+        self.which = which
+
+
+def run_samples(session, samples: Iterable[dict], outputs: Sequence[str], which: str = "the") -> Iterator[dict]:
     """Run ``session`` on each feed dict and yield {output name: array} per sample.
 
     Raises:
-        InvalidModelError: onnxruntime fails on a sample (shape or dtype mismatch, ...).
+        CalibrationRunError: onnxruntime fails on a sample (shape or dtype mismatch, ...).
     """
     outputs = list(outputs)
     for index, feed in enumerate(samples):
         try:
             values = session.run(outputs, feed)
         except Exception as e:
-            raise InvalidModelError(
-                f"onnxruntime failed on calibration sample {index}: {str(e).splitlines()[0]}"
+            raise CalibrationRunError(
+                f"onnxruntime failed running {which} model on calibration sample {index}: {str(e).splitlines()[0]}",
+                which,
             ) from e
         yield dict(zip(outputs, values))
 

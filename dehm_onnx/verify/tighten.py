@@ -26,9 +26,10 @@ import math
 
 import numpy as np
 
-from ..errors import BoundViolation
+from ..errors import BoundViolation, ConfigError
 from .calibration import DEFAULT_NUM_SAMPLES, resolve_calibration
 from .check import verify
+from .runner import CalibrationRunError
 
 __all__ = ["MAX_ROUNDS", "SAFETY", "TOL_FLOOR", "calibration_for", "verify_and_tighten", "tighter_tol"]
 
@@ -129,6 +130,22 @@ def _exclude_dense(config, dense: dict):
     return dataclasses.replace(config, exclude=tuple(config.exclude) + patterns)
 
 
+def _user_calibration(config) -> bool:
+    return bool(config.calibration or config.input_shape or config.input_range)
+
+
+def _unverifiable(report, error):
+    # Generated inputs that the *original* model rejects say nothing about the optimization;
+    # the model is returned unverified, and the report and a warning say why.
+    reason = (
+        f"generated calibration inputs do not run on the original model ({error}); "
+        "pass --calibration or --input-shape/--input-range to verify"
+    )
+    logger.warning("verification not performed: %s", reason)
+    report.verification = {"performed": False, "reason": reason}
+    return report
+
+
 def verify_and_tighten(original, optimized, report, config, rewrite):
     """Verify ``optimized`` against ``original``; recompress layers over their output bound.
 
@@ -148,19 +165,37 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
     if config.no_verify:
         report.verification = {"performed": False, "reason": "skipped (no_verify / --no-verify)"}
         return optimized, report
+    if not report.compressed and config.max_model_error is None:
+        if config.calibration or config.input_shape or config.input_range:
+            calibration_for(original, config)  # bad options are errors even with nothing to check
+        report.verification = {"performed": False, "reason": "no layer was compressed"}
+        return optimized, report
     calib = calibration_for(original, config)
     allocation = None
     if config.max_model_error is not None:
         from .allocate import allocate_tol
 
-        allocation = allocate_tol(original, calib, config, rewrite)
+        try:
+            allocation = allocate_tol(original, calib, config, rewrite)
+        except CalibrationRunError as e:
+            if e.which != "original" or _user_calibration(config):
+                raise
+            raise ConfigError(
+                f"max_model_error needs calibration inputs that the original model runs on ({e}); "
+                "pass --calibration or --input-shape/--input-range"
+            ) from e
         config = allocation.config
         optimized, report = rewrite(original, config)
     tol_out = config.tol_out if config.tol_out is not None else config.tol
     layer_tols, dense, steps = {}, {}, []
     for round_index in range(MAX_ROUNDS + 1):
         _set_tol_out(report, tol_out)
-        result = verify(original, optimized, calib, layers=[r.metadata_entry() for r in report.compressed])
+        try:
+            result = verify(original, optimized, calib, layers=[r.metadata_entry() for r in report.compressed])
+        except CalibrationRunError as e:
+            if e.which != "original" or _user_calibration(config):
+                raise
+            return optimized, _unverifiable(report, e)
         if result.ok or round_index == MAX_ROUNDS:
             break
         violators = {v.name for v in result.violations}

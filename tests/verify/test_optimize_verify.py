@@ -1,0 +1,141 @@
+"""optimize + verify: bounds checked before returning, dynamic tightening, --max-model-error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx.reference import ReferenceEvaluator
+import pytest
+
+import dehm_onnx
+from dehm_onnx.cli import main as cli_main
+from dehm_onnx.errors import BoundViolation
+from dehm_onnx.verify import read_layers, verify
+from dehm_onnx.verify import tighten
+from dehm_onnx.verify.allocate import model_error, tol_grid
+from dehm_onnx.verify.calibration import generate_calibration
+
+from ._models import graded_matrix, mlp, tiered_matrix
+
+TOL = 0.05
+
+
+@pytest.fixture(scope="module")
+def weak_case(tmp_path_factory):
+    """W with a strong tier (16 x 1.0), a weak tier (16 x 0.05) and a tail (64 x 0.001).
+
+    At tol = 0.05 the weight bound lets the compression drop the weak tier entirely; the
+    calibration rows lie in the weak tier's left singular directions, so the output bound fails
+    until the layer keeps that tier (tighter tol, rank 32 instead of 16, still compressed).
+    """
+    tmp = tmp_path_factory.mktemp("weak")
+    rng = np.random.default_rng(3)
+    w, u = tiered_matrix(rng, 128, 96, [(16, 1.0), (16, 0.05), (64, 0.001)])
+    orig = mlp([w])
+    x = rng.standard_normal((64, 16)) @ u[:, 16:32].T + 1e-3 * rng.standard_normal((64, 128))
+    calib = tmp / "weak.npz"
+    np.savez(calib, x=x.astype(np.float32)[:, None, :])
+    path = tmp / "orig.onnx"
+    onnx.save(orig, path)
+    return orig, path, calib
+
+
+def test_optimize_tightens_layer_whose_inputs_lie_in_weak_directions(weak_case):
+    orig, _, calib = weak_case
+    loose, loose_report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, no_verify=True)
+    (loose_layer,) = loose_report.compressed
+    assert loose_layer.certified_error <= TOL  # the weight bound holds ...
+    untightened = verify(orig, loose, calib)
+    assert not untightened.ok  # ... the output bound does not
+    assert untightened.violations[0].rel_fro_error > 10 * TOL
+    assert loose_report.verification == {"performed": False, "reason": "skipped (no_verify / --no-verify)"}
+
+    opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, calibration=(str(calib),))
+    (layer,) = report.compressed
+    assert layer.tol < TOL and layer.tol_out == TOL
+    assert layer.params < layer.dense_params and layer.params > loose_layer.params
+    assert layer.measured_error <= TOL
+    steps = report.verification["tightened"]
+    assert [s["layer"] for s in steps] == ["fc0"] and steps[0]["new_tol"] == layer.tol
+    # An independent check of the returned model on the same data.
+    again = verify(orig, opt, calib)
+    assert again.ok and again.layers[0].rel_fro_error == pytest.approx(layer.measured_error, rel=1e-6)
+    assert read_layers(opt)[0]["tol_out"] == TOL
+
+
+def test_tighter_tol_uses_the_input_gram(weak_case):
+    orig, _, calib = weak_case
+    loose, _ = dehm_onnx.optimize(orig, tol=TOL, min_size=8, no_verify=True)
+    result = verify(orig, loose, calib, collect_stats=True)
+    w = onnx.numpy_helper.to_array(orig.graph.initializer[0]).astype(np.float64)
+    stats = result.stats["fc0"]
+    new = tighten.tighter_tol(w, stats, TOL, TOL, result.layers[0].rel_fro_error)
+    x_w = np.sqrt(np.sum(w * (stats.gram @ w)))
+    t_safe = tighten.SAFETY * TOL * x_w / (stats.spectral_norm * np.linalg.norm(w))
+    assert t_safe <= new < TOL
+    # Without input statistics: proportional to the overshoot, at least halved.
+    assert tighten.tighter_tol(w, None, TOL, TOL, 0.06) == pytest.approx(TOL / 2)
+    assert tighten.tighter_tol(w, None, TOL, TOL, 1.0) == pytest.approx(TOL * tighten.SAFETY * TOL)
+
+
+def test_optimize_leaves_layer_dense_when_no_compressed_form_meets_the_bound(weak_case):
+    orig, _, calib = weak_case
+    opt, report = dehm_onnx.optimize(orig, tol=TOL, tol_out=1e-6, min_size=8, calibration=(str(calib),))
+    (record,) = report.layers
+    assert not record.compressed and record.skip_reason == "OUTPUT_BOUND"
+    assert "left dense" in record.reason and report.verification["left_dense"] == ["fc0"]
+
+
+def test_optimize_refuses_a_model_that_still_violates(weak_case, monkeypatch):
+    orig, path, calib = weak_case
+    monkeypatch.setattr(tighten, "MAX_ROUNDS", 0)
+    with pytest.raises(BoundViolation, match=r"layer 'fc0' \(MatMul, 128x96\): measured rel. error .* > tol_out 5.000e-02"):
+        dehm_onnx.optimize(orig, tol=TOL, min_size=8, calibration=(str(calib),))
+    out = path.parent / "refused.onnx"
+    code = cli_main(["optimize", str(path), str(out), "--tol", str(TOL), "--min-size", "8", "--calibration", str(calib)])
+    assert code == 1 and not out.exists()
+    code = cli_main(["optimize", str(path), str(out), "--tol", str(TOL), "--min-size", "8", "--calibration",
+                     str(calib), "--no-verify", "--report", str(path.parent / "r.json"), "-q"])
+    assert code == 0 and out.exists()
+    assert json.loads((path.parent / "r.json").read_text())["verification"]["performed"] is False
+
+
+def test_optimize_cli_writes_verified_model_and_verify_cli_agrees(weak_case, capsys):
+    _, path, calib = weak_case
+    out = path.parent / "verified.onnx"
+    assert cli_main(["optimize", str(path), str(out), "--tol", str(TOL), "--min-size", "8",
+                     "--calibration", str(calib), "-q"]) == 0
+    assert cli_main(["verify", str(path), str(out), "--calibration", str(calib)]) == 0
+    assert "all layer bounds hold" in capsys.readouterr().out
+
+
+def test_optimize_rejects_bad_calibration_options(weak_case):
+    orig, path, _ = weak_case
+    assert cli_main(["optimize", str(path), str(path.parent / "x.onnx"), "--input-shape", "x=1x7"]) == 2
+    with pytest.raises(ValueError, match="tol_out"):
+        dehm_onnx.optimize(orig, tol_out=2.0)
+    with pytest.raises(ValueError, match="max_model_error"):
+        dehm_onnx.optimize(orig, max_model_error=0.0)
+
+
+def test_max_model_error_meets_target_on_small_mlp():
+    rng = np.random.default_rng(7)
+    orig = mlp([graded_matrix(rng, 96, 96, 0.85), graded_matrix(rng, 96, 96, 0.85), graded_matrix(rng, 96, 64, 0.85)])
+    target = 0.02
+    opt, report = dehm_onnx.optimize(orig, max_model_error=target, min_size=8)
+    allocation = report.verification["allocation"]
+    assert len(report.compressed) == 3 and report.params_after < report.params_before
+    # Measured independently, on the same (default, generated) calibration set.
+    calib = generate_calibration(orig, num_samples=16)
+    samples = list(calib.samples())
+    reference = [dict(zip(["y"], ReferenceEvaluator(orig).run(None, s))) for s in samples]
+    error = model_error(opt, reference, samples)
+    assert error <= target and error == pytest.approx(report.verification["result"]["outputs"][0]["rel_l2"], rel=1e-3)
+    # Maximal on the grid: the next larger grid tol misses the target.
+    grid = tol_grid()
+    chosen = grid.index(allocation["tol"])
+    probes = {p["tol"]: p["error"] for p in allocation["probes"]}
+    assert chosen > 0 and probes[grid[chosen - 1]] > target
+    assert all(r.tol == allocation["tol"] for r in report.compressed)
