@@ -273,3 +273,24 @@ def test_rewrite_outer_weight_shared_by_both_branches_stored_once(rng):
     for cond in (True, False):
         feeds = {"cond": np.array(cond), "x": x}
         assert rel_fro(run_model(out, feeds)[0], run_model(model, feeds)[0]) < WIRING_RTOL
+
+
+def test_rewrite_keeps_everything_else(rng):
+    model = _mlp(rng)
+    model.producer_name, model.doc_string, model.graph.doc_string = "me", "model doc", "graph doc"
+    onnx.helper.set_model_props(model, {"author": "someone"})
+    relu = model.graph.node[1]
+    relu.doc_string = "keep me"
+    entry = relu.metadata_props.add()
+    entry.key, entry.value = "origin", "relu"
+    model.graph.value_info.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["B", 96]))
+    model.opset_import.append(helper.make_opsetid("com.example", 3))
+    out, report = dehm_onnx.optimize(model)
+    assert len(report.compressed) == 2
+    assert (out.producer_name, out.doc_string, out.graph.doc_string) == ("me", "model doc", "graph doc")
+    assert {p.key: p.value for p in out.metadata_props}["author"] == "someone"
+    kept = next(n for n in out.graph.node if n.name == "relu")
+    assert kept.SerializeToString() == relu.SerializeToString()
+    assert list(out.graph.value_info) == list(model.graph.value_info)
+    assert list(out.opset_import) == list(model.opset_import)
+    assert (out.ir_version, list(out.graph.input), list(out.graph.output)) == (model.ir_version, list(model.graph.input), list(model.graph.output))
