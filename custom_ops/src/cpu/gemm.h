@@ -7,13 +7,30 @@
 
 namespace dehm {
 
-// y[r, 0:w] += sum_i a[r * lda + i * ainc] * b[i * ldb + j] for r < rows, j < w.
+// One product term of an output segment: rows of a (a[r * lda + i * ainc]) times the
+// depth x width matrix b (b[i * ldb + j], float or IEEE half bits per GemmKernels entry).
+struct Term {
+  const float* a;
+  int64_t lda;
+  int64_t ainc;
+  int64_t depth;
+  const void* b;
+  int64_t ldb;
+};
+
+// gemm:    y[r, 0:w] += sum_i a[r * lda + i * ainc] * b[i * ldb + j] for r < rows, j < w.
+// segment: y[r, 0:w] (= or +=) sum over terms of a_t[r, :] @ b_t[:, 0:w], each output entry
+//          loaded and stored once however many terms there are.
 // b holds float or IEEE half bits (uint16_t), widened to float on load.
 struct GemmKernels {
   void (*f32)(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth, const float* b, int64_t ldb, float* y,
               int64_t ldy, int64_t w);
   void (*f16)(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth, const uint16_t* b, int64_t ldb, float* y,
               int64_t ldy, int64_t w);
+  void (*segment_f32)(const Term* terms, int64_t num_terms, int64_t rows, float* y, int64_t ldy, int64_t w,
+                      bool accumulate);
+  void (*segment_f16)(const Term* terms, int64_t num_terms, int64_t rows, float* y, int64_t ldy, int64_t w,
+                      bool accumulate);
 };
 
 // The best variant this CPU supports (decided once).

@@ -2,6 +2,7 @@
 // DEHM_GEMM_NS naming the namespace. Plain C++: the compiler vectorizes the fixed-size
 // register tiles (RB rows x CB columns kept in accumulators across the whole depth).
 #include <cstring>
+#include <type_traits>
 
 #include "gemm.h"
 
@@ -146,10 +147,59 @@ void PanelN(int64_t width, const float* a, int64_t lda, int64_t ainc, int64_t ro
   }
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+// Few rows (e.g. rank k rows of T^T = U^T Xt^T): all RB rows x 8 columns in registers, so
+// each b row (a stretch of the batch) is loaded once for all rows.
+template <int RB>
+inline void TileTall8(const float* a, int64_t lda, int64_t ainc, int64_t depth, const float* b, int64_t ldb, float* y,
+                      int64_t ldy) {
+  Vec8 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = LoadVec(y + r * ldy);
+  for (int64_t i = 0; i < depth; ++i) {
+    const Vec8 bv = LoadVec(b + i * ldb);
+    for (int r = 0; r < RB; ++r) acc[r] += a[r * lda + i * ainc] * bv;
+  }
+  for (int r = 0; r < RB; ++r) StoreVec(y + r * ldy, acc[r]);
+}
+
+template <int RB>
+void PanelsTall8(const float* a, int64_t lda, int64_t ainc, int64_t depth, const float* b, int64_t ldb, float* y,
+                 int64_t ldy, int64_t w) {
+  for (int64_t j = 0; j + 8 <= w; j += 8) TileTall8<RB>(a, lda, ainc, depth, b + j, ldb, y + j, ldy);
+}
+
+// Handles rows <= 8 for float payloads; returns the number of columns done (a multiple of 8).
+inline int64_t GemmFewRows(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth, const float* b,
+                           int64_t ldb, float* y, int64_t ldy, int64_t w) {
+  const int64_t done = w / 8 * 8;
+  switch (rows) {
+#define DEHM_TALL_CASE(N)                                         \
+  case N:                                                         \
+    PanelsTall8<N>(a, lda, ainc, depth, b, ldb, y, ldy, done); \
+    return done;
+    DEHM_TALL_CASE(2)
+    DEHM_TALL_CASE(3)
+    DEHM_TALL_CASE(5)
+    DEHM_TALL_CASE(6)
+    DEHM_TALL_CASE(7)
+    DEHM_TALL_CASE(8)
+#undef DEHM_TALL_CASE
+    default:
+      return 0;  // 1 and 4 rows: the general tiles are as good
+  }
+}
+#endif
+
 template <typename W>
 void GemmAcc(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth, const W* b, int64_t ldb, float* y, int64_t ldy,
              int64_t w) {
   int64_t j = 0;
+#if defined(__GNUC__) || defined(__clang__)
+  if (std::is_same<W, float>::value && rows <= 8) {
+    j = GemmFewRows(a, lda, ainc, rows, depth, reinterpret_cast<const float*>(b), ldb, y, ldy, w);
+    if (j == w) return;
+  }
+#endif
   for (; j + kColBlock <= w; j += kColBlock) Panel<kColBlock>(a, lda, ainc, rows, depth, b + j, ldb, y + j, ldy);
   if (j < w) PanelN(w - j, a, lda, ainc, rows, depth, b + j, ldb, y + j, ldy);
 }
@@ -164,9 +214,116 @@ void GemmF16(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t de
   GemmAcc(a, lda, ainc, rows, depth, b, ldb, y, ldy, w);
 }
 
+// Register tile over all terms: RB rows x CB columns, written once.
+template <int RB, int CB, typename W>
+inline void TermTile(const Term* terms, int64_t num_terms, int64_t r, int64_t j, float* y, int64_t ldy,
+                     bool accumulate) {
+  float acc[RB][CB];
+  for (int rr = 0; rr < RB; ++rr)
+    for (int c = 0; c < CB; ++c) acc[rr][c] = accumulate ? y[rr * ldy + c] : 0.0f;
+  for (int64_t t = 0; t < num_terms; ++t) {
+    const Term& term = terms[t];
+    const float* a = term.a + r * term.lda;
+    const W* b = static_cast<const W*>(term.b) + j;
+    for (int64_t i = 0; i < term.depth; ++i) {
+      const W* bi = b + i * term.ldb;
+      for (int rr = 0; rr < RB; ++rr) {
+        const float s = a[rr * term.lda + i * term.ainc];
+        for (int c = 0; c < CB; ++c) acc[rr][c] += s * Load(bi, c);
+      }
+    }
+  }
+  for (int rr = 0; rr < RB; ++rr)
+    for (int c = 0; c < CB; ++c) y[rr * ldy + c] = acc[rr][c];
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+template <int RB>
+inline void TermTile16(const Term* terms, int64_t num_terms, int64_t r, int64_t j, float* y, int64_t ldy,
+                       bool accumulate) {
+  Vec8 acc[RB][2];
+  for (int rr = 0; rr < RB; ++rr) {
+    acc[rr][0] = accumulate ? LoadVec(y + rr * ldy) : Vec8{};
+    acc[rr][1] = accumulate ? LoadVec(y + rr * ldy + 8) : Vec8{};
+  }
+  for (int64_t t = 0; t < num_terms; ++t) {
+    const Term& term = terms[t];
+    const float* a = term.a + r * term.lda;
+    const float* b = static_cast<const float*>(term.b) + j;
+    for (int64_t i = 0; i < term.depth; ++i) {
+      const Vec8 b0 = LoadVec(b + i * term.ldb), b1 = LoadVec(b + i * term.ldb + 8);
+      for (int rr = 0; rr < RB; ++rr) {
+        const float s = a[rr * term.lda + i * term.ainc];
+        acc[rr][0] += s * b0;
+        acc[rr][1] += s * b1;
+      }
+    }
+  }
+  for (int rr = 0; rr < RB; ++rr) {
+    StoreVec(y + rr * ldy, acc[rr][0]);
+    StoreVec(y + rr * ldy + 8, acc[rr][1]);
+  }
+}
+template <>
+inline void TermTile<4, 16, float>(const Term* terms, int64_t num_terms, int64_t r, int64_t j, float* y, int64_t ldy,
+                                   bool accumulate) {
+  TermTile16<4>(terms, num_terms, r, j, y, ldy, accumulate);
+}
+template <>
+inline void TermTile<1, 16, float>(const Term* terms, int64_t num_terms, int64_t r, int64_t j, float* y, int64_t ldy,
+                                   bool accumulate) {
+  TermTile16<1>(terms, num_terms, r, j, y, ldy, accumulate);
+}
+#endif
+
+template <int CB, typename W>
+void TermPanel(const Term* terms, int64_t num_terms, int64_t rows, int64_t j, float* y, int64_t ldy, bool accumulate) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock)
+    TermTile<kRowBlock, CB, W>(terms, num_terms, r, j, y + r * ldy + j, ldy, accumulate);
+  for (; r < rows; ++r) TermTile<1, CB, W>(terms, num_terms, r, j, y + r * ldy + j, ldy, accumulate);
+}
+
+template <typename W>
+void Segment(const Term* terms, int64_t num_terms, int64_t rows, float* y, int64_t ldy, int64_t w, bool accumulate) {
+  int64_t j = 0;
+  for (; j + kColBlock <= w; j += kColBlock) TermPanel<kColBlock, W>(terms, num_terms, rows, j, y, ldy, accumulate);
+  switch (w - j) {
+#define DEHM_SEGMENT_CASE(N) \
+  case N:                    \
+    return TermPanel<N, W>(terms, num_terms, rows, j, y, ldy, accumulate);
+    DEHM_SEGMENT_CASE(1)
+    DEHM_SEGMENT_CASE(2)
+    DEHM_SEGMENT_CASE(3)
+    DEHM_SEGMENT_CASE(4)
+    DEHM_SEGMENT_CASE(5)
+    DEHM_SEGMENT_CASE(6)
+    DEHM_SEGMENT_CASE(7)
+    DEHM_SEGMENT_CASE(8)
+    DEHM_SEGMENT_CASE(9)
+    DEHM_SEGMENT_CASE(10)
+    DEHM_SEGMENT_CASE(11)
+    DEHM_SEGMENT_CASE(12)
+    DEHM_SEGMENT_CASE(13)
+    DEHM_SEGMENT_CASE(14)
+    DEHM_SEGMENT_CASE(15)
+#undef DEHM_SEGMENT_CASE
+    default:
+      return;
+  }
+}
+
+void SegmentF32(const Term* terms, int64_t num_terms, int64_t rows, float* y, int64_t ldy, int64_t w, bool accumulate) {
+  Segment<float>(terms, num_terms, rows, y, ldy, w, accumulate);
+}
+
+void SegmentF16(const Term* terms, int64_t num_terms, int64_t rows, float* y, int64_t ldy, int64_t w, bool accumulate) {
+  Segment<uint16_t>(terms, num_terms, rows, y, ldy, w, accumulate);
+}
+
 }  // namespace
 
-const GemmKernels kGemmKernels = {GemmF32, GemmF16};
+const GemmKernels kGemmKernels = {GemmF32, GemmF16, SegmentF32, SegmentF16};
 
 }  // namespace DEHM_GEMM_NS
 }  // namespace dehm

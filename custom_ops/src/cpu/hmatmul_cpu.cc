@@ -186,33 +186,80 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
     }
   });
 
-  // Phase 2: each column chunk owns Yp[:, chunk]; no two tasks write the same entries.
+  // Phase 2: Yp[:, segment] = sum over the blocks covering the segment of T_b @ Vt_b or
+  // Xp_b @ D_b. Segments are the column ranges between block edges inside each chunk; a
+  // task owns (chunk, batch tile), so no two tasks write the same entries, and each output
+  // entry is stored once.
   const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
   const int64_t col_chunks = (n + chunk - 1) / chunk;
-  RunTasks(ctx, col_chunks * batch_tiles, [&](int64_t task) {
-    const int64_t j0 = (task / batch_tiles) * chunk, j1 = std::min(n, j0 + chunk);
-    int64_t b0, b1;
-    tile_range(task % batch_tiles, &b0, &b1);
-    for (int64_t b = b0; b < b1; ++b) std::fill(yf + b * n + j0, yf + b * n + j1, 0.0f);
+  struct Segment {
+    int64_t j0, j1, begin, end;  // columns; covering blocks seg_blocks[begin, end)
+  };
+  std::vector<Segment> segments;
+  std::vector<int64_t> seg_blocks, chunk_segments(static_cast<size_t>(col_chunks) + 1, 0), meeting, edges;
+  for (int64_t c = 0; c < col_chunks; ++c) {
+    const int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
+    meeting.clear();
+    edges.assign({j0, j1});
     for (size_t bi = 0; bi < plan.blocks.size(); ++bi) {
       const BlockView& blk = plan.blocks[bi];
-      const int64_t lo = std::max(blk.c0, j0), hi = std::min(blk.c1, j1);
-      if (lo >= hi || blk.kind == BlockKind::kZero) continue;
-      const int64_t cols = blk.c1 - blk.c0, rows = blk.r1 - blk.r0;
-      float* yt = yf + b0 * n + lo;
-      if (blk.kind == BlockKind::kLowRank) {
-        const int64_t k = blk.rank;
-        if (k == 0) continue;
-        const Raw* vt = data + blk.offset + rows * k + (lo - blk.c0);
-        const float* t = tbuf + t_offset[bi];
-        if (transposed) {
-          Gemm(kernels, t + b0, 1, batch, b1 - b0, k, vt, cols, yt, n, hi - lo);
-        } else {
-          Gemm(kernels, t + b0 * k, k, 1, b1 - b0, k, vt, cols, yt, n, hi - lo);
+      const bool contributes = blk.kind == BlockKind::kDense || (blk.kind == BlockKind::kLowRank && blk.rank > 0);
+      if (!contributes || blk.c1 <= j0 || blk.c0 >= j1) continue;
+      meeting.push_back(static_cast<int64_t>(bi));
+      edges.push_back(std::max(blk.c0, j0));
+      edges.push_back(std::min(blk.c1, j1));
+    }
+    std::sort(edges.begin(), edges.end());
+    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
+    for (size_t e = 0; e + 1 < edges.size(); ++e) {
+      Segment seg{edges[e], edges[e + 1], static_cast<int64_t>(seg_blocks.size()), 0};
+      for (int64_t bi : meeting) {
+        const BlockView& blk = plan.blocks[static_cast<size_t>(bi)];
+        if (blk.c0 <= seg.j0 && blk.c1 >= seg.j1) seg_blocks.push_back(bi);
+      }
+      seg.end = static_cast<int64_t>(seg_blocks.size());
+      segments.push_back(seg);
+    }
+    chunk_segments[static_cast<size_t>(c) + 1] = static_cast<int64_t>(segments.size());
+  }
+  auto segment_fn = std::is_same<Raw, float>::value ? kernels.segment_f32 : kernels.segment_f16;
+  RunTasks(ctx, col_chunks * batch_tiles, [&](int64_t task) {
+    const int64_t c = task / batch_tiles;
+    int64_t b0, b1;
+    tile_range(task % batch_tiles, &b0, &b1);
+    constexpr int64_t kMaxTerms = 32;
+    Term terms[kMaxTerms];
+    for (int64_t si = chunk_segments[static_cast<size_t>(c)]; si < chunk_segments[static_cast<size_t>(c) + 1]; ++si) {
+      const Segment& seg = segments[static_cast<size_t>(si)];
+      float* yt = yf + b0 * n + seg.j0;
+      if (seg.begin == seg.end) {
+        for (int64_t b = b0; b < b1; ++b) std::fill(yt + (b - b0) * n, yt + (b - b0) * n + (seg.j1 - seg.j0), 0.0f);
+        continue;
+      }
+      for (int64_t g = seg.begin; g < seg.end; g += kMaxTerms) {
+        const int64_t count = std::min(kMaxTerms, seg.end - g);
+        for (int64_t t = 0; t < count; ++t) {
+          const size_t bi = static_cast<size_t>(seg_blocks[static_cast<size_t>(g + t)]);
+          const BlockView& blk = plan.blocks[bi];
+          const int64_t cols = blk.c1 - blk.c0, rows = blk.r1 - blk.r0;
+          Term& term = terms[t];
+          if (blk.kind == BlockKind::kLowRank) {
+            const float* tb = tbuf + t_offset[bi];
+            term.a = transposed ? tb + b0 : tb + b0 * blk.rank;
+            term.lda = transposed ? 1 : blk.rank;
+            term.ainc = transposed ? batch : 1;
+            term.depth = blk.rank;
+            term.b = data + blk.offset + rows * blk.rank + (seg.j0 - blk.c0);
+          } else {
+            term.a = xv.p + b0 * xv.ld_b + blk.r0 * xv.ld_i;
+            term.lda = xv.ld_b;
+            term.ainc = xv.ld_i;
+            term.depth = rows;
+            term.b = data + blk.offset + (seg.j0 - blk.c0);
+          }
+          term.ldb = cols;
         }
-      } else {
-        const float* xa = xv.p + b0 * xv.ld_b + blk.r0 * xv.ld_i;
-        Gemm(kernels, xa, xv.ld_b, xv.ld_i, b1 - b0, rows, data + blk.offset + (lo - blk.c0), cols, yt, n, hi - lo);
+        segment_fn(terms, count, b1 - b0, yt, n, seg.j1 - seg.j0, g > seg.begin);
       }
     }
   });
