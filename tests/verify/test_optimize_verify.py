@@ -139,3 +139,28 @@ def test_max_model_error_meets_target_on_small_mlp():
     probes = {p["tol"]: p["error"] for p in allocation["probes"]}
     assert chosen > 0 and probes[grid[chosen - 1]] > target
     assert all(r.tol == allocation["tol"] for r in report.compressed)
+
+
+def _reshaping_model():
+    """x [1, T] -> Reshape to [-1, 96] -> MatMul W: runs only when T is a multiple of 96."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = graded_matrix(np.random.default_rng(11), 96, 96, 0.7).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["rows"]), helper.make_node("MatMul", ["rows", "W"], ["y"], name="fc")]
+    inits = [numpy_helper.from_array(np.array([-1, 96], np.int64), "shape"), numpy_helper.from_array(w, "W")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["R", 96])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_optimize_with_generated_inputs_the_original_rejects_is_unverified(caplog):
+    model = _reshaping_model()
+    with caplog.at_level("WARNING"):
+        _, report = dehm_onnx.optimize(model, tol=0.01, min_size=8)
+    assert report.compressed and report.verification["performed"] is False
+    assert "pass --calibration or --input-shape" in report.verification["reason"]
+    assert "verification not performed" in caplog.text
+    _, report = dehm_onnx.optimize(model, tol=0.01, min_size=8, input_shape=("x=1x192",))
+    assert report.verification["performed"] is True and report.compressed[0].measured_error <= 0.01
+    with pytest.raises(ValueError, match="original model on calibration sample 0"):
+        dehm_onnx.optimize(model, tol=0.01, min_size=8, input_shape=("x=1x50",))

