@@ -1,41 +1,50 @@
 """Python API: ``optimize`` a model in memory, and ``save_model`` it atomically.
 
-``optimize`` is what ``python -m dehm_onnx optimize`` calls; the CLI adds nothing but file
-handling and printing. Steps::
+``optimize_file`` is what ``python -m dehm_onnx optimize`` calls; the CLI adds nothing but
+printing. Steps::
 
     load_model -> rewrite (CompressWeightsPass) -> _after_rewrite (verification hook)
                -> check_model -> (model, report)
+
+``optimize`` returns a self-contained model (external data is read into memory, after
+validation); ``optimize_file`` keeps external weights in their files until each is compressed
+and streams the rest to ``OUT.data`` (docs/big_models.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 
 from .config import OptimizeConfig, make_config
 from .errors import ConfigError, InvalidModelError
+from .graph import external
 from .graph.rewrite import CompressWeightsPass
 from .report import Report
 
-__all__ = ["optimize", "load_model", "save_model", "rewrite", "uses_external_data"]
+__all__ = ["optimize", "optimize_file", "load_model", "save_model", "rewrite", "uses_external_data"]
 
 logger = logging.getLogger(__name__)
 
 # Models beyond protobuf's 2 GB limit must keep their tensors in an external file.
-_PROTO_LIMIT = 2**31 - 1
+_PROTO_LIMIT = external.PROTO_LIMIT
+# Verification runs both models in onnxruntime, in memory: external data up to this size is
+# loaded for it; beyond, optimize_file skips verification (the weight bound still holds).
+VERIFY_IN_MEMORY_LIMIT = 1 << 30
 
 
-def optimize(model_or_path, config: OptimizeConfig | None = None, **overrides):
+def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=None, **overrides):
     """Compress the constant MatMul/Gemm weights of a model into H-matrices.
 
     Args:
         model_or_path: an ``onnx.ModelProto`` (never modified; a copy is rewritten) or the
             path of an ``.onnx`` file.
         config: options; ``None`` means the defaults of ``OptimizeConfig``.
+        progress: optional ``dehm_onnx.progress.ProgressBar`` updated per compressed layer.
         **overrides: option values replacing those of ``config`` (e.g. ``tol=1e-2``).
 
     Returns:
@@ -51,7 +60,7 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, **overrides):
     """
     config = make_config(config, **overrides)
     original = load_model(model_or_path)
-    optimized, report = rewrite(original, config)
+    optimized, report = rewrite(original, config, progress=progress)
     optimized, report = _after_rewrite(original, optimized, report, config)
     _check(optimized, "the optimized model")
     report.bytes_before = _size(model_or_path, original)
@@ -59,7 +68,7 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, **overrides):
     return optimized, report
 
 
-def rewrite(original: onnx.ModelProto, config: OptimizeConfig, layer_tols: dict[str, float] | None = None):
+def rewrite(original: onnx.ModelProto, config: OptimizeConfig, layer_tols: dict[str, float] | None = None, progress=None):
     """Run the compression pass on a copy of ``original``; return ``(model, report)``.
 
     ``layer_tols`` overrides ``config.tol`` for single layers (keyed by layer name), which
@@ -67,7 +76,7 @@ def rewrite(original: onnx.ModelProto, config: OptimizeConfig, layer_tols: dict[
     """
     model = onnx.ModelProto()
     model.CopyFrom(original)
-    result = CompressWeightsPass(config, layer_tols).call(model)
+    result = CompressWeightsPass(config, layer_tols, progress).call(model)
     return result.model, result.report
 
 
@@ -98,19 +107,86 @@ def load_model(model_or_path) -> onnx.ModelProto:
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise ConfigError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
     path = Path(model_or_path)
+    model = load_model_lazy(path)
+    external.materialize(model, path.parent)
+    return model
+
+
+def load_model_lazy(path) -> onnx.ModelProto:
+    """Load the graph of a model file without its external data, and check it.
+
+    Every external tensor's location, offset and length are validated against the model's
+    folder before anything is read from them (``dehm_onnx.graph.external``); the tensors
+    keep pointing at their files.
+
+    Raises:
+        InvalidModelError: as ``load_model``, or external data that escapes the model's
+            folder or does not fit its file.
+    """
+    path = Path(path)
     if not path.is_file():
         raise InvalidModelError(f"model file {str(path)!r} does not exist")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several types for bad bytes
         raise InvalidModelError(f"{str(path)!r} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from e
     if not model.HasField("graph") or model.ir_version == 0:
         raise InvalidModelError(f"{str(path)!r} is not an ONNX model (no graph or IR version)")
     _check(model, f"model {str(path)!r}")
+    external.validate_external_data(model, path.parent)
     return model
 
 
+def optimize_file(input_path, output_path, config: OptimizeConfig | None = None, *, progress=None, **overrides) -> Report:
+    """Optimize the model file ``input_path`` into ``output_path``, with bounded memory.
+
+    External weights stay in their files and are memory-mapped one at a time when their
+    layer is compressed; the output keeps its tensors in ``OUT.data`` when the input had
+    external data, when ``config.external_data`` is set, or when it exceeds 2 GB. Options,
+    verification and errors are those of ``optimize``; a model with more than
+    ``VERIFY_IN_MEMORY_LIMIT`` bytes of external data is not verified on calibration data
+    (onnxruntime would need it in memory), which the report says.
+
+    Returns:
+        The per-layer ``Report`` (``bytes_before``/``bytes_after`` include the data files).
+
+    Raises:
+        ConfigError, InvalidModelError, BoundViolation: as ``optimize``; ``ConfigError`` also
+            when OUT or OUT.data would overwrite a file of the input model.
+    """
+    config = make_config(config, **overrides)
+    source, target = Path(input_path), Path(output_path)
+    if same_file(target, source):
+        raise ConfigError(f"output {str(target)!r} is the input model; choose another output path")
+    original = load_model_lazy(source)
+    external.refuse_overwrite(original, source.parent, target)  # before the long part
+    data_bytes = external.external_bytes(original)
+    skip_verify = None
+    if data_bytes and not getattr(config, "no_verify", True):
+        if data_bytes <= VERIFY_IN_MEMORY_LIMIT:
+            external.materialize(original, source.parent)
+        else:
+            skip_verify = (
+                f"skipped: {data_bytes / 2**30:.1f} GiB of external data is more than the "
+                f"{VERIFY_IN_MEMORY_LIMIT / 2**30:.0f} GiB verified in memory (weight bounds still hold)"
+            )
+            logger.warning("verification %s", skip_verify)
+            config = dataclasses.replace(config, no_verify=True)
+    with external.weights_from(source.parent):
+        optimized, report = rewrite(original, config, progress=progress)
+        optimized, report = _after_rewrite(original, optimized, report, config)
+        if skip_verify:
+            report.verification = {"performed": False, "reason": skip_verify}
+        _check(optimized, "the optimized model")
+        written = save_model(optimized, target, refuse=source, external_data=config.external_data or bool(data_bytes))
+    report.bytes_before = source.stat().st_size + data_bytes
+    report.bytes_after = written
+    return report
+
+
 def _check(model: onnx.ModelProto, what: str) -> None:
+    if external.external_tensors(model):
+        model = external.checkable_copy(model)  # locations are validated separately
     try:
         if model.ByteSize() < _PROTO_LIMIT:
             onnx.checker.check_model(model)
@@ -137,35 +213,25 @@ def save_model(model: onnx.ModelProto, path, *, refuse: str | os.PathLike | None
         path: destination file.
         refuse: a path that must not be overwritten (the input model).
         external_data: store tensors in ``<path>.data`` beside the model (as the input did);
-            forced for models over protobuf's 2 GB limit. That data file is written in
-            place, before the model file is renamed into place.
+            forced for models over protobuf's 2 GB limit and for models whose tensors still
+            point at the input's data files. The data file is renamed into place just
+            before the model file.
 
     Returns:
-        The size of the written file in bytes.
+        The size of the written files in bytes (model plus data file).
 
     Raises:
-        ConfigError: ``path`` is the same file as ``refuse``.
+        ConfigError: ``path`` is the same file as ``refuse``, or ``<path>.data`` is a file
+            the model reads from.
         OSError: the folder does not exist or is not writable (nothing is left behind).
     """
     path = Path(path)
     if refuse is not None and same_file(path, Path(refuse)):
         raise ConfigError(f"output {str(path)!r} is the input model; choose another output path")
-    folder = path.parent if str(path.parent) else Path(".")
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        if external_data or model.ByteSize() >= _PROTO_LIMIT:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # saving as external data rewrites the tensors it is given
-            onnx.save(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
-        else:
-            onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    data = path.with_name(f"{path.name}.data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() and external_data else 0)
+    # Tensors still in the input's data files (``optimize_file``) are copied to ``<path>.data``.
+    big = not external_data and not external.external_tensors(model) and model.ByteSize() >= _PROTO_LIMIT
+    refused = [refuse] if refuse is not None else []
+    return external.write_model(model, path, external=external_data or big, refuse=refused)
 
 
 def uses_external_data(path) -> bool:

@@ -74,7 +74,22 @@ class OptimizeConfig:
         default=0,
         metadata={"help": "seed of the randomized parts of the compression", "metavar": "S"},
     )
-
+    # Big models (docs/big_models.md).
+    jobs: int = field(
+        default=0,
+        metadata={
+            "help": "worker processes compressing layers in parallel; 0 = one per core "
+            "(the output is byte-identical for any value)",
+            "metavar": "N",
+        },
+    )
+    external_data: bool = field(
+        default=False,
+        metadata={
+            "help": "write the output's tensors to OUT.data beside OUT (otherwise only when the "
+            "input has external data or the output exceeds protobuf's 2 GB limit)"
+        },
+    )
     # Verification options (dehm_onnx.verify; definitions in docs/verify.md).
     tol_out: float | None = field(
         default=None,
@@ -131,6 +146,8 @@ class OptimizeConfig:
             raise ConfigError(f"min_size must be an integer >= 1, got {self.min_size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 0:
+            raise ConfigError(f"jobs must be an integer >= 0 (0 = one per core), got {self.jobs!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):

@@ -24,20 +24,24 @@ def register(subparsers) -> None:
     parser.add_argument("output", metavar="OUT", help="output .onnx path (must differ from IN)")
     add_config_arguments(parser)
     parser.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
-    parser.add_argument("-q", "--quiet", action="store_true", help="do not print the report table")
+    parser.add_argument("-q", "--quiet", action="store_true", help="do not print the report table or the progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Optimize ``args.input`` into ``args.output``; 0 on success."""
-    from ..api import optimize, save_model, uses_external_data  # imports onnx: only when run
+    from ..api import optimize_file  # imports onnx: only when run
+    from ..progress import ProgressBar
 
     config = config_from_args(args)
     output = Path(args.output)
     _refuse_same(Path(args.input), output)
-    model, report = optimize(args.input, config)
-    external = uses_external_data(args.input)
-    report.bytes_after = save_model(model, output, refuse=args.input, external_data=external)
+    # The bar draws only on a terminal; --quiet turns it off as well as the table.
+    progress = ProgressBar(enabled=False if args.quiet else None)
+    try:
+        report = optimize_file(args.input, output, config, progress=progress)
+    finally:
+        progress.close()
     if args.report:
         _write_text(Path(args.report), report.to_json() + "\n")
     if not args.quiet:

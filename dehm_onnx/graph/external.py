@@ -48,6 +48,8 @@ __all__ = [
     "materialize",
     "checkable_copy",
     "data_file_name",
+    "data_files",
+    "refuse_overwrite",
     "write_model",
 ]
 
@@ -301,6 +303,22 @@ def data_file_name(output: str | os.PathLike) -> str:
     return f"{Path(output).name}.data"
 
 
+def data_files(model: onnx.ModelProto, folder: str | os.PathLike) -> set[Path]:
+    """The resolved paths of the files the model's external tensors live in."""
+    return {_resolve(t, Path(folder))[0] for t in external_tensors(model)}
+
+
+def refuse_overwrite(model: onnx.ModelProto, folder: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Raise ``ConfigError`` when OUT or OUT.data is one of the model's data files."""
+    output = Path(output)
+    sources = data_files(model, folder)
+    for target in (output, output.with_name(data_file_name(output))):
+        if target.resolve() in sources or any(_same(target, s) for s in sources):
+            raise ConfigError(
+                f"output file {str(target)!r} is a data file the input model uses; choose another output name"
+            )
+
+
 def _source_files(model: onnx.ModelProto) -> set[Path]:
     folder = _FOLDER.get()
     if folder is None:
@@ -308,13 +326,16 @@ def _source_files(model: onnx.ModelProto) -> set[Path]:
     return {_resolve(t, folder)[0] for t in external_tensors(model)}
 
 
-def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bool, refuse=()) -> None:
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bool, refuse=()) -> int:
     """Write ``model`` to ``path``, with its large tensors in ``path.data`` when ``external``.
 
     External tensors of ``model`` (lazily loaded) are copied in chunks from their validated
     files (relative to the folder given by ``weights_from``); the model is not modified.
     Both files are written to temporary names in OUT's folder and renamed into place, the
     data file first. A model with external tensors is always written with external data.
+
+    Returns:
+        Bytes written (OUT plus OUT.data).
 
     Raises:
         ConfigError: ``path.data`` is a file the model reads from, or one of ``refuse``.
@@ -325,12 +346,12 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bo
     lazy = bool(external_tensors(model))
     if not (external or lazy):
         _write_atomic(folder, path, lambda tmp: onnx.save(model, tmp))
-        return
+        return path.stat().st_size
     data_path = folder / data_file_name(path)
     sources = _source_files(model) | {Path(r).resolve() for r in refuse}
     if data_path.resolve() in sources or any(_same(data_path, s) for s in sources):
         raise ConfigError(
-            f"output data file {str(data_path)!r} is a file the input model uses; choose another output name"
+            f"output file {str(data_path)!r} is a data file the input model uses; choose another output name"
         )
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -341,6 +362,7 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bo
         _write_atomic(folder, path, lambda tmp: onnx.save(copy, tmp), before_rename=lambda: os.replace(data_tmp, data_path))
     finally:
         Path(data_tmp).unlink(missing_ok=True)
+    return path.stat().st_size + data_path.stat().st_size
 
 
 def _same(a: Path, b: Path) -> bool:

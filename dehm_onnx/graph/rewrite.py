@@ -30,11 +30,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import __version__
-from ..errors import CompressionError, InvalidWeightError
-from ..hmatrix import compress
+from ..parallel import LayerTask, compress_layers
 from ..report import LayerRecord, Report
-from .checks import Skip, SkipReason, check_candidate, check_gain, check_weight
+from .checks import Skip, SkipReason, check_candidate, check_weight
 from .emit import EMITTERS
+from .external import weight_slice
 from .emit_function import fit_function_to_model
 from .scan import Candidate, ConstRef, activation_ranks, iter_graphs, scan
 
@@ -70,12 +70,15 @@ class CompressWeightsPass:
         config: an ``OptimizeConfig``.
         layer_tols: optional per-layer ``tol`` overrides keyed by layer name (used to
             tighten single layers); a shared weight takes the smallest tol of its users.
+        progress: optional ``dehm_onnx.progress.ProgressBar`` (or any object with
+            ``start(total)`` and ``layer(name, params, dense_params)``).
     """
 
-    def __init__(self, config, layer_tols: dict[str, float] | None = None):
+    def __init__(self, config, layer_tols: dict[str, float] | None = None, progress=None):
         self.config = config
         self.layer_tols = dict(layer_tols or {})
         self.emitter = EMITTERS[config.emit]
+        self.progress = progress
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         """Rewrite ``model`` in place and return it with the report."""
@@ -132,24 +135,36 @@ class CompressWeightsPass:
         return float(self.layer_tols.get(cand.name, self.config.tol))
 
     def _compress_groups(self, groups: list[_Group], skips: dict[int, Skip]) -> dict[tuple, tuple]:
-        """Compress each (weight, orientation) once; skip the whole group when any part fails."""
-        out: dict[tuple, tuple] = {}
+        """Compress each (weight, orientation) once; skip the whole group when any part fails.
+
+        The weights are compressed by ``dehm_onnx.parallel.compress_layers`` (``config.jobs``
+        worker processes); results come back in task order, so the model does not depend on
+        the number of workers.
+        """
+        tasks, owners = [], []
         for group in groups:
             live = [c for c in group.cands if id(c) not in skips]
-            if not live:
-                continue
-            failure = None
             for key in dict.fromkeys(c.share_key for c in live):
                 users = [c for c in live if c.share_key == key]
                 tol = min(self._tol(c) for c in users)
-                hm, failure = _compress_one(users[0], tol, self.config.seed)
-                if failure is not None:
-                    break
-                out[key] = (hm, tol)
-            if failure is not None:
+                tasks.append(_task(users[0], tol, self.config.seed))
+                owners.append((live, key, tol))
+        if self.progress is not None:
+            self.progress.start(len(tasks))
+        results = compress_layers(tasks, getattr(self.config, "jobs", 1), self._on_done)
+        out: dict[tuple, tuple] = {}
+        for (live, key, tol), result in zip(owners, results):
+            if result.skip is not None:
                 for cand in live:
-                    skips[id(cand)] = failure
+                    skips.setdefault(id(cand), result.skip)
+            else:
+                out[key] = (result.hm, tol)
         return out
+
+    def _on_done(self, task, result) -> None:
+        if self.progress is not None:
+            params = result.hm.params if result.hm is not None else result.dense_params
+            self.progress.layer(task.name, int(params), int(result.dense_params))
 
     def _emit(self, cand: Candidate, hm, tol: float, names: set[str]):
         prefix = _unique_prefix(f"{cand.weight_name}.hm", names)
@@ -213,13 +228,15 @@ class CompressWeightsPass:
         )
 
 
-def _compress_one(cand: Candidate, tol: float, seed: int):
-    """``(hm, None)`` or ``(None, Skip)`` for the candidate's weight."""
-    try:
-        hm = compress(cand.weight, tol, seed=seed)
-    except (CompressionError, InvalidWeightError) as e:
-        return None, Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e))
-    return hm, check_gain(hm, tol)
+def _task(cand: Candidate, tol: float, seed: int) -> LayerTask:
+    """The compression of the candidate's weight as a self-contained task.
+
+    An external weight travels as its validated file slice and is memory-mapped by the
+    worker; an in-memory weight travels as its array.
+    """
+    where = weight_slice(cand.const.tensor)
+    source = where if where is not None else cand.const.value
+    return LayerTask(cand.weight_name, source, cand.trans_w, tol, seed)
 
 
 def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:

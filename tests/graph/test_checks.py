@@ -98,7 +98,7 @@ def test_skip_compression_failed(rng, monkeypatch):
     def fail(w, tol, *, seed=0):
         raise CompressionError("SVD did not converge")
 
-    monkeypatch.setattr("dehm_onnx.graph.rewrite.compress", fail)
+    monkeypatch.setattr("dehm_onnx.parallel.compress", fail)  # the pass compresses via dehm_onnx.parallel
     _assert_skipped(_single(low_rank(rng, 96, 96)), SkipReason.COMPRESSION_FAILED, "SVD did not converge")
 
 

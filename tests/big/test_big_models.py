@@ -1,0 +1,155 @@
+"""Big-model path on small models: lazy external weights, OUT.data, --jobs, progress, bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from dehm_onnx import api
+from dehm_onnx.errors import ConfigError
+from dehm_onnx.graph import external
+from dehm_onnx.progress import ProgressBar
+from tests.conftest import rel_fro, run_model
+
+from ._models import mlp, save_external, weights
+
+TOL = 1e-3
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "dehm_onnx", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    model = mlp(layers=4, n=96)
+    return save_external(model, tmp_path_factory.mktemp("src")), model
+
+
+def test_optimize_file_reads_external_weights_lazily_and_writes_out_data(source, tmp_path, monkeypatch):
+    path, model = source
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+
+    def no_materialize(*args, **kwargs):
+        raise AssertionError("the weights must not be loaded as a whole")
+
+    monkeypatch.setattr(external, "materialize", no_materialize)
+    out = tmp_path / "out.onnx"
+    report = api.optimize_file(path, out, tol=TOL, min_size=8, no_verify=True, jobs=1)
+    assert len(report.compressed) == 4
+    assert _files(tmp_path) == ["out.onnx", "out.onnx.data"]
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before  # input untouched
+    assert report.bytes_after == out.stat().st_size + (tmp_path / "out.onnx.data").stat().st_size
+    lazy = onnx.load(out, load_external_data=False)
+    locations = {e.value for t in external.external_tensors(lazy) for e in t.external_data if e.key == "location"}
+    assert locations == {"out.onnx.data"}
+    x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32)
+    expected = run_model(model, {"x": x})[0]
+    got = run_model(onnx.load(out), {"x": x})[0]
+    assert rel_fro(got, expected) < 4 * 4 * TOL  # four layers, each within TOL (relative)
+
+
+def test_output_bytes_identical_across_runs_and_jobs(source, tmp_path):
+    path, _ = source
+    outputs = []
+    for i, jobs in enumerate((1, 2, 2)):
+        out = tmp_path / f"run{i}" / "out.onnx"
+        out.parent.mkdir()
+        api.optimize_file(path, out, tol=TOL, min_size=8, no_verify=True, jobs=jobs)
+        outputs.append((out.read_bytes(), (out.parent / "out.onnx.data").read_bytes()))
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_external_data_flag_forces_a_data_file_for_an_in_memory_input(tmp_path):
+    path = tmp_path / "small.onnx"
+    onnx.save(mlp(layers=1, n=96), path)
+    assert _cli("optimize", path, tmp_path / "a.onnx", "--min-size", "8", "--no-verify", "-q").returncode == 0
+    assert _cli("optimize", path, tmp_path / "b.onnx", "--min-size", "8", "--no-verify", "-q", "--external-data").returncode == 0
+    assert _files(tmp_path) == ["a.onnx", "b.onnx", "b.onnx.data", "small.onnx"]
+
+
+def test_cli_on_external_model_verifies_in_memory_when_small(source, tmp_path):
+    path, _ = source
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    proc = _cli("optimize", path, out, "--tol", TOL, "--min-size", "8", "--jobs", "2", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["verification"]["performed"] is True
+    assert _files(tmp_path) == ["out.onnx", "out.onnx.data", "r.json"]
+    assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_large_external_model_skips_verification_with_a_reason(source, tmp_path, monkeypatch):
+    path, _ = source
+    monkeypatch.setattr(api, "VERIFY_IN_MEMORY_LIMIT", 1000)
+    report = api.optimize_file(path, tmp_path / "out.onnx", tol=TOL, min_size=8, jobs=1)
+    assert report.verification["performed"] is False
+    assert "verified in memory" in report.verification["reason"]
+
+
+def test_output_data_file_may_not_be_the_inputs(tmp_path):
+    folder = tmp_path / "m"
+    path = save_external(mlp(layers=1, n=96), folder, name="in.onnx", location="out.onnx.data")
+    before = (folder / "out.onnx.data").read_bytes()
+    proc = _cli("optimize", path, folder / "out.onnx", "--min-size", "8", "--no-verify")
+    assert proc.returncode == 2 and "data file the input model uses" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (folder / "out.onnx.data").read_bytes() == before
+    assert _files(folder) == ["in.onnx", "out.onnx.data"]
+
+
+def test_optimize_file_refuses_output_equal_to_input(source):
+    path, _ = source
+    with pytest.raises(ConfigError, match="is the input model"):
+        api.optimize_file(path, path, no_verify=True)
+
+
+def test_in_memory_api_materializes_validated_external_data(source):
+    path, model = source
+    optimized, report = api.optimize(path, tol=TOL, min_size=8, no_verify=True, jobs=1)
+    assert not external.external_tensors(optimized) and len(report.compressed) == 4
+
+
+def test_progress_bar_shows_layers_and_running_ratio():
+    stream = io.StringIO()
+    bar = ProgressBar(stream, enabled=True)
+    bar.start(2)
+    bar.layer("w0", 10, 100)
+    bar.layer("w1", 30, 100)
+    bar.close()
+    text = stream.getvalue()
+    assert "1/2 layers, ratio 0.100" in text and "2/2 layers, ratio 0.200" in text and text.endswith("\n")
+
+
+def test_progress_bar_is_silent_off_a_terminal():
+    stream = io.StringIO()  # isatty() is False
+    bar = ProgressBar(stream)
+    bar.start(1)
+    bar.layer("w0", 1, 2)
+    bar.close()
+    assert stream.getvalue() == ""
+
+
+def test_progress_bar_is_driven_by_the_pass(source, tmp_path):
+    path, _ = source
+    stream = io.StringIO()
+    bar = ProgressBar(stream, enabled=True)
+    api.optimize_file(path, tmp_path / "o.onnx", tol=TOL, min_size=8, no_verify=True, jobs=2, progress=bar)
+    assert "4/4 layers" in stream.getvalue()
+
+
+def test_jobs_must_be_a_non_negative_integer():
+    with pytest.raises(ConfigError, match="jobs must be an integer >= 0"):
+        api.make_config(None, jobs=-1)
