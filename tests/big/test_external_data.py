@@ -130,7 +130,7 @@ def test_write_model_refuses_to_overwrite_the_inputs_data_file(saved):
     path, _ = saved
     lazy = onnx.load(path, load_external_data=False)
     before = (path.parent / "model.onnx.data").read_bytes()
-    with external.weights_from(path.parent), pytest.raises(ConfigError, match="input model uses"):
+    with external.weights_from(path.parent), pytest.raises(ConfigError, match="data file the input model uses"):
         external.write_model(lazy, path.parent / "model.onnx", external=True)
     assert (path.parent / "model.onnx.data").read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
