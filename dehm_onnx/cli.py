@@ -33,7 +33,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every command of ``COMMANDS`` registered."""
-    parser = _Parser(prog="python -m dehm_onnx", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="python -m dehm_onnx",
+        description="Compress constant MatMul/Gemm weights of ONNX models into error-bounded H-matrices.",
+    )
     parser.add_argument("--version", action="version", version=f"dehm_onnx {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show info logs and tracebacks")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -45,7 +45,8 @@ class OptimizeConfig:
     emit: str = field(
         default="subgraph",
         metadata={
-            "help": "how a compressed layer is written: 'subgraph' = standard ONNX ops",
+            "help": "how a compressed layer is written: 'subgraph' = standard ONNX ops, 'function' = "
+            "HMatMul node with a standard-op function body, 'custom' = HMatMul node for the compiled kernel",
             "choices": _emit_modes,
         },
     )
