@@ -71,10 +71,22 @@ def _build_lock(build: Path):
 def _run(cmd, what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
-        at = next((i for i, ln in enumerate(lines) if "error" in ln.lower()), None)
-        detail = " ".join(lines[at : at + 2]) if at is not None else f"exit code {proc.returncode}"
-        raise CustomOpBuildError(f"cannot build the HMatMul library: {what} failed: {detail}")
+        raise CustomOpBuildError(f"cannot build the HMatMul library: {what} failed: {_first_error(proc)}")
+
+
+def _first_error(proc) -> str:
+    """The first error paragraph of a failed command, on one line."""
+    lines = (proc.stderr + "\n" + proc.stdout).splitlines()
+    at = next((i for i, ln in enumerate(lines) if "error" in ln.lower()), None)
+    if at is None:
+        return f"exit code {proc.returncode}"
+    paragraph = []
+    for ln in lines[at:]:
+        if not ln.strip() and len(paragraph) > 1:
+            break
+        if ln.strip():
+            paragraph.append(ln.strip())
+    return " ".join(paragraph[:6])
 
 
 def custom_op_library(rebuild: bool = False) -> Path:
