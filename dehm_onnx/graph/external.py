@@ -248,19 +248,22 @@ def weight_slice(tensor: onnx.TensorProto) -> WeightSlice | None:
     """Where an external tensor lives (validated), or ``None`` for an in-memory tensor."""
     if not uses_external_data(tensor):
         return None
-    path, offset, _ = _resolve(tensor, _folder_for(tensor))
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    path, offset, _ = _resolve(tensor, _folder_for(tensor))  # also rejects unknown data types
     if tensor.data_type in _PACKED_4BIT or tensor.data_type == onnx.TensorProto.STRING:
         raise InvalidModelError(f"tensor {tensor.name!r}: external data of this type cannot be memory-mapped")
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
     return WeightSlice(str(path), offset, dtype.str, tuple(int(d) for d in tensor.dims))
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The tensor's values: memory-mapped when external, else decoded from the proto."""
     where = weight_slice(tensor)
-    if where is None:
+    if where is not None:
+        return where.open()
+    try:
         return numpy_helper.to_array(tensor)
-    return where.open()
+    except Exception as e:  # noqa: BLE001 - the checker lets some inconsistent tensors through
+        raise InvalidModelError(f"tensor {tensor.name!r} cannot be decoded ({type(e).__name__}: {e})") from e
 
 
 def _read(path: Path, offset: int, length: int) -> bytes:
