@@ -2,8 +2,9 @@
 
 Layers (``x`` of shape ``(batch, 256)``):
 
-1. ``smooth``: ``MatMul`` by an exponential kernel ``K[i, j] = exp(-4 |s_i - t_j|)`` between
-   sorted points (a discretized integral operator: low-rank off the diagonal).
+1. ``smooth``: ``MatMul`` by a logarithmic kernel ``K[i, j] = log(|s_i - s_j| + 1/n) / n``
+   between sorted points in [0, 1] (a discretized integral operator, as in boundary-element
+   methods: full rank overall, numerically low rank away from the diagonal).
 2. ``mel``: ``MatMul`` by a banded triangular filterbank on a mel-like scale, 256 bins to 80
    filters (as in audio front ends: most of the matrix is exactly zero).
 3. ``dense``: ``Gemm`` with a Gaussian random weight (``transB=1``) and a bias; nothing to
@@ -24,9 +25,9 @@ from onnx import TensorProto, helper, numpy_helper
 IN_FEATURES, MELS, OUT_FEATURES = 256, 80, 64
 
 
-def exp_kernel(n: int) -> np.ndarray:
+def log_kernel(n: int) -> np.ndarray:
     points = np.linspace(0.0, 1.0, n)
-    return np.exp(-4.0 * np.abs(points[:, None] - points[None, :])) / n
+    return np.log(np.abs(points[:, None] - points[None, :]) + 1.0 / n) / n
 
 
 def mel_filterbank(bins: int, filters: int) -> np.ndarray:
@@ -47,7 +48,7 @@ def build() -> onnx.ModelProto:
     """The demo model (checked by ``onnx.checker``)."""
     rng = np.random.default_rng(0)
     weights = {
-        "smooth.weight": exp_kernel(IN_FEATURES),
+        "smooth.weight": log_kernel(IN_FEATURES),
         "mel.weight": mel_filterbank(IN_FEATURES, MELS),
         "dense.weight": rng.standard_normal((OUT_FEATURES, MELS)) / np.sqrt(MELS),
         "dense.bias": rng.standard_normal(OUT_FEATURES) * 0.1,
