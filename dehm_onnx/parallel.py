@@ -30,6 +30,9 @@ __all__ = ["LayerTask", "LayerResult", "available_cores", "resolve_jobs", "compr
 
 # Bytes of a weight checked for NaN/Inf at a time (bounds the temporary boolean array).
 _FINITE_CHUNK = 1 << 24
+# With jobs=0 (automatic), fewer weight elements than this are compressed in this process:
+# starting workers would cost more than they save (results are the same either way).
+AUTO_MIN_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,11 @@ def _init_worker() -> None:
         setter(1)
 
 
+def _elements(task: LayerTask) -> int:
+    shape = task.source.shape
+    return int(np.prod(shape, dtype=np.int64))
+
+
 def _context():
     # fork needs no re-import of the caller's __main__ (a script without a main guard
     # would otherwise start the optimization again in every worker).
@@ -152,12 +160,15 @@ def compress_layers(
 
     Args:
         tasks: the weights to compress.
-        jobs: worker processes (0 = one per core); 1 runs in this process.
+        jobs: worker processes (0 = one per core, or this process for small work);
+            1 runs in this process.
         on_done: called in this process as each task finishes (in completion order).
 
     Raises:
         CompressionError: a worker process died (e.g. killed for lack of memory).
     """
+    if jobs == 0 and sum(_elements(t) for t in tasks) < AUTO_MIN_ELEMENTS:
+        jobs = 1
     jobs = min(resolve_jobs(jobs), len(tasks))
     if jobs <= 1:
         results = []
