@@ -173,3 +173,12 @@ def test_save_model_refuses_the_input_path(model_path):
     with pytest.raises(ConfigError, match="is the input model"):
         save_model(onnx.load(model_path), model_path, refuse=model_path)
     assert model_path.read_bytes() == before
+
+
+def test_cli_include_and_exclude_patterns_are_repeatable(model_path, tmp_path):
+    report = tmp_path / "r.json"
+    args = ["optimize", str(model_path), str(tmp_path / "o.onnx"), "-q", "--no-verify", "--report", str(report)]
+    assert cli.main(args + ["--include", "nothing*", "--include", "f?"]) == 0
+    assert json.loads(report.read_text())["layers"][0]["compressed"] is True
+    assert cli.main(args + ["--exclude", "w", "--exclude", "other"]) == 0
+    assert json.loads(report.read_text())["layers"][0]["skip_reason"] == "EXCLUDED"
