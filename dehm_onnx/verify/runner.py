@@ -124,8 +124,17 @@ def expose_outputs(model, names: Iterable[str]) -> ExposedModel:
     return ExposedModel(model, exposed, notes)
 
 
+def _uses_custom_domain(model) -> bool:
+    from ..ops.hmatmul import DOMAIN
+
+    return any(o.domain == DOMAIN for o in model.opset_import)
+
+
 def make_cpu_session(model):
     """An onnxruntime CPU InferenceSession for a ModelProto.
+
+    A model with ``HMatMul`` nodes that stock onnxruntime cannot run (emitted without a
+    function fallback) gets the compiled HMatMul library registered (built on first use).
 
     Raises:
         InvalidModelError: onnxruntime refuses the model.
@@ -134,11 +143,19 @@ def make_cpu_session(model):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    data = model.SerializeToString()
     try:
-        return ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        first = str(e).splitlines()[0]
+        if not (_uses_custom_domain(model) and "not a registered function/op" in first):
+            raise InvalidModelError(f"onnxruntime cannot load the model: {first}") from e
+    from ..ops.library import custom_op_library
+
+    options.register_custom_ops_library(str(custom_op_library()))
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as e:
         raise InvalidModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
 
 

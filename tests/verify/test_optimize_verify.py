@@ -164,3 +164,18 @@ def test_optimize_with_generated_inputs_the_original_rejects_is_unverified(caplo
     assert report.verification["performed"] is True and report.compressed[0].measured_error <= 0.01
     with pytest.raises(ValueError, match="original model on calibration sample 0"):
         dehm_onnx.optimize(model, tol=0.01, min_size=8, input_shape=("x=1x50",))
+
+
+def test_verify_measures_every_emission_mode_alike():
+    """The check runs whatever wrote W_H: standard ops, model-local functions or the compiled HMatMul."""
+    rng = np.random.default_rng(5)
+    orig = mlp([graded_matrix(rng, 96, 96, 0.8), graded_matrix(rng, 96, 64, 0.8)])
+    errors = {}
+    for emit in ("subgraph", "function", "custom"):
+        opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, emit=emit)
+        result = verify(orig, opt)
+        assert result.ok and all(layer.isolated for layer in result.layers)
+        errors[emit] = [layer.rel_fro_error for layer in result.layers]
+        assert errors[emit] == pytest.approx([r.measured_error for r in report.compressed])
+    assert errors["custom"] == pytest.approx(errors["subgraph"], rel=1e-4)
+    assert errors["function"] == pytest.approx(errors["subgraph"], rel=1e-4)
