@@ -167,42 +167,19 @@ class CompressWeightsPass:
             self.progress.layer(task.name, int(params), int(result.dense_params))
 
     def _emit(self, cand: Candidate, hm, tol: float, names: set[str]):
+        """Nodes replacing ``cand``: optional transpose of X, the emitter's ``x @ W_H``, then
+        transpose / alpha / bias steps; returns ``(nodes, factors, local_inits, functions)``."""
         prefix = _unique_prefix(f"{cand.weight_name}.hm", names)
         dtype = cand.const.value.dtype
-        x, pre = cand.x_name, []
-        if cand.trans_x:
-            x = f"{prefix}/x_t"
-            pre.append(_transpose(cand.x_name, x, cand.x_rank, f"{prefix}/transpose_x"))
-        post: list[onnx.NodeProto] = []
-        post_inits: list[onnx.TensorProto] = []
-        y = cand.output
-        chain = []
-        if cand.trans_y:
-            chain.append("transpose")
-        if cand.alpha != 1.0:
-            chain.append("alpha")
-        if cand.c_name:
-            chain.append("bias")
-        current = f"{prefix}/y_h" if chain else y
-        nodes, inits, functions = self.emitter(hm, x, current, prefix, dtype)
-        for i, step in enumerate(chain):
-            out = y if i == len(chain) - 1 else f"{prefix}/{step}_out"
-            if step == "transpose":
-                post.append(_transpose(current, out, cand.x_rank, f"{prefix}/transpose_y"))
-            elif step == "alpha":
-                post_inits.append(numpy_helper.from_array(np.asarray(cand.alpha, dtype=dtype), f"{prefix}/alpha"))
-                post.append(helper.make_node("Mul", [current, f"{prefix}/alpha"], [out], name=f"{prefix}/mul_alpha"))
-            else:
-                bias = cand.c_name
-                if cand.beta != 1.0:
-                    post_inits.append(numpy_helper.from_array(np.asarray(cand.beta, dtype=dtype), f"{prefix}/beta"))
-                    bias = f"{prefix}/beta_c"
-                    post.append(helper.make_node("Mul", [cand.c_name, f"{prefix}/beta"], [bias], name=f"{prefix}/mul_beta"))
-                post.append(helper.make_node("Add", [current, bias], [out], name=f"{prefix}/add_bias"))
-            current = out
+        pre = _pre_nodes(cand, prefix)
+        x = pre[-1].output[0] if pre else cand.x_name
+        steps = _post_steps(cand)
+        product = f"{prefix}/y_h" if steps else cand.output
+        nodes, inits, functions = self.emitter(hm, x, product, prefix, dtype)
+        post, local = _post_nodes(cand, steps, product, prefix, dtype)
         all_nodes = pre + list(nodes) + post
         _tag(all_nodes, cand, hm, tol)
-        return all_nodes, list(inits), post_inits, list(functions)
+        return all_nodes, list(inits), local, list(functions)
 
     def _compressed_record(self, cand: Candidate, hm, tol: float, node_count: int) -> LayerRecord:
         return LayerRecord(
@@ -226,6 +203,47 @@ class CompressWeightsPass:
             emit=self.config.emit,
             nodes=node_count,
         )
+
+
+def _pre_nodes(cand: Candidate, prefix: str) -> list[onnx.NodeProto]:
+    """``Transpose(X)`` when the candidate's activation must be transposed, else nothing."""
+    if not cand.trans_x:
+        return []
+    return [_transpose(cand.x_name, f"{prefix}/x_t", cand.x_rank, f"{prefix}/transpose_x")]
+
+
+def _post_steps(cand: Candidate) -> list[str]:
+    """What follows ``x @ W_H``, in order: transpose back, scale by alpha, add beta*C."""
+    steps = []
+    if cand.trans_y:
+        steps.append("transpose")
+    if cand.alpha != 1.0:
+        steps.append("alpha")
+    if cand.c_name:
+        steps.append("bias")
+    return steps
+
+
+def _post_nodes(cand: Candidate, steps: list[str], current: str, prefix: str, dtype):
+    """Nodes for ``steps`` starting from ``current``; the last writes the original output."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    for i, step in enumerate(steps):
+        out = cand.output if i == len(steps) - 1 else f"{prefix}/{step}_out"
+        if step == "transpose":
+            nodes.append(_transpose(current, out, cand.x_rank, f"{prefix}/transpose_y"))
+        elif step == "alpha":
+            inits.append(numpy_helper.from_array(np.asarray(cand.alpha, dtype=dtype), f"{prefix}/alpha"))
+            nodes.append(helper.make_node("Mul", [current, f"{prefix}/alpha"], [out], name=f"{prefix}/mul_alpha"))
+        else:
+            bias = cand.c_name
+            if cand.beta != 1.0:
+                inits.append(numpy_helper.from_array(np.asarray(cand.beta, dtype=dtype), f"{prefix}/beta"))
+                bias = f"{prefix}/beta_c"
+                nodes.append(helper.make_node("Mul", [cand.c_name, f"{prefix}/beta"], [bias], name=f"{prefix}/mul_beta"))
+            nodes.append(helper.make_node("Add", [current, bias], [out], name=f"{prefix}/add_bias"))
+        current = out
+    return nodes, inits
 
 
 def _task(cand: Candidate, tol: float, seed: int) -> LayerTask:
