@@ -95,3 +95,21 @@ def test_scan_loop_body_reads_outer_initializer(rng):
     onnx.checker.check_model(out, full_check=True)
     feeds = {"trips": np.array(3, dtype=np.int64), "h0": rng.standard_normal((2, 64)).astype(np.float32)}
     assert rel_fro(run_model(out, feeds)[0], run_model(model, feeds)[0]) < 1e-5
+
+
+def test_scan_body_reads_outer_initializer(rng):
+    w = low_rank(rng, 96, 64)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "w"], ["y_t"], name="step")],
+        "body",
+        [helper.make_tensor_value_info("x_t", onnx.TensorProto.FLOAT, [96])],
+        [helper.make_tensor_value_info("y_t", onnx.TensorProto.FLOAT, [64])],
+    )
+    node = helper.make_node("Scan", ["x"], ["y"], name="scan", body=body, num_scan_inputs=1)
+    model = make_model([node], [("x", np.float32, [5, 96])], [("y", np.float32, [5, 64])], [("w", w)])
+    out, report = dehm_onnx.optimize(model)
+    (record,) = report.layers
+    assert record.compressed and record.graph == "main/scan.body" and record.weight_graph == "main"
+    onnx.checker.check_model(out, full_check=True)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < 1e-5
