@@ -26,13 +26,15 @@ from ..errors import ConfigError
 from .check import _OutputAccumulator
 from .runner import make_cpu_session, run_samples
 
-__all__ = ["GRID_RATIO", "TOL_MAX", "TOL_MIN", "Allocation", "allocate_tol", "tol_grid", "model_error"]
+__all__ = ["GRID_RATIO", "REFINE_PROBES", "TOL_MAX", "TOL_MIN", "Allocation", "allocate_tol", "tol_grid", "model_error"]
 
 logger = logging.getLogger(__name__)
 
 TOL_MAX = 0.5
 TOL_MIN = 1e-6
 GRID_RATIO = 2.0**-0.5
+# Extra model runs allowed for the per-layer loosening after the shared tol is found.
+REFINE_PROBES = 8
 
 
 def tol_grid(tol_max: float = TOL_MAX, tol_min: float = TOL_MIN, ratio: float = GRID_RATIO) -> list:
@@ -50,15 +52,19 @@ class Allocation:
     target: float
     probes: list
     config: object = dataclasses.field(repr=False, default=None)
+    layer_tols: dict = dataclasses.field(default_factory=dict)
+    refinements: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready summary for the report."""
         return {
-            "rule": "shared tol, bisection over a geometric grid",
+            "rule": "shared tol, bisection over a geometric grid; then per-layer loosening, largest layers first",
             "target": self.target,
             "tol": self.tol,
             "error": self.error,
             "probes": [{"tol": t, "error": e} for t, e in self.probes],
+            "layer_tols": dict(self.layer_tols),
+            "refinements": list(self.refinements),
         }
 
 
@@ -122,4 +128,31 @@ def allocate_tol(original, calibration, config, rewrite) -> Allocation:
     if hi == len(grid):
         chosen = dataclasses.replace(config, exclude=tuple(config.exclude) + ("*",))
         return Allocation(None, None, target, probes, chosen)
-    return Allocation(grid[hi], cache[hi], target, probes, dataclasses.replace(config, tol=grid[hi]))
+    shared = dataclasses.replace(config, tol=grid[hi])
+    allocation = Allocation(grid[hi], cache[hi], target, probes, shared)
+    _loosen_layers(allocation, original, rewrite, grid, hi, lambda m: model_error(m, reference, samples))
+    return allocation
+
+
+def _loosen_layers(allocation: Allocation, original, rewrite, grid: list, index: int, error_of) -> None:
+    """Greedy second stage: raise single layers' tols one grid step at a time.
+
+    Layers are visited largest weight first; a step is kept while the end-to-end error stays
+    within the target. At most ``REFINE_PROBES`` extra model runs.
+    """
+    _, report = rewrite(original, allocation.config)
+    names = [r.name for r in sorted(report.layers, key=lambda r: -(r.dense_params or 0))
+             if r.compressed or r.skip_reason == "NOT_SMALLER"]
+    steps = {name: index for name in names}
+    budget = REFINE_PROBES
+    for name in names:
+        while steps[name] > 0 and budget > 0:
+            trial = {**steps, name: steps[name] - 1}
+            layer_tols = {n: grid[i] for n, i in trial.items() if i != index}
+            candidate, _ = rewrite(original, allocation.config, layer_tols)
+            error = error_of(candidate)
+            budget -= 1
+            allocation.refinements.append({"layer": name, "tol": grid[trial[name]], "error": error})
+            if error > allocation.target:
+                break
+            steps, allocation.error, allocation.layer_tols = trial, error, layer_tols

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import logging
 import math
 
@@ -109,9 +110,19 @@ def _weights_by_layer(model) -> dict:
     return {c.name: c for c in found.candidates}
 
 
-def _set_tol_out(report, tol_out: float) -> None:
+def _set_tol_out(report, tol_out: float, per_layer: dict) -> None:
     for record in report.compressed:
-        record.tol_out = tol_out
+        record.tol_out = per_layer.get(record.name, tol_out)
+
+
+def _write_layers_metadata(model, report) -> None:
+    """Make the model's ``dehm.layers`` match the final records (their tol_out may differ per layer)."""
+    from .check import LAYERS_KEY
+
+    value = json.dumps([r.metadata_entry() for r in report.compressed])
+    for prop in model.metadata_props:
+        if prop.key == LAYERS_KEY:
+            prop.value = value
 
 
 def _note_results(report, result, dense: dict) -> None:
@@ -185,11 +196,13 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
                 "pass --calibration or --input-shape/--input-range"
             ) from e
         config = allocation.config
-        optimized, report = rewrite(original, config)
+        optimized, report = rewrite(original, config, allocation.layer_tols)
     tol_out = config.tol_out if config.tol_out is not None else config.tol
-    layer_tols, dense, steps = {}, {}, []
+    # Under max_model_error each layer's output bound is its allocated tol, unless tol_out was given.
+    tol_outs = dict(allocation.layer_tols) if allocation and config.tol_out is None else {}
+    layer_tols, dense, steps = dict(tol_outs), {}, []
     for round_index in range(MAX_ROUNDS + 1):
-        _set_tol_out(report, tol_out)
+        _set_tol_out(report, tol_out, tol_outs)
         try:
             result = verify(original, optimized, calib, layers=[r.metadata_entry() for r in report.compressed])
         except CalibrationRunError as e:
@@ -207,21 +220,22 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
             cand = candidates.get(check.name)
             new = None
             if cand is not None:
-                new = tighter_tol(cand.weight, with_stats.stats.get(check.name), current, tol_out,
+                new = tighter_tol(cand.weight, with_stats.stats.get(check.name), current, check.tol_out,
                                   check.rel_fro_error, config.seed)
             step = {"layer": check.name, "round": round_index + 1, "measured": check.rel_fro_error,
                     "tol": current, "new_tol": new}
             steps.append(step)
             if new is None:
-                dense[check.name] = (f"left dense: output error {check.rel_fro_error:.2e} > tol_out {tol_out:.2e} "
+                dense[check.name] = (f"left dense: output error {check.rel_fro_error:.2e} > tol_out {check.tol_out:.2e} "
                                      "on calibration data, and no compressed form that meets it is smaller")
                 layer_tols.pop(check.name, None)
             else:
                 layer_tols[check.name] = new
             logger.info("tightening layer %r: measured %.3e > tol_out %.3e; tol %.3e -> %s",
-                        check.name, check.rel_fro_error, tol_out, current, new)
+                        check.name, check.rel_fro_error, check.tol_out, current, new)
         optimized, report = rewrite(original, _exclude_dense(config, dense), layer_tols)
     _note_results(report, result, dense)
+    _write_layers_metadata(optimized, report)
     report.verification = {
         "performed": True,
         "tol_out": tol_out,

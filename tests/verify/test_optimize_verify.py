@@ -138,7 +138,14 @@ def test_max_model_error_meets_target_on_small_mlp():
     chosen = grid.index(allocation["tol"])
     probes = {p["tol"]: p["error"] for p in allocation["probes"]}
     assert chosen > 0 and probes[grid[chosen - 1]] > target
-    assert all(r.tol == allocation["tol"] for r in report.compressed)
+    # Second stage: single layers loosened beyond the shared tol while the target still holds.
+    assert allocation["layer_tols"]  # here fc0 and fc1 take one grid step more
+    for record in report.compressed:
+        assert record.tol == allocation["layer_tols"].get(record.name, allocation["tol"]) >= allocation["tol"]
+        assert record.tol_out == record.tol and record.measured_error <= record.tol_out
+    kept = [r for r in allocation["refinements"] if r["error"] <= target]
+    assert all(allocation["layer_tols"][r["layer"]] >= r["tol"] for r in kept)
+    assert {e["name"]: e["tol_out"] for e in read_layers(opt)} == {r.name: r.tol for r in report.compressed}
 
 
 def _reshaping_model():
