@@ -110,6 +110,15 @@ def test_output_data_file_may_not_be_the_inputs(tmp_path):
     assert _files(folder) == ["in.onnx", "out.onnx.data"]
 
 
+def test_output_may_not_be_the_inputs_data_file(source):
+    path, _ = source
+    data = path.parent / "model.onnx.data"
+    before = data.read_bytes()
+    with pytest.raises(ConfigError, match="data file the input model uses"):
+        api.optimize_file(path, data, no_verify=True)
+    assert data.read_bytes() == before
+
+
 def test_optimize_file_refuses_output_equal_to_input(source):
     path, _ = source
     with pytest.raises(ConfigError, match="is the input model"):
