@@ -143,6 +143,8 @@ def _loosen_layers(allocation: Allocation, original, rewrite, grid: list, index:
     _, report = rewrite(original, allocation.config)
     names = [r.name for r in sorted(report.layers, key=lambda r: -(r.dense_params or 0))
              if r.compressed or r.skip_reason == "NOT_SMALLER"]
+    if len(names) < 2:
+        return  # one layer: the shared search already tried the next grid step
     steps = {name: index for name in names}
     budget = REFINE_PROBES
     for name in names:
