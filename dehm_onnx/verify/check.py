@@ -203,6 +203,7 @@ def _format_table(result: VerifyResult) -> str:
     out_rows = [("output", "max_abs", "rel_l2", "cosine")]
     out_rows += [(o.name, _fmt(o.max_abs), _fmt(o.rel_l2), f"{o.cosine:.8f}") for o in result.outputs]
     lines += _columns(out_rows)
+    lines += [f"note: layer {layer.name!r}: {layer.note}" for layer in result.layers if layer.note]
     lines += [f"note: {note}" for note in result.notes]
     verdict = "all layer bounds hold" if result.ok else f"{len(result.violations)} layer bound(s) violated"
     lines.append(verdict)
@@ -293,10 +294,10 @@ def _layer_input(node, weight: str | None, constants: set) -> tuple[str, bool]:
     return node.input[x_index], transposed
 
 
-def _plan_layers(orig, records: list) -> tuple[list, list]:
+def _plan_layers(orig, records: list) -> list:
     producer = {out: node for node in orig.graph.node for out in node.output if out}
     constants = _constant_names(orig.graph)
-    plans, notes = [], []
+    plans = []
     for record in records:
         plan = _LayerPlan(_new_check(record), record.get("weight"))
         node = producer.get(plan.check.output)
@@ -307,7 +308,7 @@ def _plan_layers(orig, records: list) -> tuple[list, list]:
         else:
             plan.check.note = f"original producer is {node.op_type}, not MatMul/Gemm; measured in-model only"
         plans.append(plan)
-    return plans, notes
+    return plans
 
 
 def _input_names(model) -> list:
@@ -455,11 +456,11 @@ def verify(
         input_ranges=input_ranges,
         seed=seed,
     )
-    plans, notes = _plan_layers(orig_model, records)
+    plans = _plan_layers(orig_model, records)
     graph_outputs = [o.name for o in orig_model.graph.output]
     opt_outputs = {o.name for o in opt_model.graph.output}
     compared = [name for name in graph_outputs if name in opt_outputs]
-    notes += [f"graph output {n!r} is missing from the optimized model" for n in graph_outputs if n not in opt_outputs]
+    notes = [f"graph output {n!r} is missing from the optimized model" for n in graph_outputs if n not in opt_outputs]
 
     layer_names = [p.check.output for p in plans]
     ref_exposed = expose_outputs(orig_model, layer_names + [p.x_name for p in plans if p.x_name])

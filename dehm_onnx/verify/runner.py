@@ -25,7 +25,6 @@ __all__ = [
     "load_model",
     "make_cpu_session",
     "run_samples",
-    "stacked_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -236,10 +235,3 @@ def extract_layer_model(model, x_name: str, y_name: str, x_dtype):
     )
     layer.functions.extend(model.functions)
     return layer
-
-
-def stacked_rows(array: np.ndarray, width: int) -> np.ndarray | None:
-    """``array`` reshaped to rows of ``width`` (the X of Y = X @ W), or None if it does not fit."""
-    if array.ndim == 0 or array.shape[-1] != width:
-        return None
-    return array.reshape(-1, width)
