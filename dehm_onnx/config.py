@@ -128,8 +128,9 @@ class OptimizeConfig:
     max_model_error: float | None = field(
         default=None,
         metadata={
-            "help": "end-to-end target: choose the largest shared per-layer tol whose relative L2 error "
-            "on every graph output stays <= this on calibration data (overrides tol), in (0, 1)",
+            "help": "end-to-end target: choose the largest per-layer tols (a shared tol, then single "
+            "layers loosened) whose relative L2 error on every graph output stays <= this on "
+            "calibration data (overrides tol), in (0, 1)",
             "metavar": "E",
             "type": float,
         },
