@@ -186,3 +186,25 @@ def test_verify_measures_every_emission_mode_alike():
         assert errors[emit] == pytest.approx([r.measured_error for r in report.compressed])
     assert errors["custom"] == pytest.approx(errors["subgraph"], rel=1e-4)
     assert errors["function"] == pytest.approx(errors["subgraph"], rel=1e-4)
+
+
+def test_verify_left_multiplied_weight_uses_transposed_input_rows():
+    """MatMul(W, X): in Y = X @ W orientation the rows are X with its last two axes swapped."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    w = graded_matrix(rng, 64, 96, 0.8).astype(np.float32)  # Y = W @ X, X: (N, 96, 8)
+    node = helper.make_node("MatMul", ["W", "x"], ["y"], name="left")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 96, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 8])],
+                              [numpy_helper.from_array(w, "W")])
+    orig = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, no_verify=True)
+    (record,) = report.compressed
+    assert record.shape == [96, 64]
+    x = rng.standard_normal((5, 2, 96, 8)).astype(np.float32)
+    result = verify(orig, opt, {"x": x}, collect_stats=True)
+    rows = np.swapaxes(x, -1, -2).reshape(-1, 96).astype(np.float64)
+    np.testing.assert_allclose(result.stats["left"].gram, rows.T @ rows, rtol=1e-5, atol=1e-4)
+    (layer,) = result.layers
+    assert layer.isolated and layer.ok
