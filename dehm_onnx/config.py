@@ -43,7 +43,7 @@ class OptimizeConfig:
         },
     )
     emit: str = field(
-        default="subgraph",
+        default="function",
         metadata={
             "help": "how a compressed layer is written: 'subgraph' = standard ONNX ops, 'function' = "
             "HMatMul node with a standard-op function body, 'custom' = HMatMul node for the compiled kernel",
