@@ -5,7 +5,11 @@ point sets, compressed with ``compress(W, tol)``. Every variant computes Y = X @
 its own onnxruntime session (intra_op_num_threads fixed, spinning off); the variants are
 timed alternately in one process and the medians are reported, with ratios to dense.
 
-    python benchmarks/bench_kernel.py [--size 4096] [--tol 1e-4] [--batches 1 16 256]
+    python benchmarks/bench_kernel.py [--size 4096] [--tol 1e-4] [--batches 1 16 256] [--no-demo]
+
+A second table does the same for the demo model (``models/make_demo.py``) optimized with
+``emit="function"``: the original model, the optimized file on stock onnxruntime (function
+bodies) and the same file with the HMatMul library registered.
 """
 
 from __future__ import annotations
@@ -67,15 +71,54 @@ def session(model, threads: int, library: bool):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def time_alternating(sessions: dict, x: np.ndarray, repeats: int) -> dict:
+def print_table(sessions: dict, x_all: np.ndarray, batches, seconds: float, feed: str = "X") -> None:
+    """Markdown table of medians (ms) and speedups over the session named first."""
+    names = list(sessions)
+    base, others = names[0], names[1:]
+    print(f"| batch | {base} ms | " + " | ".join(f"{n} ms | speedup" for n in others) + " |")
+    print("|" + "---|" * (2 + 2 * len(others)))
+    for batch in batches:
+        x = x_all[:batch]
+        t0 = time.perf_counter()
+        sessions[base].run(None, {feed: x})
+        one = max(time.perf_counter() - t0, 1e-5) * len(names)
+        repeats = int(min(500, max(15, seconds / one)))
+        med = time_alternating(sessions, x, repeats, feed)
+        cells = " | ".join(f"{med[n] * 1e3:.3f} | {med[base] / med[n]:.2f}x" for n in others)
+        print(f"| {batch} | {med[base] * 1e3:.3f} | {cells} |", flush=True)
+
+
+def demo_table(args) -> None:
+    import sys
+    from pathlib import Path
+
+    import dehm_onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from models.make_demo import build
+
+    original = build()
+    optimized, report = dehm_onnx.optimize(original, emit="function")
+    layers = ", ".join(f"{r.name} {r.params}/{r.dense_params}" for r in report.compressed)
+    feed = original.graph.input[0].name
+    width = original.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    print(f"\ndemo model (models/make_demo.py), optimize(emit='function'): compressed {layers} params\n")
+    sessions = {"original": session(original, args.threads, library=False),
+                "function (stock ORT)": session(optimized, args.threads, library=False),
+                "function + library": session(optimized, args.threads, library=True)}
+    x_all = np.random.default_rng(2).standard_normal((max(args.batches), width)).astype(np.float32)
+    print_table(sessions, x_all, args.batches, args.seconds, feed)
+
+
+def time_alternating(sessions: dict, x: np.ndarray, repeats: int, feed: str = "X") -> dict:
     """Median seconds per run of each session, runs interleaved so noise hits all alike."""
     times = {name: [] for name in sessions}
     for s in sessions.values():  # warm-up
-        s.run(None, {"X": x})
+        s.run(None, {feed: x})
     for _ in range(repeats):
         for name, s in sessions.items():
             t0 = time.perf_counter()
-            s.run(None, {"X": x})
+            s.run(None, {feed: x})
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -87,6 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=6.0, help="time budget per batch size")
+    parser.add_argument("--no-demo", dest="demo", action="store_false", help="skip the demo-model table")
     args = parser.parse_args(argv)
 
     w = log_kernel(args.size)
@@ -112,21 +156,11 @@ def main(argv=None) -> int:
         err = np.linalg.norm(s.run(None, {"X": x_all[:1]})[0] - ref) / np.linalg.norm(ref)
         assert err < 10 * args.tol, f"{name}: relative output error {err:.2e}"
 
-    others = [name for name in sessions if name != "dense"]
-    header = "| batch | dense ms | " + " | ".join(f"{n} ms | speedup" for n in others) + " |"
-    print(header)
-    print("|" + "---|" * (2 + 2 * len(others)))
-    for batch in args.batches:
-        x = x_all[:batch]
-        t0 = time.perf_counter()
-        sessions["dense"].run(None, {"X": x})
-        one = max(time.perf_counter() - t0, 1e-5) * (1 + len(others))
-        repeats = int(min(500, max(15, args.seconds / one)))
-        med = time_alternating(sessions, x, repeats)
-        cells = " | ".join(f"{med[n] * 1e3:.3f} | {med['dense'] / med[n]:.2f}x" for n in others)
-        print(f"| {batch} | {med['dense'] * 1e3:.3f} | {cells} |", flush=True)
+    print_table(sessions, x_all, args.batches, args.seconds)
     print(f"\ntargets: batch 1 hmatmul speedup >= {0.5 * gain:.1f}x (0.5 x dense/stored params); "
           f"batch {max(args.batches)} hmatmul speedup >= 1.0x")
+    if args.demo:
+        demo_table(args)
     return 0
 
 

@@ -34,6 +34,7 @@ struct PackedPlan {
   int64_t batch = 0;  // product of X's leading dimensions
   int64_t m = 0;
   int64_t n = 0;
+  int64_t data_size = 0;  // elements of `data` (stored parameters)
   bool has_row_perm = false;
   bool has_col_perm = false;
   std::vector<BlockView> blocks;

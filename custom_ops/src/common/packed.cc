@@ -158,6 +158,7 @@ std::string ValidatePacked(const PackedInputs& in, PackedPlan* plan) {
   plan->batch = batch;
   plan->m = m;
   plan->n = n;
+  plan->data_size = data_size;
   plan->y_shape.assign(in.x_shape.begin(), in.x_shape.end());
   plan->y_shape.back() = n;
   return "";

@@ -30,6 +30,7 @@ constexpr int64_t kBatchTile = 64;
 constexpr int64_t kTransposeBatch = 16;  // batches at least this wide use the batch-major layout
 constexpr int64_t kTransposeRows = 64;
 constexpr int64_t kMaxWorkers = 64;
+constexpr int64_t kParallelWork = int64_t{1} << 19;  // multiply-adds below which one thread runs
 
 inline void Gemm(const GemmKernels& k, const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth,
                  const float* b, int64_t ldb, float* y, int64_t ldy, int64_t w) {
@@ -42,7 +43,7 @@ inline void Gemm(const GemmKernels& k, const float* a, int64_t lda, int64_t ainc
 
 // Runs task(t) for t in [0, num_tasks) on the session's intra-op pool, tasks pulled dynamically.
 template <typename Task>
-void RunTasks(OrtKernelContext* ctx, int64_t num_tasks, const Task& task) {
+void RunTasks(OrtKernelContext* ctx, bool parallel, int64_t num_tasks, const Task& task) {
   struct State {
     const Task* task;
     std::atomic<int64_t> next;
@@ -54,7 +55,7 @@ void RunTasks(OrtKernelContext* ctx, int64_t num_tasks, const Task& task) {
     for (int64_t t = s->next.fetch_add(1); t < s->total; t = s->next.fetch_add(1)) (*s->task)(t);
   };
   const size_t workers = static_cast<size_t>(std::min<int64_t>(num_tasks, kMaxWorkers));
-  if (workers <= 1) {
+  if (!parallel || workers <= 1) {
     worker(&state, 0);
     return;
   }
@@ -97,6 +98,10 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
   const bool transposed = kIsFloat && batch >= kTransposeBatch;
   const bool need_xp = transposed || plan.has_row_perm || !kIsFloat;
   const bool need_yp = plan.has_col_perm || !kIsFloat;
+  // Waking pool threads costs tens of microseconds (spinning is often off): small products
+  // run on the calling thread.
+  int64_t work = 0;
+  const bool parallel = !CheckedMul(batch, plan.data_size, &work) || work >= kParallelWork;
 
   // Scratch: [Xp (batch x m)] [per low-rank block: batch x rank] [Yp (batch x n)].
   std::vector<int64_t> t_offset(plan.blocks.size(), 0);
@@ -126,7 +131,7 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
   if (transposed) {
     xv = View{scratch.get(), 1, batch};
     const int64_t row_chunks = (m + kTransposeRows - 1) / kTransposeRows;
-    RunTasks(ctx, row_chunks, [&](int64_t chunk) {
+    RunTasks(ctx, parallel, row_chunks, [&](int64_t chunk) {
       const int64_t i0 = chunk * kTransposeRows, i1 = std::min(m, i0 + kTransposeRows);
       // 16 batch rows at a time: each store run is one contiguous 64-byte line of Xt.
       for (int64_t b0 = 0; b0 < batch; b0 += 16) {
@@ -140,7 +145,7 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
     });
   } else if (need_xp) {
     xv = View{scratch.get(), m, 1};
-    RunTasks(ctx, batch_tiles, [&](int64_t tile) {
+    RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
       int64_t b0, b1;
       tile_range(tile, &b0, &b1);
       for (int64_t b = b0; b < b1; ++b) {
@@ -165,7 +170,7 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
     return (b.r1 - b.r0) * b.rank;
   };
   std::sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
-  RunTasks(ctx, static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+  RunTasks(ctx, parallel, static_cast<int64_t>(tasks.size()), [&](int64_t t) {
     const int64_t task = tasks[static_cast<size_t>(t)];
     const size_t bi = static_cast<size_t>(task / batch_tiles);
     const BlockView& blk = plan.blocks[bi];
@@ -223,7 +228,7 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
     chunk_segments[static_cast<size_t>(c) + 1] = static_cast<int64_t>(segments.size());
   }
   auto segment_fn = std::is_same<Raw, float>::value ? kernels.segment_f32 : kernels.segment_f16;
-  RunTasks(ctx, col_chunks * batch_tiles, [&](int64_t task) {
+  RunTasks(ctx, parallel, col_chunks * batch_tiles, [&](int64_t task) {
     const int64_t c = task / batch_tiles;
     int64_t b0, b1;
     tile_range(task % batch_tiles, &b0, &b1);
@@ -265,7 +270,7 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
   });
 
   if (need_yp) {
-    RunTasks(ctx, batch_tiles, [&](int64_t tile) {
+    RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
       int64_t b0, b1;
       tile_range(tile, &b0, &b1);
       for (int64_t b = b0; b < b1; ++b) {
