@@ -80,8 +80,11 @@ def _rel_error(w64: np.ndarray, approx: np.ndarray, norm: float) -> float:
     return float(np.linalg.norm(w64 - approx) / norm) if norm > 0 else 0.0
 
 
-def truncated_svd(w: np.ndarray, tol: float) -> SvdFactors:
+def truncated_svd(w: np.ndarray, tol: float, max_rank: int | None = None) -> SvdFactors | None:
     """The lowest-rank ``U @ Vt`` with ``||W - U @ Vt||_F <= tol * ||W||_F`` for the rounded factors.
+
+    Returns ``None`` when that rank exceeds ``max_rank`` (e.g. the rank beyond which the
+    factors store more than W itself), without forming the factors.
 
     Raises:
         ConfigError: tol outside (0, 1).
@@ -97,6 +100,8 @@ def truncated_svd(w: np.ndarray, tol: float) -> SvdFactors:
     budget = tol * norm
     rank = int(np.argmax(tails <= budget))
     while True:
+        if max_rank is not None and rank > max_rank:
+            return None
         us = (u[:, :rank] * s[:rank]).astype(w.dtype)
         vk = vt[:rank].astype(w.dtype)
         error = _rel_error(w64, us.astype(np.float64) @ vk.astype(np.float64), norm)

@@ -10,8 +10,11 @@ svd        every eligible weight W -> ``(X @ U) @ Vt``, the lowest rank meeting 
 pruning    every eligible weight W -> its magnitude-pruned copy meeting ``tol``, stored dense
            (``baselines.magnitude_prune``)
 int8       ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights, per channel,
-           MatMul nodes)
+           MatMul nodes; activations are quantized at run time)
 int4       ``onnxruntime`` ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric, MatMul nodes)
+
+Both quantizers handle MatMul only: plain Gemms with a constant B are first rewritten as
+MatMul + Add (``gemm_as_matmul``), so that they quantize the same weights as the others.
 =========  ==================================================================================
 
 "Eligible" is decided by the optimize pass's own checks (``OptimizeConfig``: ``min_size``,
@@ -105,10 +108,16 @@ def _build_dehm(spec, original, source, config, workdir) -> Built:
     return Built(path, seconds, certified=certified)
 
 
-def svd_hmatrix(w: np.ndarray, tol: float) -> HMatrix:
-    """A truncated SVD of W as a one-block H-matrix (so the optimize pass can emit it)."""
-    factors = truncated_svd(w, tol)
+def svd_hmatrix(w: np.ndarray, tol: float) -> HMatrix | Skip:
+    """A truncated SVD of W as a one-block H-matrix (so the optimize pass can emit it).
+
+    Returns a ``Skip`` (NOT_SMALLER) when the factors would store at least as much as W.
+    """
     m, n = w.shape
+    cap = (m * n - 1) // (m + n)  # the largest rank with rank * (m + n) < m * n
+    factors = truncated_svd(w, tol, max_rank=cap)
+    if factors is None:
+        return Skip.of(SkipReason.NOT_SMALLER, params=(cap + 1) * (m + n), dense=m * n, tol=tol)
     block = Block(BlockKind.LOWRANK, 0, m, 0, n, u=factors.u, vt=factors.vt)
     norm = float(np.linalg.norm(w.astype(np.float64)))
     return HMatrix((m, n), np.dtype(w.dtype), (block,), norm, factors.rel_error * norm, tol)
@@ -129,7 +138,7 @@ class TruncatedSvdPass(CompressWeightsPass):
                 tol = min(self._tol(c) for c in users)
                 try:
                     hm = svd_hmatrix(users[0].weight, tol)
-                    skip = check_gain(hm, tol)
+                    skip = hm if isinstance(hm, Skip) else check_gain(hm, tol)
                 except (InvalidWeightError, CompressionError, np.linalg.LinAlgError) as e:
                     skip = Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e))
                 if skip is not None:
@@ -206,15 +215,59 @@ def _quiet_root_logger():
         root.removeFilter(advice)
 
 
+def gemm_as_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite main-graph ``Gemm(A, B const[, C])`` (alpha = beta = 1, no transA) as ``MatMul(A, op(B)) [+ C]``.
+
+    onnxruntime's dynamic int8 and MatMulNBits quantizers handle MatMul only; this lets them
+    quantize the same weights as the other methods. The last node keeps the Gemm's output
+    name. Returns the number of rewritten nodes.
+    """
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or not plain or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        b = numpy_helper.to_array(weights[node.input[1]])
+        name = f"{node.input[1]}.as_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b.T if attrs.get("transB", 0) else b), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul"))
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        kept = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return count
+
+
+def _matmul_source(original: onnx.ModelProto, source: Path, workdir: Path) -> Path:
+    """``source``, or a copy with its Gemms rewritten as MatMuls (see ``gemm_as_matmul``)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    if not gemm_as_matmul(model):
+        return Path(source)
+    path = workdir / "gemm_as_matmul.onnx"
+    save_model(model, path)
+    return path
+
+
 def _build_int8(spec, original, source, config, workdir) -> Built:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = _target(workdir, spec)
     start = time.perf_counter()
+    source = _matmul_source(original, source, workdir)
     with _quiet_root_logger():
-        quantize_dynamic(
-            Path(source), path, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
-        )
+        quantize_dynamic(source, path, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
     return Built(path, time.perf_counter() - start)
 
 
@@ -224,7 +277,7 @@ def _build_int4(spec, original, source, config, workdir) -> Built:
 
     start = time.perf_counter()
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(source)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, op_types_to_quantize=("MatMul",)
+        onnx.load(str(_matmul_source(original, source, workdir))), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, op_types_to_quantize=("MatMul",)
     )
     quantizer.process()
     seconds = time.perf_counter() - start

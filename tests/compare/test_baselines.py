@@ -61,3 +61,10 @@ def test_baselines_reject_bad_input(function):
         function(np.full((4, 4), np.nan), 0.1)
     with pytest.raises(InvalidWeightError, match="floating"):
         function(np.ones((4, 4), dtype=np.int32), 0.1)
+
+
+def test_truncated_svd_returns_none_beyond_max_rank(rng):
+    w, s = _graded(rng)
+    needed = truncated_svd(w, 1e-4).rank
+    assert truncated_svd(w, 1e-4, max_rank=needed - 1) is None
+    assert truncated_svd(w, 1e-4, max_rank=needed).rank == needed

@@ -185,3 +185,24 @@ def test_compare_whisper128_mel_filterbank(tmp_path):
     # The banded filterbank: the H-matrix stores less than the dense 201 x 128 weight.
     assert dehm["stored_params"] < result.row("original")["stored_params"]
     assert result.row("int8")["max_layer_error"] > 0
+
+
+def test_compare_quantizers_reach_gemm_weights(tmp_path, rng):
+    # onnxruntime's quantizers handle MatMul only; compare rewrites plain Gemms first.
+    w = rng.standard_normal((96, 128)).astype(np.float32)  # transB=1: W is stored as (out, in)
+    bias = rng.standard_normal(96).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="dense", transB=1)
+    model = make_model([node], [("x", np.float32, [None, 128])], [("y", np.float32, [None, 96])], [("w", w), ("b", bias)])
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert methods_module.gemm_as_matmul(rewritten) == 1
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "Add"]
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    np.testing.assert_allclose(run_model(rewritten, {"x": x})[0], run_model(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    path = tmp_path / "gemm.onnx"
+    onnx.save(model, path)
+    result = compare(path, tols=[1e-2], methods=["original", "int8", "int4"], rounds=1)
+    assert not result.errors
+    for method in ("int8", "int4"):
+        assert result.layer_errors[method]["dense"] > 0
+        assert result.row(method)["file_bytes"] < result.row("original")["file_bytes"]
