@@ -123,6 +123,26 @@ def expose_outputs(model, names: Iterable[str]) -> ExposedModel:
     return ExposedModel(model, exposed, notes)
 
 
+# protobuf cannot serialize a message of 2 GiB or more; such models go through a file.
+_PROTO_LIMIT = 2**31 - 1
+
+
+def _session_from_file(model, options):
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="dehm_verify_") as folder:
+        path = os.path.join(folder, "model.onnx")
+        # onnx.save moves tensors to external references in place; keep the caller's model intact.
+        onnx.save(copy.deepcopy(model), path, save_as_external_data=True, location="model.onnx.data")
+        try:
+            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise InvalidModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+
+
 def _uses_custom_domain(model) -> bool:
     from ..ops.hmatmul import DOMAIN
 
@@ -142,6 +162,8 @@ def make_cpu_session(model):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if model.ByteSize() >= _PROTO_LIMIT:
+        return _session_from_file(model, options)
     data = model.SerializeToString()
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])

@@ -208,3 +208,14 @@ def test_extract_layer_model_reproduces_the_layer(pair):
     inits = {t.name: numpy_helper.to_array(t) for t in opt.graph.initializer}
     np.testing.assert_allclose(y, x @ inits["W1.u"] @ inits["W1.vt"], rtol=1e-5, atol=1e-5)
     assert extract_layer_model(opt, "x", "nowhere", np.float32) is None
+
+
+def test_sessions_for_models_beyond_protobuf_limit_go_through_a_file(pair, monkeypatch):
+    from dehm_onnx.verify import runner
+
+    orig, opt = pair
+    before = orig.SerializeToString()
+    monkeypatch.setattr(runner, "_PROTO_LIMIT", 1)  # every model takes the file route
+    result = verify(orig, opt, _calib(4))
+    assert result.ok and all(layer.isolated for layer in result.layers)
+    assert orig.SerializeToString() == before
