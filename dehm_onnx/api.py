@@ -24,6 +24,7 @@ from .config import OptimizeConfig, make_config
 from .errors import ConfigError, InvalidModelError
 from .graph import external
 from .graph.rewrite import CompressWeightsPass
+from .graph.scan import first_non_text_name
 from .report import Report
 
 __all__ = ["optimize", "optimize_file", "load_model", "save_model", "rewrite", "uses_external_data"]
@@ -185,6 +186,9 @@ def optimize_file(input_path, output_path, config: OptimizeConfig | None = None,
 
 
 def _check(model: onnx.ModelProto, what: str) -> None:
+    bad_name = first_non_text_name(model)
+    if bad_name is not None:
+        raise InvalidModelError(f"{what} has a name that is not valid UTF-8: {bad_name!r}")
     if external.external_tensors(model):
         model = external.checkable_copy(model)  # locations are validated separately
     try:

@@ -182,3 +182,14 @@ def test_cli_include_and_exclude_patterns_are_repeatable(model_path, tmp_path):
     assert json.loads(report.read_text())["layers"][0]["compressed"] is True
     assert cli.main(args + ["--exclude", "w", "--exclude", "other"]) == 0
     assert json.loads(report.read_text())["layers"][0]["skip_reason"] == "EXCLUDED"
+
+
+def test_cli_name_not_valid_utf8_exits_2(model_path, tmp_path, capsys):
+    data = model_path.read_bytes()
+    position = data.index(b"fc")  # the node name
+    bad = tmp_path / "bad_name.onnx"
+    bad.write_bytes(data[:position] + b"f\xde" + data[position + 2 :])
+    assert cli.main(["optimize", str(bad), str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not valid UTF-8" in err
+    assert not (tmp_path / "o.onnx").exists()

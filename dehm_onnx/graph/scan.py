@@ -29,7 +29,16 @@ import onnx
 
 from .external import tensor_array, uses_external_data
 
-__all__ = ["ConstRef", "Candidate", "Scan", "scan", "is_emitted", "iter_graphs", "activation_ranks"]
+__all__ = [
+    "ConstRef",
+    "Candidate",
+    "Scan",
+    "scan",
+    "is_emitted",
+    "iter_graphs",
+    "activation_ranks",
+    "first_non_text_name",
+]
 
 PROVENANCE_PREFIX = "dehm."
 
@@ -148,6 +157,22 @@ def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
     if attr.type == onnx.AttributeProto.GRAPHS:
         return list(attr.graphs)
     return []
+
+
+def first_non_text_name(model: onnx.ModelProto):
+    """The first name that is not valid UTF-8 (protobuf hands those over as bytes), or None.
+
+    The ONNX checker accepts such names, but they cannot be compared with, or written next
+    to, the names the pass creates.
+    """
+    texts = [o.domain for o in model.opset_import]
+    texts += [t for p in model.metadata_props for t in (p.key, p.value)]
+    for graph, _ in iter_graphs(model.graph):
+        texts += [v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)]
+        texts += [t.name for t in graph.initializer]
+        for node in graph.node:
+            texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
+    return next((t for t in texts if not isinstance(t, str)), None)
 
 
 def activation_ranks(model: onnx.ModelProto) -> dict[str, int]:
