@@ -105,6 +105,14 @@ def _build_cases() -> list[Case]:
     cases.append(Case("float16_hodlr", hm16, rng.standard_normal((6, 45)).astype(f16)))
     hm16b = _hm((45, 33), tree16, f16)
     cases.append(Case("float16_identity_3d", hm16b, rng.standard_normal((2, 65, 45)).astype(f16)))
+    # Enough multiply-adds (batch x stored values >= 2^19) for the kernel's multi-task paths.
+    for dtype, batch, name in ((f32, 5, "parallel_rows"), (f16, 6, "parallel_rows_float16"),
+                               (f32, 20, "parallel_batch_major")):
+        rng = _rng(10)
+        blocks = [_dense(rng, 0, 530, 0, 301, dtype), _lowrank(rng, 0, 530, 301, 333, 7, dtype),
+                  _lowrank(rng, 530, 601, 0, 333, 3, dtype)]
+        hm = _hm((601, 333), blocks, dtype, rng.permutation(601), rng.permutation(333))
+        cases.append(Case(name, hm, rng.standard_normal((batch, 601)).astype(dtype)))
     return cases
 
 

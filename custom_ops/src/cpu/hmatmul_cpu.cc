@@ -84,6 +84,23 @@ struct View {
   int64_t ld_i;
 };
 
+// Y[b, col_perm[j]] = Yp[b, j] (rounded to T) for b in [b0, b1); nothing when Yp is Y.
+template <typename T>
+void ScatterOutput(const PackedPlan& plan, const float* yp, const int64_t* col_perm, T* y, bool need_yp, int64_t b0,
+                   int64_t b1) {
+  if (!need_yp) return;
+  const int64_t n = plan.n;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* in = yp + b * n;
+    T* out = y + b * n;
+    if (plan.has_col_perm) {
+      for (int64_t j = 0; j < n; ++j) out[col_perm[j]] = Storage<T>::FromFloat(in[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[j] = Storage<T>::FromFloat(in[j]);
+    }
+  }
+}
+
 template <typename T>
 void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T* data_t, const int64_t* row_perm,
              const int64_t* col_perm, T* y) {
@@ -156,6 +173,26 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
     });
   }
   float* yf = need_yp ? yp : reinterpret_cast<float*>(y);
+
+  if (!parallel && !transposed) {
+    // One thread, small batch: a single pass over the blocks in storage order reads `data`
+    // as one forward stream, accumulating straight into Yp (which stays in cache).
+    std::fill(yf, yf + batch * n, 0.0f);
+    for (const BlockView& blk : plan.blocks) {
+      const int64_t rows = blk.r1 - blk.r0, cols = blk.c1 - blk.c0;
+      const float* xa = xv.p + blk.r0;
+      if (blk.kind == BlockKind::kDense) {
+        Gemm(kernels, xa, m, 1, batch, rows, data + blk.offset, cols, yf + blk.c0, n, cols);
+      } else if (blk.kind == BlockKind::kLowRank && blk.rank > 0) {
+        const int64_t k = blk.rank;
+        std::fill(tbuf, tbuf + batch * k, 0.0f);
+        Gemm(kernels, xa, m, 1, batch, rows, data + blk.offset, k, tbuf, k, k);
+        Gemm(kernels, tbuf, k, 1, batch, k, data + blk.offset + rows * k, cols, yf + blk.c0, n, cols);
+      }
+    }
+    ScatterOutput(plan, yp, col_perm, y, need_yp, 0, batch);
+    return;
+  }
 
   // Phase 1: T_b = Xp_b @ U_b per low-rank block and batch tile, largest tasks first.
   // Row layout: T_b[b, k] at t[b * rank + k]; transposed: at t[k * batch + b].
@@ -269,21 +306,11 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
     }
   });
 
-  if (need_yp) {
-    RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
-      int64_t b0, b1;
-      tile_range(tile, &b0, &b1);
-      for (int64_t b = b0; b < b1; ++b) {
-        const float* in = yp + b * n;
-        T* out = y + b * n;
-        if (plan.has_col_perm) {
-          for (int64_t j = 0; j < n; ++j) out[col_perm[j]] = Storage<T>::FromFloat(in[j]);
-        } else {
-          for (int64_t j = 0; j < n; ++j) out[j] = Storage<T>::FromFloat(in[j]);
-        }
-      }
-    });
-  }
+  RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
+    int64_t b0, b1;
+    tile_range(tile, &b0, &b1);
+    ScatterOutput(plan, yp, col_perm, y, need_yp, b0, b1);
+  });
 }
 
 template <typename T>
