@@ -258,7 +258,7 @@ class _Scanner:
     def _maybe_candidate(self, node, graph, path, scopes) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or is_emitted(node):
             return
-        if len(node.input) < 2 or len(node.output) != 1 or not node.output[0]:
+        if len(node.input) < 2 or not all(node.input[:2]) or len(node.output) != 1 or not node.output[0]:
             return
         a, b = (_resolve(n, scopes) for n in node.input[:2])
         common = dict(node=node, graph=graph, graph_path=path, output=node.output[0])
