@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 
 def graded_matrix(rng, m: int, n: int, decay: float = 0.7) -> np.ndarray:
