@@ -193,3 +193,9 @@ def test_cli_name_not_valid_utf8_exits_2(model_path, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not valid UTF-8" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_report_in_missing_folder_fails_before_writing(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert cli.main(["optimize", str(model_path), str(out), "--report", str(tmp_path / "no" / "r.json")]) == 2
+    assert "--report" in capsys.readouterr().err and not out.exists()

@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     output = Path(args.output)
     _refuse_same(Path(args.input), output)
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"folder of --report {args.report!r} does not exist")
     # The bar draws only on a terminal; --quiet turns it off as well as the table.
     progress = ProgressBar(enabled=False if args.quiet else None)
     try:
