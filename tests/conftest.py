@@ -156,7 +156,8 @@ def assert_layers_within_bound(original: onnx.ModelProto, optimized: onnx.ModelP
         x_feed = x_eff.T if cand.trans_x else x_eff
         feeds = {cand.x_name: np.ascontiguousarray(x_feed)}
         if cand.c_name and cand.c_name not in _constants_by_name(original):
-            feeds[cand.c_name] = rng.standard_normal((batch, w.shape[1])).astype(dtype)
+            c_shape = (w.shape[1], batch) if cand.trans_y else (batch, w.shape[1])
+            feeds[cand.c_name] = rng.standard_normal(c_shape).astype(dtype)
         before = run_model(extract_nodes(original, [cand.node], record.output, dtype), feeds)[0]
         after = run_model(extract_nodes(optimized, emitted[record.name], record.output, dtype), feeds)[0]
         bound = error_bound_abs(x_eff, w, record.certified_error, cand.alpha, dtype)

@@ -295,3 +295,27 @@ def test_rewrite_keeps_everything_else(rng):
     assert list(out.graph.value_info) == list(model.graph.value_info)
     assert list(out.opset_import) == list(model.opset_import)
     assert (out.ir_version, list(out.graph.input), list(out.graph.output)) == (model.ir_version, list(model.graph.input), list(model.graph.output))
+
+
+def test_rewrite_every_form_within_certified_bound(rng):
+    """Numerically low-rank (not exact) weights in every candidate form, each layer run alone."""
+    from tests.conftest import assert_layers_within_bound
+
+    k = smooth_kernel(160, 128)
+    nodes = [
+        helper.make_node("MatMul", ["x", "k"], ["y_right"], name="right"),
+        helper.make_node("MatMul", ["kt", "z"], ["y_left"], name="left"),
+        helper.make_node("Gemm", ["xt", "kt", "c"], ["y_gemm_b"], name="gemm_b", transA=1, transB=1, alpha=0.5, beta=2.0),
+        helper.make_node("Gemm", ["k", "z2", "c2"], ["y_gemm_a"], name="gemm_a", transA=1, alpha=-1.5),
+    ]
+    model = make_model(
+        nodes,
+        [("x", np.float32, [4, 160]), ("z", np.float32, [160, 4]), ("xt", np.float32, [160, 4]), ("z2", np.float32, [160, 4]), ("c2", np.float32, [128, 4])],
+        [("y_right", np.float32, [4, 128]), ("y_left", np.float32, [128, 4]), ("y_gemm_b", np.float32, [4, 128]), ("y_gemm_a", np.float32, [128, 4])],
+        [("k", k), ("kt", np.ascontiguousarray(k.T)), ("c", rng.standard_normal(128).astype(np.float32))],
+    )
+    optimized, report = dehm_onnx.optimize(model, tol=1e-2, no_verify=True)
+    assert [r.compressed for r in report.layers] == [True] * 4
+    assert all(0 < r.certified_error <= 1e-2 for r in report.layers)
+    measured = assert_layers_within_bound(model, optimized, report, rng, batch=8)
+    assert set(measured) == {"right", "left", "gemm_b", "gemm_a"}
