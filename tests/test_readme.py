@@ -55,3 +55,14 @@ def test_readme_defaults_match_config():
     prose = re.search(r"The default `([0-9.e-]+)`", README)
     assert heading and prose and float(heading.group(1)) == float(prose.group(1)) == defaults.tol
     assert f"(default {defaults.min_size})" in README
+
+
+def test_readme_lists_every_layer_record_field():
+    import dataclasses
+
+    from dehm_onnx.report import LayerRecord
+
+    listed = re.search(r"list of `LayerRecord`s \(`([^`]*)`\)", README.replace("\n  ", " "))
+    assert listed, "README lists the LayerRecord fields"
+    names = {n.strip() for n in listed.group(1).split(",")}
+    assert {f.name for f in dataclasses.fields(LayerRecord)} | {"ratio"} == names
