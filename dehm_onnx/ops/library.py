@@ -9,6 +9,7 @@ calls only check that the library is newer than its sources. ``make_session()`` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import subprocess
@@ -33,9 +34,14 @@ def source_dir() -> Path:
 
 
 def build_dir() -> Path:
-    """Where the library is built: ``$DEHM_CACHE/custom_ops-build`` (default ``~/.cache/dehm_onnx``)."""
+    """Where the library is built: ``$DEHM_CACHE/custom_ops-build-<hash of the source path>``.
+
+    ``DEHM_CACHE`` defaults to ``~/.cache/dehm_onnx``; the hash keeps checkouts apart (a CMake
+    build folder belongs to one source folder).
+    """
     cache = Path(os.environ.get("DEHM_CACHE") or Path.home() / ".cache" / "dehm_onnx")
-    return cache / "custom_ops-build"
+    tag = hashlib.sha1(str(source_dir()).encode()).hexdigest()[:10]
+    return cache / f"custom_ops-build-{tag}"
 
 
 def _library_path(build: Path) -> Path:
