@@ -1,6 +1,7 @@
 // Implementation of GemmKernels (gemm.h), compiled once per instruction set with
 // DEHM_GEMM_NS naming the namespace. Plain C++: the compiler vectorizes the fixed-size
 // register tiles (RB rows x CB columns kept in accumulators across the whole depth).
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -134,16 +135,10 @@ void PanelN(int64_t width, const float* a, int64_t lda, int64_t ainc, int64_t ro
     DEHM_PANEL_CASE(6)
     DEHM_PANEL_CASE(7)
     DEHM_PANEL_CASE(8)
-    DEHM_PANEL_CASE(9)
-    DEHM_PANEL_CASE(10)
-    DEHM_PANEL_CASE(11)
-    DEHM_PANEL_CASE(12)
-    DEHM_PANEL_CASE(13)
-    DEHM_PANEL_CASE(14)
-    DEHM_PANEL_CASE(15)
 #undef DEHM_PANEL_CASE
-    default:
-      return;
+    default:  // 9..15: a panel of 8, then the rest
+      Panel<8>(a, lda, ainc, rows, depth, b, ldb, y, ldy);
+      return PanelN(width - 8, a, lda, ainc, rows, depth, b + 8, ldb, y + 8, ldy);
   }
 }
 
@@ -209,9 +204,17 @@ void GemmF32(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t de
   GemmAcc(a, lda, ainc, rows, depth, b, ldb, y, ldy, w);
 }
 
+// float16 payloads take plain loops (fewer template instances; float16 speed is no goal).
 void GemmF16(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth, const uint16_t* b, int64_t ldb, float* y,
              int64_t ldy, int64_t w) {
-  GemmAcc(a, lda, ainc, rows, depth, b, ldb, y, ldy, w);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * ldy;
+    for (int64_t i = 0; i < depth; ++i) {
+      const float s = a[r * lda + i * ainc];
+      const uint16_t* bi = b + i * ldb;
+      for (int64_t j = 0; j < w; ++j) yr[j] += s * HalfToFloat(bi[j]);
+    }
+  }
 }
 
 // Register tile over all terms: RB rows x CB columns, written once.
@@ -288,6 +291,10 @@ template <typename W>
 void Segment(const Term* terms, int64_t num_terms, int64_t rows, float* y, int64_t ldy, int64_t w, bool accumulate) {
   int64_t j = 0;
   for (; j + kColBlock <= w; j += kColBlock) TermPanel<kColBlock, W>(terms, num_terms, rows, j, y, ldy, accumulate);
+  if (w - j > 8) {
+    TermPanel<8, W>(terms, num_terms, rows, j, y, ldy, accumulate);
+    j += 8;
+  }
   switch (w - j) {
 #define DEHM_SEGMENT_CASE(N) \
   case N:                    \
@@ -300,13 +307,6 @@ void Segment(const Term* terms, int64_t num_terms, int64_t rows, float* y, int64
     DEHM_SEGMENT_CASE(6)
     DEHM_SEGMENT_CASE(7)
     DEHM_SEGMENT_CASE(8)
-    DEHM_SEGMENT_CASE(9)
-    DEHM_SEGMENT_CASE(10)
-    DEHM_SEGMENT_CASE(11)
-    DEHM_SEGMENT_CASE(12)
-    DEHM_SEGMENT_CASE(13)
-    DEHM_SEGMENT_CASE(14)
-    DEHM_SEGMENT_CASE(15)
 #undef DEHM_SEGMENT_CASE
     default:
       return;
@@ -318,7 +318,13 @@ void SegmentF32(const Term* terms, int64_t num_terms, int64_t rows, float* y, in
 }
 
 void SegmentF16(const Term* terms, int64_t num_terms, int64_t rows, float* y, int64_t ldy, int64_t w, bool accumulate) {
-  Segment<uint16_t>(terms, num_terms, rows, y, ldy, w, accumulate);
+  if (!accumulate) {
+    for (int64_t r = 0; r < rows; ++r) std::fill(y + r * ldy, y + r * ldy + w, 0.0f);
+  }
+  for (int64_t t = 0; t < num_terms; ++t) {
+    const Term& term = terms[t];
+    GemmF16(term.a, term.lda, term.ainc, rows, term.depth, static_cast<const uint16_t*>(term.b), term.ldb, y, ldy, w);
+  }
 }
 
 }  // namespace
