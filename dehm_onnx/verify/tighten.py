@@ -157,6 +157,52 @@ def _unverifiable(report, error):
     return report
 
 
+def _violator_stats(original, optimized, calib, report, result) -> dict:
+    """Input Gram matrices of the violating layers only (they can be large: m x m each)."""
+    violators = {v.name for v in result.violations}
+    layers = [r.metadata_entry() for r in report.compressed if r.name in violators]
+    return verify(original, optimized, calib, layers=layers, collect_stats=True).stats
+
+
+def _plan_tighter_tols(original, result, stats, layer_tols, dense, round_number, config) -> list:
+    """Choose a tighter tol (or dense) for every violating layer; updates ``layer_tols``/``dense``."""
+    candidates = _weights_by_layer(original)
+    steps = []
+    for check in result.violations:
+        current = layer_tols.get(check.name, check.tol if check.tol is not None else config.tol)
+        cand = candidates.get(check.name)
+        new = None
+        if cand is not None:
+            new = tighter_tol(cand.weight, stats.get(check.name), current, check.tol_out,
+                              check.rel_fro_error, config.seed)
+        steps.append({"layer": check.name, "round": round_number, "measured": check.rel_fro_error,
+                      "tol": current, "new_tol": new})
+        if new is None:
+            dense[check.name] = (f"left dense: output error {check.rel_fro_error:.2e} > tol_out {check.tol_out:.2e} "
+                                 "on calibration data, and no compressed form that meets it is smaller")
+            layer_tols.pop(check.name, None)
+        else:
+            layer_tols[check.name] = new
+        logger.info("tightening layer %r: measured %.3e > tol_out %.3e; tol %.3e -> %s",
+                    check.name, check.rel_fro_error, check.tol_out, current, new)
+    return steps
+
+
+def _allocate(original, calib, config, rewrite):
+    """Run the max_model_error allocation; generated inputs the original rejects are a ConfigError."""
+    from .allocate import allocate_tol
+
+    try:
+        return allocate_tol(original, calib, config, rewrite)
+    except CalibrationRunError as e:
+        if e.which != "original" or _user_calibration(config):
+            raise
+        raise ConfigError(
+            f"max_model_error needs calibration inputs that the original model runs on ({e}); "
+            "pass --calibration or --input-shape/--input-range"
+        ) from e
+
+
 def verify_and_tighten(original, optimized, report, config, rewrite):
     """Verify ``optimized`` against ``original``; recompress layers over their output bound.
 
@@ -177,24 +223,14 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
         report.verification = {"performed": False, "reason": "skipped (no_verify / --no-verify)"}
         return optimized, report
     if not report.compressed and config.max_model_error is None:
-        if config.calibration or config.input_shape or config.input_range:
+        if _user_calibration(config):
             calibration_for(original, config)  # bad options are errors even with nothing to check
         report.verification = {"performed": False, "reason": "no layer was compressed"}
         return optimized, report
     calib = calibration_for(original, config)
     allocation = None
     if config.max_model_error is not None:
-        from .allocate import allocate_tol
-
-        try:
-            allocation = allocate_tol(original, calib, config, rewrite)
-        except CalibrationRunError as e:
-            if e.which != "original" or _user_calibration(config):
-                raise
-            raise ConfigError(
-                f"max_model_error needs calibration inputs that the original model runs on ({e}); "
-                "pass --calibration or --input-shape/--input-range"
-            ) from e
+        allocation = _allocate(original, calib, config, rewrite)
         config = allocation.config
         optimized, report = rewrite(original, config, allocation.layer_tols)
     tol_out = config.tol_out if config.tol_out is not None else config.tol
@@ -211,28 +247,8 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
             return optimized, _unverifiable(report, e)
         if result.ok or round_index == MAX_ROUNDS:
             break
-        violators = {v.name for v in result.violations}
-        with_stats = verify(original, optimized, calib, layers=[r.metadata_entry() for r in report.compressed
-                                                                 if r.name in violators], collect_stats=True)
-        candidates = _weights_by_layer(original)
-        for check in result.violations:
-            current = layer_tols.get(check.name, check.tol if check.tol is not None else config.tol)
-            cand = candidates.get(check.name)
-            new = None
-            if cand is not None:
-                new = tighter_tol(cand.weight, with_stats.stats.get(check.name), current, check.tol_out,
-                                  check.rel_fro_error, config.seed)
-            step = {"layer": check.name, "round": round_index + 1, "measured": check.rel_fro_error,
-                    "tol": current, "new_tol": new}
-            steps.append(step)
-            if new is None:
-                dense[check.name] = (f"left dense: output error {check.rel_fro_error:.2e} > tol_out {check.tol_out:.2e} "
-                                     "on calibration data, and no compressed form that meets it is smaller")
-                layer_tols.pop(check.name, None)
-            else:
-                layer_tols[check.name] = new
-            logger.info("tightening layer %r: measured %.3e > tol_out %.3e; tol %.3e -> %s",
-                        check.name, check.rel_fro_error, check.tol_out, current, new)
+        stats = _violator_stats(original, optimized, calib, report, result)
+        steps += _plan_tighter_tols(original, result, stats, layer_tols, dense, round_index + 1, config)
         optimized, report = rewrite(original, _exclude_dense(config, dense), layer_tols)
     _note_results(report, result, dense)
     _write_layers_metadata(optimized, report)
