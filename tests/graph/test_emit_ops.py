@@ -163,3 +163,27 @@ def test_emit_stores_factors_in_activation_dtype(rng, dtype):
     _, inits, _ = emit_subgraph(hm, "x", "y", "p", dtype)
     float_types = {t.data_type for t in inits if t.data_type != onnx.TensorProto.INT64}
     assert float_types == {helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}
+
+
+def test_onnxruntime_does_not_fold_factors_back_into_dense_blocks(rng, tmp_path):
+    """With every graph optimization on, the session's graph still stores only the factors."""
+    import onnxruntime as ort
+
+    blocks = [_block(rng, BlockKind.LOWRANK, 0, 64, 0, 64, rank=3), _block(rng, BlockKind.LOWRANK, 64, 128, 0, 64, rank=3)]
+    hm = _hm((128, 64), blocks)
+    nodes, inits, _ = emit_subgraph(hm, "x", "y", "w.hm", np.float32)
+    graph = helper.make_graph(
+        nodes,
+        "emit",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 128])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 64])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    folded = onnx.load(tmp_path / "session.onnx")
+    stored = sum(int(np.prod(t.dims)) for t in folded.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    assert stored <= hm.params < 128 * 64
