@@ -319,3 +319,20 @@ def test_rewrite_every_form_within_certified_bound(rng):
     assert all(0 < r.certified_error <= 1e-2 for r in report.layers)
     measured = assert_layers_within_bound(model, optimized, report, rng, batch=8)
     assert set(measured) == {"right", "left", "gemm_b", "gemm_a"}
+
+
+def test_rewrite_float64_weights(rng):
+    w = smooth_kernel(128, 96, dtype=np.float64)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="f64")],
+        [("x", np.float64, ["B", 128])],
+        [("y", np.float64, ["B", 96])],
+        [("w", w)],
+    )
+    out, report = dehm_onnx.optimize(model, tol=1e-6)
+    (record,) = report.layers
+    assert record.compressed and record.certified_error <= 1e-6
+    assert {t.data_type for t in out.graph.initializer if t.data_type != onnx.TensorProto.INT64} == {onnx.TensorProto.DOUBLE}
+    x = rng.standard_normal((3, 128))
+    y = run_model(out, {"x": x})[0]
+    assert y.dtype == np.float64 and rel_fro(y, x @ w) <= output_bound(x, w, record.certified_error, np.float64)
