@@ -389,14 +389,16 @@ def _add_domains(model, nodes) -> None:
 
 
 def _remove_constant(const: ConstRef) -> None:
-    """Drop a weight that every user stopped reading."""
+    """Drop a weight that every user stopped reading, with its ``value_info`` entry."""
     graph = const.graph
     if const.node is not None:
         index = next(i for i, n in enumerate(graph.node) if list(n.output) == [const.name])
         del graph.node[index]
-        return
-    index = next(i for i, t in enumerate(graph.initializer) if t.name == const.name)
-    del graph.initializer[index]
+    else:
+        index = next(i for i, t in enumerate(graph.initializer) if t.name == const.name)
+        del graph.initializer[index]
+    for index in reversed([i for i, v in enumerate(graph.value_info) if v.name == const.name]):
+        del graph.value_info[index]
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
