@@ -1,12 +1,17 @@
 // CPU kernel of HMatMul: Y = X @ W_H for a packed H-matrix (dehm_onnx/hmatrix/pack.py).
 //
-// Two race-free phases, each a list of independent tasks pulled dynamically by the
-// onnxruntime intra-op thread pool (KernelContext_ParallelFor):
-//   1. for every low-rank block b and batch tile: T_b = Xp[:, rows_b] @ U_b    (own scratch)
-//   2. for every output column chunk and batch tile: zero Yp[:, chunk], then add
-//      T_b @ Vt_b[:, chunk] and Xp[:, rows_b] @ D_b[:, chunk] for the blocks meeting it.
-// Xp is X gathered by row_perm (or X itself); Yp is scattered into Y by col_perm (or is Y).
-// float16 payloads are widened to float on the fly; accumulation is always float.
+// Small products (batch x stored values < kParallelWork, batch < kTransposeBatch) take one
+// pass over the blocks in storage order on the calling thread: T = Xp_b @ U_b, then
+// Yp[:, cols_b] += T @ Vt_b (or Xp_b @ D_b), so `data` is read as one forward stream.
+// Larger products run two race-free phases of independent tasks pulled dynamically by
+// the onnxruntime intra-op thread pool (KernelContext_ParallelFor):
+//   1. for every low-rank block and batch tile: T_b = Xp[:, rows_b] @ U_b (own scratch);
+//   2. for every output column chunk and batch tile: the chunk is cut at block edges into
+//      segments, and each segment's output tile is summed in registers over the blocks
+//      covering it (T_b @ Vt_b or Xp_b @ D_b) and stored once.
+// From kTransposeBatch rows on, Xp and T are kept batch-major so the products vectorize
+// over the batch. Xp is X gathered by row_perm (or X itself); Yp is scattered into Y by
+// col_perm (or is Y). float16 is widened to float on load; accumulation is always float.
 #include "hmatmul_cpu.h"
 
 #include <algorithm>
@@ -14,14 +19,12 @@
 #include <cstring>
 #include <exception>
 #include <new>
-#include <numeric>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 
 #include "dehm/layout.h"
 #include "dehm/packed.h"
 #include "gemm.h"
-
 
 namespace dehm {
 namespace {
