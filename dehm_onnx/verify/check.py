@@ -410,6 +410,35 @@ def _finish(plan: _LayerPlan) -> None:
     check.rel_fro_error = _ratio(plan.iso_sq, plan.ref_sq) if check.isolated else check.rel_fro_error_in_model
 
 
+def _unique(names: list) -> list:
+    return list(dict.fromkeys(names))
+
+
+def _compared_outputs(orig_model, opt_model) -> tuple[list, list]:
+    """Graph outputs present in both models, and a note for each one the optimized model lacks."""
+    graph_outputs = [o.name for o in orig_model.graph.output]
+    opt_outputs = {o.name for o in opt_model.graph.output}
+    compared = [name for name in graph_outputs if name in opt_outputs]
+    notes = [f"graph output {n!r} is missing from the optimized model" for n in graph_outputs if n not in opt_outputs]
+    return compared, notes
+
+
+def _expose_layers(orig_model, opt_model, plans: list, notes: list):
+    """Expose layer outputs (both models) and inputs (original); return the plans measurable."""
+    layer_names = [p.check.output for p in plans]
+    ref_exposed = expose_outputs(orig_model, layer_names + [p.x_name for p in plans if p.x_name])
+    opt_exposed = expose_outputs(opt_model, layer_names)
+    notes += ref_exposed.notes + [n for n in opt_exposed.notes if n not in ref_exposed.notes]
+    measurable = set(ref_exposed.exposed) & set(opt_exposed.exposed)
+    for plan in plans:
+        if plan.check.output not in measurable:
+            plan.x_name = None
+            plan.check.note = plan.check.note or "output not exposed in both models; not checked"
+        elif plan.x_name is not None and plan.x_name not in ref_exposed.exposed:
+            plan.x_name = None
+    return ref_exposed, opt_exposed, [p for p in plans if p.check.output in measurable]
+
+
 def verify(
     orig,
     opt,
@@ -457,32 +486,12 @@ def verify(
         seed=seed,
     )
     plans = _plan_layers(orig_model, records)
-    graph_outputs = [o.name for o in orig_model.graph.output]
-    opt_outputs = {o.name for o in opt_model.graph.output}
-    compared = [name for name in graph_outputs if name in opt_outputs]
-    notes = [f"graph output {n!r} is missing from the optimized model" for n in graph_outputs if n not in opt_outputs]
-
-    layer_names = [p.check.output for p in plans]
-    ref_exposed = expose_outputs(orig_model, layer_names + [p.x_name for p in plans if p.x_name])
-    opt_exposed = expose_outputs(opt_model, layer_names)
-    notes += ref_exposed.notes + [n for n in opt_exposed.notes if n not in ref_exposed.notes]
-    measurable = set(ref_exposed.exposed) & set(opt_exposed.exposed)
-    for plan in plans:
-        if plan.check.output not in measurable:
-            plan.x_name = None
-            plan.check.note = plan.check.note or "output not exposed in both models; not checked"
-        elif plan.x_name is not None and plan.x_name not in ref_exposed.exposed:
-            plan.x_name = None
-    active = [p for p in plans if p.check.output in measurable]
-
-    ref_session = make_cpu_session(ref_exposed.model)
-    opt_session = make_cpu_session(opt_exposed.model)
-    ref_names = list(dict.fromkeys(compared + ref_exposed.exposed))
-    opt_names = list(dict.fromkeys(compared + opt_exposed.exposed))
+    compared, notes = _compared_outputs(orig_model, opt_model)
+    ref_exposed, opt_exposed, active = _expose_layers(orig_model, opt_model, plans, notes)
     accumulators = [_OutputAccumulator(name) for name in compared]
     samples = list(calib.samples())
-    ref_runs = run_samples(ref_session, samples, ref_names, "original")
-    opt_runs = run_samples(opt_session, samples, opt_names, "optimized")
+    ref_runs = run_samples(make_cpu_session(ref_exposed.model), samples, _unique(compared + ref_exposed.exposed), "original")
+    opt_runs = run_samples(make_cpu_session(opt_exposed.model), samples, _unique(compared + opt_exposed.exposed), "optimized")
     for ref, opt_values in zip(ref_runs, opt_runs):
         for acc in accumulators:
             acc.add(ref[acc.name], opt_values[acc.name])

@@ -219,3 +219,13 @@ def test_sessions_for_models_beyond_protobuf_limit_go_through_a_file(pair, monke
     result = verify(orig, opt, _calib(4))
     assert result.ok and all(layer.isolated for layer in result.layers)
     assert orig.SerializeToString() == before
+
+
+def test_verify_layer_output_that_is_also_a_graph_output():
+    rng = np.random.default_rng(6)
+    orig = mlp([graded_matrix(rng, 32, 24, 0.7)])
+    orig.graph.output.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, None))
+    opt = lowrank_optimized(orig, {"fc0": 0.1})
+    result = verify(orig, opt, {"x": rng.standard_normal((3, 1, 32)).astype(np.float32)})
+    assert [o.name for o in result.outputs] == ["y", "h0"]
+    assert result.layers[0].rel_fro_error == pytest.approx(result.outputs[1].rel_l2)
