@@ -66,3 +66,10 @@ def test_readme_lists_every_layer_record_field():
     assert listed, "README lists the LayerRecord fields"
     names = {n.strip() for n in listed.group(1).split(",")}
     assert {f.name for f in dataclasses.fields(LayerRecord)} | {"ratio"} == names
+
+
+def test_readme_states_the_default_emit_mode():
+    from dehm_onnx.config import OptimizeConfig
+
+    default = OptimizeConfig().emit
+    assert f"(default `{default}`)" in README and f"- `{default}` (default)" in README
