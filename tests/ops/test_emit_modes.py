@@ -118,3 +118,16 @@ def test_optimized_function_model_same_outputs_stock_and_library(tmp_path):
     assert np.linalg.norm(stock - original) <= bound + rounding
     assert np.linalg.norm(library - original) <= bound + rounding
     np.testing.assert_allclose(library, stock, rtol=1e-4, atol=1e-4 * np.abs(stock).max())
+
+
+def test_optimized_custom_model_matches_function_model_with_library():
+    model, _ = _two_layer_model()
+    custom, _ = dehm_onnx.optimize(model, emit="custom", tol=1e-3)
+    function, _ = dehm_onnx.optimize(model, emit="function", tol=1e-3)
+    assert not custom.functions and all(n.overload == "" for n in custom.graph.node)
+    x = np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32)
+    y_custom = make_session(custom).run(None, {"X": x})[0]
+    y_function = make_session(function).run(None, {"X": x})[0]
+    np.testing.assert_array_equal(y_custom, y_function)  # same kernel, same packed data
+    with pytest.raises(Exception, match="HMatMul"):  # stock onnxruntime has no kernel for it
+        ort.InferenceSession(custom.SerializeToString(), providers=["CPUExecutionProvider"])
