@@ -236,6 +236,6 @@ def _row(r: LayerRecord) -> tuple[str, ...]:
             f"{r.dense_params}->{r.params}",
             f"{r.ratio:.3f}",
             _num(r.certified_error),
-            f"compressed ({r.emit}, {r.nodes} nodes)",
+            f"compressed ({r.emit}, {r.nodes} node{'' if r.nodes == 1 else 's'})",
         )
     return (r.name, r.op, shape, "-", "-", "-", str(_dense_count(r)), "-", "-", f"skipped: {r.reason}")
