@@ -1,6 +1,7 @@
 """compare on operator models: integral operators and a Gaussian-process posterior mean.
 
 Run by hand:  python benchmarks/bench_compare_operators.py [--n 2048] [--tols 1e-4 1e-3 1e-2]
+              [--emit custom --methods original dehm svd]   (dehm timed with the HMatMul kernel)
 
 Each model is one MatMul ``y = x @ K`` with a constant kernel matrix K (float32), input
 ``x`` of shape [1, n]:
@@ -30,6 +31,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from _compare_common import model_dir, run_compare
+from dehm_onnx.compare import METHODS
+from dehm_onnx.config import make_config
 
 SAMPLES = 8
 
@@ -111,7 +114,11 @@ def main() -> None:
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--only", nargs="*", default=None, help="run only these models")
+    parser.add_argument("--emit", default="subgraph", help="dehm's emission mode (subgraph, function, custom)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="methods to compare")
     args = parser.parse_args()
+    config = make_config(None, emit=args.emit)
+    suffix = "" if args.emit == "subgraph" else f"_{args.emit}"
     rng = np.random.default_rng(3)
     cases = {
         "log1d": lambda: (lambda k, t: (k, smooth_functions(t, rng)))(*log1d(args.n)),
@@ -132,7 +139,11 @@ def main() -> None:
         folder = model_dir(f"operators_{name}")
         path = folder / f"{name}.onnx"
         onnx.save(matmul_model(k, name), path)
-        run_compare(path, f"operators_{name}", titles[name], tols=args.tols, calibration={"x": calib}, rounds=args.rounds)
+        title = titles[name] + ("" if not suffix else f", dehm emitted as {args.emit!r}")
+        run_compare(
+            path, f"operators_{name}{suffix}", title,
+            tols=args.tols, methods=args.methods, calibration={"x": calib}, rounds=args.rounds, config=config,
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ def _methods():
     return METHODS
 
 
+def _emit_modes():
+    from ..graph.emit import EMITTERS
+
+    return list(EMITTERS)
+
+
 def register(subparsers) -> None:
     """Add the ``compare`` parser."""
     from ..compare.core import DEFAULT_ROUNDS, DEFAULT_TOLS
@@ -52,6 +58,7 @@ def register(subparsers) -> None:
     add_calibration_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of generated calibration inputs and of compression")
     parser.add_argument("--min-size", type=int, default=None, metavar="N", help="leave weights with min(rows, cols) < N dense (optimize's default otherwise)")
+    parser.add_argument("--emit", choices=_emit_modes(), default=None, help="how dehm writes its H-matrices (optimize's default otherwise)")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N", help=f"timed latency rounds (default: {DEFAULT_ROUNDS})")
     parser.add_argument("--json", metavar="FILE.json", help='write {"rows": [...]}')
     parser.add_argument("--report", metavar="FILE.md", help="write the Markdown table")
@@ -70,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed}
     if args.min_size is not None:
         overrides["min_size"] = args.min_size
+    if args.emit is not None:
+        overrides["emit"] = args.emit
     result = compare(
         args.model,
         tols=args.tol or DEFAULT_TOLS,
