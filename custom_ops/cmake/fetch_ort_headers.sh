@@ -24,7 +24,7 @@ echo "deb ${signed}${uri} trixie main" > "$dest/apt/sources.list"
 
 apt_opts="-o Dir::State::Lists=$dest/apt/lists -o Dir::Etc::SourceList=$dest/apt/sources.list \
  -o Dir::Etc::SourceParts=/dev/null -o Dir::Cache=$dest/apt/cache -o Debug::NoLocking=1 \
- -o APT::Sandbox::User=root -q"
+ -o APT::Sandbox::User=$(id -un) -q"
 # shellcheck disable=SC2086
 apt-get $apt_opts update >&2
 cd "$dest"
