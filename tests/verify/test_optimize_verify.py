@@ -208,3 +208,22 @@ def test_verify_left_multiplied_weight_uses_transposed_input_rows():
     np.testing.assert_allclose(result.stats["left"].gram, rows.T @ rows, rtol=1e-5, atol=1e-4)
     (layer,) = result.layers
     assert layer.isolated and layer.ok
+
+
+def test_verify_cli_catches_tampering_in_a_model_written_by_optimize(tmp_path, capsys):
+    from ._models import scale_initializer
+
+    rng = np.random.default_rng(12)
+    orig = mlp([graded_matrix(rng, 96, 96, 0.8), graded_matrix(rng, 96, 64, 0.8)])
+    opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, emit="subgraph")
+    assert [r.name for r in report.compressed] == ["fc0", "fc1"]
+    factors = [t for t in opt.graph.initializer if t.name.startswith("W1.") and t.data_type == onnx.TensorProto.FLOAT]
+    largest = max(factors, key=lambda t: np.prod(t.dims))
+    paths = {name: tmp_path / f"{name}.onnx" for name in ("orig", "opt", "bad")}
+    onnx.save(orig, paths["orig"])
+    onnx.save(opt, paths["opt"])
+    onnx.save(scale_initializer(opt, largest.name, 1.05), paths["bad"])
+    assert cli_main(["verify", str(paths["orig"]), str(paths["opt"])]) == 0
+    assert cli_main(["verify", str(paths["orig"]), str(paths["bad"])]) == 1
+    err = capsys.readouterr().err
+    assert "layer 'fc1' (MatMul, 96x64): measured rel. error" in err and "fc0" not in err
