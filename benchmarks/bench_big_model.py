@@ -10,8 +10,10 @@ do not (they are copied to the output unchanged). The model is written once into
 (``$DEHM_CACHE`` or ``~/.cache/dehm_onnx``, ``bench_big/``) and reused.
 
 ``python -m dehm_onnx optimize`` runs in a subprocess while this script samples the resident
-memory of its process tree every 50 ms (sum over the main process and its workers, from
-``/proc``); ``ru_maxrss`` of the children is the largest single process. Then every layer of
+memory of its process tree every 50 ms from ``/proc``: the sum of RSS over the main process and
+its workers (counts shared pages once per process), the sum of PSS (shared pages split between
+the processes sharing them: the memory really used), and the largest single process (sampled,
+and ``ru_maxrss`` for the first run). Then every layer of
 the output is checked against its certified bound with onnxruntime: ``||x W_i - x W_H||_F <=
 ||x||_2 ||W_i - W_H||_F``. Prints a Markdown table and the time extrapolated to 7B parameters.
 """
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODEL_NAME = "big.onnx"
 SEVEN_B = 7e9
+_RUNS: list = []
 
 
 def cache_folder() -> Path:
@@ -118,17 +121,33 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def _pss(pid: int) -> int:
+    """Proportional set size: shared pages (libraries, forked memory) split between sharers."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_optimize(model: Path, out: Path, jobs: int, tol: float) -> dict:
-    """Run the CLI in a subprocess; sample the RSS of its process tree."""
+    """Run the CLI in a subprocess; sample the RSS and PSS of its process tree."""
     cmd = [sys.executable, "-m", "dehm_onnx", "optimize", str(model), str(out), "--tol", str(tol),
            "--jobs", str(jobs), "--no-verify", "--quiet", "--report", str(out.with_suffix(".json"))]
-    peak = {"tree": 0}
+    peak = {"tree": 0, "pss": 0, "one": 0}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def sample() -> None:
         while proc.poll() is None:
-            peak["tree"] = max(peak["tree"], sum(_rss(p) for p in _tree(proc.pid)))
+            pids = _tree(proc.pid)
+            rss = [_rss(p) for p in pids]
+            peak["tree"] = max(peak["tree"], sum(rss))
+            peak["one"] = max([peak["one"], *rss])
+            peak["pss"] = max(peak["pss"], sum(_pss(p) for p in pids))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -138,8 +157,11 @@ def run_optimize(model: Path, out: Path, jobs: int, tol: float) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"optimize failed ({proc.returncode}): {stderr.strip()}")
-    single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"wall_s": wall, "peak_tree_rss": peak["tree"], "peak_process_rss": single, "command": " ".join(cmd)}
+    # ru_maxrss of the children is a running maximum over every run of this script.
+    single = max(peak["one"], resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 if len(_RUNS) == 0 else 0)
+    _RUNS.append(cmd)
+    return {"wall_s": wall, "peak_tree_rss": peak["tree"], "peak_tree_pss": peak["pss"], "peak_process_rss": single,
+            "command": " ".join(cmd)}
 
 
 def check_bounds(model: Path, out: Path, n: int, batch: int = 8) -> tuple[int, float]:
@@ -172,12 +194,25 @@ def check_bounds(model: Path, out: Path, n: int, batch: int = 8) -> tuple[int, f
     return len(layers), worst
 
 
+def time_one_matrix(model: Path, index: int, n: int, tol: float) -> tuple[float, float]:
+    """Seconds and stored/dense ratio of ``compress`` on layer ``index`` (one process, one BLAS thread)."""
+    from dehm_onnx.hmatrix import compress
+    from dehm_onnx.parallel import single_blas_thread
+
+    data = np.memmap(model.with_name(f"{MODEL_NAME}.data"), dtype="<f4", mode="r", offset=index * n * n * 4, shape=(n, n))
+    with single_blas_thread():
+        start = time.perf_counter()
+        hm = compress(data, tol, seed=0)
+        seconds = time.perf_counter() - start
+    return seconds, hm.params / hm.dense_params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=45)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--random-layers", type=int, default=2)
-    parser.add_argument("--jobs", type=int, default=0, help="0 = all cores")
+    parser.add_argument("--jobs", type=int, nargs="+", default=[0], help="one run per value; 0 = all cores")
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--folder", type=Path, default=None, help="where the model is generated")
     args = parser.parse_args()
@@ -193,34 +228,50 @@ def main() -> None:
     start = time.perf_counter()
     model = generate(folder, args.layers, args.size, args.random_layers)
     generated = time.perf_counter() - start
-    out = folder / "big.opt.onnx"
-    result = run_optimize(model, out, args.jobs, args.tol)
-    compressed, worst = check_bounds(model, out, args.size)
-    report = json.loads(out.with_suffix(".json").read_text())
-    out_bytes = out.stat().st_size + sum(p.stat().st_size for p in folder.glob("big.opt.onnx.data"))
-
     from dehm_onnx.parallel import resolve_jobs
 
-    jobs = resolve_jobs(args.jobs)
-    per_matrix = result["wall_s"] / args.layers
+    out = folder / "big.opt.onnx"
     params = args.layers * args.size * args.size
-    seven_b_hours = SEVEN_B / params * result["wall_s"] / 3600
     gb = 1e9
-    print(f"command: {result['command']}")
+    rows, commands, per_matrix = [], [], {}
+    for requested in args.jobs:
+        result = run_optimize(model, out, requested, args.tol)
+        compressed, worst = check_bounds(model, out, args.size)
+        report = json.loads(out.with_suffix(".json").read_text())
+        out_bytes = out.stat().st_size + sum(p.stat().st_size for p in folder.glob("big.opt.onnx.data"))
+        jobs = resolve_jobs(requested)
+        per_matrix[jobs] = result["wall_s"] / args.layers
+        commands.append(result["command"])
+        rows.append(
+            f"| {model_bytes / gb:.2f} GB float32 | {args.layers} x {args.size}x{args.size} | {jobs} | {result['wall_s']:.0f} s "
+            f"| {args.layers / result['wall_s']:.3f} | {params / result['wall_s'] / 1e6:.1f} M "
+            f"| {result['peak_tree_rss'] / gb:.2f} GB ({result['peak_tree_rss'] / model_bytes:.2f}) "
+            f"| {result['peak_tree_pss'] / gb:.2f} GB ({result['peak_tree_pss'] / model_bytes:.2f}) "
+            f"| {result['peak_process_rss'] / gb:.2f} GB | {out_bytes / gb:.3f} GB | {compressed} of {args.layers} | {worst:.1e} |"
+        )
+    for command in commands:
+        print(f"command: {command}")
     print(f"(model generated or reused in {generated:.0f} s; {folder})\n")
-    print("| model | layers | jobs | wall time | matrices/s | params/s | peak RSS (tree) | peak RSS (one process) | RSS / model size | output size | compressed layers | worst rel. output error |")
+    print("| model | layers | jobs | wall time | matrices/s | params/s | peak RSS, process tree (/ model) | peak PSS, process tree (/ model) | peak RSS, largest process | output size | compressed layers | worst rel. output error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(
-        f"| {model_bytes / gb:.2f} GB float32 | {args.layers} x {args.size}x{args.size} | {jobs} | {result['wall_s']:.0f} s "
-        f"| {args.layers / result['wall_s']:.3f} | {params / result['wall_s'] / 1e6:.1f} M "
-        f"| {result['peak_tree_rss'] / gb:.2f} GB | {result['peak_process_rss'] / gb:.2f} GB "
-        f"| {result['peak_tree_rss'] / model_bytes:.2f} | {out_bytes / gb:.3f} GB | {compressed} of {args.layers} | {worst:.1e} |"
-    )
+    print("\n".join(rows))
+    jobs, seconds = max(per_matrix.items())
     print(
         f"\n7B parameters = {SEVEN_B / (args.size * args.size):.0f} matrices of {args.size}x{args.size}: "
-        f"about {seven_b_hours:.1f} h at the measured {per_matrix:.1f} s per matrix (wall, {jobs} jobs, this machine)."
+        f"about {SEVEN_B / params * seconds * args.layers / 3600:.1f} h at the measured {seconds:.1f} s per matrix "
+        f"(wall, {jobs} jobs, this machine)."
     )
     print(f"totals from the report: {json.dumps(report.get('totals', {}))}")
+    print("\nOne matrix, one process, one BLAS thread (what one worker does per layer):\n")
+    print("| matrix | compress() time | stored/dense | 7B parameters' worth, serial | same with all cores |")
+    print("|---|---|---|---|---|")
+    kinds = [("smooth kernel (layer 0)", 0)]
+    if args.random_layers:
+        kinds.append(("Gaussian, incompressible (last layer)", args.layers - 1))
+    for label, index in kinds:
+        seconds, ratio = time_one_matrix(model, index, args.size, args.tol)
+        serial = SEVEN_B / (args.size * args.size) * seconds / 3600
+        print(f"| {label} | {seconds:.1f} s | {ratio:.3f} | {serial:.1f} h | {serial / jobs:.1f} h ({jobs} cores) |")
 
 
 if __name__ == "__main__":
