@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; filled in as the modules land.
 _LAZY = {
     "optimize": "dehm_onnx.api",
+    "optimize_file": "dehm_onnx.api",
     "OptimizeConfig": "dehm_onnx.config",
     "Report": "dehm_onnx.report",
     "custom_op_library": "dehm_onnx.ops.library",
