@@ -201,6 +201,8 @@ def _run(specs, original, source, config, folder, calib, rounds) -> CompareResul
                 "optimize_seconds": item.seconds,
             }
         except Exception as e:  # noqa: BLE001 - a failing method is a row with a note, not a crash
+            if spec.method == "original":
+                raise  # the input itself cannot be run: no row can be measured
             logger.info("method %s failed", label, exc_info=True)
             result.errors[label] = _one_line(e)
             continue

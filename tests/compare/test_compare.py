@@ -155,12 +155,20 @@ def test_compare_cli_writes_json_markdown_and_png(mlp_path, tmp_path):
         (["{mlp}", "--method", "int2"], "invalid choice"),
         (["{mlp}", "--calibration", "nothere.npz"], "cannot read calibration file"),
         (["{text}"], "not a readable ONNX model"),
+        (["{unrunnable}"], "onnxruntime cannot load the model"),
     ],
 )
 def test_compare_cli_bad_input_exits_2_with_one_line(args, message, mlp_path, tmp_path):
     text = tmp_path / "notes.onnx"
     text.write_text("not a model")
-    args = [a.format(mlp=mlp_path, text=text) for a in args]
+    unrunnable = tmp_path / "unknown_op.onnx"  # valid ONNX, but no runtime has this op
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="example.unknown")
+    model = helper.make_model(
+        helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1, 4])], [helper.make_tensor_value_info("y", 1, [1, 4])]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.unknown", 1)],
+    )
+    onnx.save(model, unrunnable)
+    args = [a.format(mlp=mlp_path, text=text, unrunnable=unrunnable) for a in args]
     proc = _cli(*args, "--json", tmp_path / "out.json", cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
