@@ -44,6 +44,7 @@ DEFAULT_LEAF_SIZE = 32
 # range finder; matrices whose full SVD costs at most _EXACT_FLOPS get exact SVDs throughout.
 _EXACT_MAX_SIDE = 64
 _EXACT_FLOPS = 2**27
+_STACK_ELEMENTS = 2**22
 # permute="auto" tries a PCA reordering only when the natural order stores more than this.
 _PERMUTE_IF_RATIO_ABOVE = 0.5
 # Relative safety margins for floating-point summation of the certified error.
@@ -168,12 +169,16 @@ def _fill_spectra(level: _Level, w: np.ndarray, budget2: float, rng: np.random.G
     for (r, c), idx in shapes.items():
         useful = _useful_rank(r, c)
         if all_exact or min(r, c) <= _EXACT_MAX_SIDE:
-            stack = np.stack([w[level.r0[i] : level.r1[i], level.c0[i] : level.c1[i]] for i in idx])
-            fro2 = np.einsum("bij,bij->b", stack, stack)
-            values = exact_spectra(stack)
-            for j, i in enumerate(idx):
-                level.spectra[i] = Spectrum(values[j], float(fro2[j]))
-                level.tails[i, : useful + 1] = tail_energy(values[j], fro2[j])[: useful + 1]
+            # Stacks of bounded size: a whole level at once would copy the matrix.
+            step = max(1, _STACK_ELEMENTS // (r * c))
+            for chunk in range(0, len(idx), step):
+                part = idx[chunk : chunk + step]
+                stack = np.stack([w[level.r0[i] : level.r1[i], level.c0[i] : level.c1[i]] for i in part])
+                fro2 = np.einsum("bij,bij->b", stack, stack)
+                values = exact_spectra(stack)
+                for j, i in enumerate(part):
+                    level.spectra[i] = Spectrum(values[j], float(fro2[j]))
+                    level.tails[i, : useful + 1] = tail_energy(values[j], fro2[j])[: useful + 1]
             continue
         target = 1e-2 * budget2 * (r * c) / total
         for i in idx:
@@ -325,7 +330,7 @@ def _drop_price(levels: list[_Level], leaf: _Leaf) -> tuple[float, float]:
 # --------------------------------------------------------------------------- materialize + certify
 
 
-def _materialize(levels, leaves, w64, w_stored, dtype) -> tuple[list[Block], float]:
+def _materialize(levels, leaves, w64, dtype) -> tuple[list[Block], float]:
     """Form the leaves' blocks in ``dtype`` and return them with their exact squared error."""
     blocks, err2 = [], 0.0
     for leaf in leaves:
@@ -333,7 +338,7 @@ def _materialize(levels, leaves, w64, w_stored, dtype) -> tuple[list[Block], flo
         r0, r1, c0, c1 = (int(a[leaf.index]) for a in (lv.r0, lv.r1, lv.c0, lv.c1))
         part = w64[r0:r1, c0:c1]
         if leaf.kind == _DENSE:
-            blocks.append(Block(BlockKind.DENSE, r0, r1, c0, c1, dense=w_stored[r0:r1, c0:c1].copy()))
+            blocks.append(Block(BlockKind.DENSE, r0, r1, c0, c1, dense=part.astype(dtype)))  # exact: w64 holds w's values
         elif leaf.rank == 0:
             blocks.append(Block(BlockKind.ZERO, r0, r1, c0, c1))
             err2 += float(np.einsum("ij,ij->", part, part))
@@ -356,28 +361,22 @@ def _factors(spectrum: Spectrum, part: np.ndarray, rank: int) -> tuple[np.ndarra
 
 @dataclass(eq=False)
 class _Candidate:
-    blocks: list
+    blocks: list | None  # None: the whole weight, dense
     err2: float
     params: int
     row_perm: np.ndarray | None
     col_perm: np.ndarray | None
 
 
-def _compress_in_order(w64, w_stored, budget2, leaf_size, rng, row_perm, col_perm) -> _Candidate:
-    """Compress ``w64[row_perm][:, col_perm]`` within squared error ``budget2``."""
-    wp = w64
-    if row_perm is not None:
-        wp = wp[row_perm]
-    if col_perm is not None:
-        wp = wp[:, col_perm]
-    stored = w_stored[np.ix_(row_perm, col_perm)] if row_perm is not None else w_stored
+def _compress_in_order(wp, dtype, budget2, leaf_size, rng, row_perm, col_perm) -> _Candidate:
+    """Compress ``wp`` (float64 W, already in the order ``row_perm``/``col_perm``) within ``budget2``."""
     levels = _block_tree(*wp.shape, leaf_size)
     all_exact = wp.shape[0] * wp.shape[1] * min(wp.shape) <= _EXACT_FLOPS
     estimate = None
     for level in reversed(levels):
         _fill_spectra(level, wp, budget2, rng, all_exact, estimate)
         estimate = _subtree_estimate(level, estimate, budget2, wp.size)
-    dense = _Candidate([Block(BlockKind.DENSE, 0, wp.shape[0], 0, wp.shape[1], dense=w_stored.copy())], 0.0, wp.size, None, None)
+    dense = _Candidate(None, 0.0, wp.size, None, None)  # blocks filled in by compress()
     # Rounding to the stored dtype adds error; if it breaks the budget, plan with less of it.
     for shrink in (1.0, 0.5, 0.25, 0.1, 0.01):
         choice = _allocate(levels, budget2 * shrink)
@@ -385,7 +384,7 @@ def _compress_in_order(w64, w_stored, budget2, leaf_size, rng, row_perm, col_per
             break
         leaves = _leaves(levels, choice)
         _spend_leftover(levels, leaves, budget2 * shrink - choice.err2)
-        blocks, err2 = _materialize(levels, leaves, wp, stored, w_stored.dtype)
+        blocks, err2 = _materialize(levels, leaves, wp, dtype)
         if err2 <= budget2:
             params = sum(b.params for b in blocks)
             if params < wp.size:
@@ -436,15 +435,21 @@ def compress(w, tol: float, *, seed: int = 0, leaf_size: int = DEFAULT_LEAF_SIZE
     candidates = []
     can_permute = max(m, n) > leaf_size
     if permute in (False, "auto") or not can_permute:
-        candidates.append(_compress_in_order(w64, w, budget2, leaf_size, rng, None, None))
+        candidates.append(_compress_in_order(w64, w.dtype, budget2, leaf_size, rng, None, None))
+    del w64  # the permuted pass makes its own copy
     # A layer whose natural order already compresses well has meaningful order; reordering
     # pays off where the natural order shows little structure (arbitrary neuron order).
     natural_poor = not candidates or candidates[0].params > _PERMUTE_IF_RATIO_ABOVE * m * n
     if (permute is True or (permute == "auto" and natural_poor)) and can_permute:
-        row_perm = pca_order(w64, leaf_size, rng)
-        col_perm = pca_order(w64.T, leaf_size, rng)
-        candidates.append(_compress_in_order(w64, w, budget2, leaf_size, rng, row_perm, col_perm))
+        # The ordering needs no float64 accuracy; float32 halves its working copies.
+        points = w.astype(np.float32, copy=False)
+        row_perm = pca_order(points, leaf_size, rng)
+        col_perm = pca_order(points.T, leaf_size, rng)
+        wp = w[np.ix_(row_perm, col_perm)].astype(np.float64)
+        candidates.append(_compress_in_order(wp, w.dtype, budget2, leaf_size, rng, row_perm, col_perm))
     best = min(candidates, key=lambda c: _stored_bytes(c, w.dtype.itemsize))
+    if best.blocks is None:
+        best.blocks = [Block(BlockKind.DENSE, 0, m, 0, n, dense=w.copy())]
     certified = np.sqrt(best.err2) * (1 + _CERT_MARGIN)
     assert certified <= tol * norm, f"Bug: certified error {certified} exceeds tol*||W|| {tol * norm}"
     info = {"seconds": time.perf_counter() - started, "candidates": [c.params for c in candidates]}

@@ -42,11 +42,16 @@ def bisection_levels(size: int, leaf_size: int) -> list[np.ndarray]:
         levels.append(np.array(children, dtype=np.int64))
 
 
-def _leading_direction(points: np.ndarray, rng: np.random.Generator, iterations: int = 6) -> np.ndarray:
-    """Approximate leading right singular vector of centered ``points`` by power iteration."""
-    v = rng.standard_normal(points.shape[1])
+def _leading_direction(points: np.ndarray, mean: np.ndarray, rng: np.random.Generator, iterations: int = 6) -> np.ndarray:
+    """Leading principal direction of ``points`` (rows) by power iteration.
+
+    Centering is applied implicitly, ``(P - 1 mean^T) v = P v - (mean . v)``, so the
+    points are never copied.
+    """
+    v = rng.standard_normal(points.shape[1]).astype(points.dtype)
     for _ in range(iterations):
-        v = points.T @ (points @ v)
+        y = points @ v - mean @ v
+        v = points.T @ y - mean * y.sum()
         norm = np.linalg.norm(v)
         if norm == 0.0:
             break
@@ -71,8 +76,8 @@ def pca_order(points: np.ndarray, leaf_size: int, rng: np.random.Generator) -> n
             continue
         idx = perm[start:end]
         sub = points[idx]
-        sub = sub - sub.mean(axis=0)
-        projection = sub @ _leading_direction(sub, rng)
+        mean = sub.mean(axis=0)
+        projection = sub @ _leading_direction(sub, mean, rng)
         perm[start:end] = idx[np.argsort(projection, kind="stable")]
         left, _ = split_sizes(end - start)
         stack += [(start, start + left), (start + left, end)]
