@@ -214,3 +214,14 @@ def test_compare_quantizers_reach_gemm_weights(tmp_path, rng):
     for method in ("int8", "int4"):
         assert result.layer_errors[method]["dense"] > 0
         assert result.row(method)["file_bytes"] < result.row("original")["file_bytes"]
+
+
+def test_compare_dehm_rows_with_function_emission(mlp_path):
+    from dehm_onnx.config import make_config
+
+    result = compare(mlp_path, tols=[1e-2], methods=["original", "dehm"], rounds=1, config=make_config(None, emit="function"))
+    assert not result.errors
+    row = result.row("dehm@1e-02")
+    assert 0 < row["max_layer_error"] <= 1e-2 + 1e-5
+    assert row["stored_params"] < result.row("original")["stored_params"]
+
