@@ -224,4 +224,3 @@ def test_compare_dehm_rows_with_function_emission(mlp_path):
     row = result.row("dehm@1e-02")
     assert 0 < row["max_layer_error"] <= 1e-2 + 1e-5
     assert row["stored_params"] < result.row("original")["stored_params"]
-
