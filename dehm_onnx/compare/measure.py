@@ -15,8 +15,9 @@
   the median per method is reported. A model with ``HMatMul`` nodes (emit ``function``,
   optimize's default, or ``custom``) is timed with the compiled kernel library registered
   (``dehm_onnx.ops.library``; if it cannot be built, a ``function`` model is timed on its
-  standard-op function bodies, with a warning). Errors are always measured by stock
-  onnxruntime, which runs the function bodies.
+  standard-op function bodies, with a warning). Errors are measured by ``dehm_onnx.verify``,
+  which runs function bodies on stock onnxruntime and registers the kernel only for models
+  that cannot run without it (emit ``custom``).
 """
 
 from __future__ import annotations
