@@ -29,6 +29,23 @@ struct PackedInputs {
   const int64_t* col_perm = nullptr;
 };
 
+// Shapes and host pointers of the five op inputs (X, data, layout, row_perm, col_perm);
+// works with any tensor type that has Shape() and Data(), such as Ort::Custom::Tensor.
+template <class XTensor, class IndexTensor>
+PackedInputs MakePackedInputs(const XTensor& x, const XTensor& data, const IndexTensor& layout,
+                              const IndexTensor& row_perm, const IndexTensor& col_perm) {
+  PackedInputs in;
+  in.x_shape = x.Shape();
+  in.data_shape = data.Shape();
+  in.layout_shape = layout.Shape();
+  in.row_perm_shape = row_perm.Shape();
+  in.col_perm_shape = col_perm.Shape();
+  in.layout = layout.Data();
+  in.row_perm = row_perm.Data();
+  in.col_perm = col_perm.Data();
+  return in;
+}
+
 // What the kernels need after validation.
 struct PackedPlan {
   int64_t batch = 0;  // product of X's leading dimensions

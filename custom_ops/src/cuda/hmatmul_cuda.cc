@@ -89,15 +89,7 @@ Ort::Status HMatMulCuda(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& X, 
                         const Ort::Custom::Tensor<int64_t>& layout, const Ort::Custom::Tensor<int64_t>& row_perm,
                         const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
   try {
-    PackedInputs in;
-    in.x_shape = X.Shape();
-    in.data_shape = data.Shape();
-    in.layout_shape = layout.Shape();
-    in.row_perm_shape = row_perm.Shape();
-    in.col_perm_shape = col_perm.Shape();
-    in.layout = layout.Data();
-    in.row_perm = row_perm.Data();
-    in.col_perm = col_perm.Data();
+    const PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
     PackedPlan plan;
     std::string err = ValidatePacked(in, &plan);
     if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
