@@ -57,6 +57,14 @@ class OptimizeConfig:
             "metavar": "N",
         },
     )
+    max_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "leave a weight dense unless its compressed form stores at most this fraction of "
+            "its parameters, in (0, 1]; 1 = any saving (a small saving can make a layer slower)",
+            "metavar": "R",
+        },
+    )
     include: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -146,6 +154,9 @@ class OptimizeConfig:
             raise ConfigError(f"tol must be in (0, 1), got {tol!r}")
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 1:
             raise ConfigError(f"min_size must be an integer >= 1, got {self.min_size!r}")
+        ratio = self.max_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+            raise ConfigError(f"max_ratio must be in (0, 1], got {ratio!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 0:

@@ -44,6 +44,7 @@ class LayerTask:
     transpose: bool
     tol: float
     seed: int
+    max_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def run_task(task: LayerTask) -> LayerResult:
             hm = compress(matrix, task.tol, seed=task.seed)
         except (CompressionError, InvalidWeightError) as e:
             return LayerResult(None, Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e)), dense)
-        skip = check_gain(hm, task.tol)
+        skip = check_gain(hm, task.tol, task.max_ratio)
         # A layer that stays dense is not sent back: its blocks can be as large as W.
         return LayerResult(None if skip else hm, skip, dense)
     finally:

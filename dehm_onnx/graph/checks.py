@@ -34,6 +34,7 @@ class SkipReason(enum.Enum):
     NON_FINITE = "weight {weight!r} has {count} NaN/Inf entries"
     SHARED_WEIGHT = "weight {weight!r} is also used by {users}, which stay(s) dense"
     NOT_SMALLER = "compressed form would store {params} >= {dense} parameters at tol {tol:g}"
+    LITTLE_GAIN = "compressed form would store {params} of {dense} parameters ({ratio:.3f} > max_ratio {max_ratio:g})"
     COMPRESSION_FAILED = "compression failed: {error}"
 
     def sentence(self, **fields) -> str:
@@ -85,8 +86,13 @@ def check_weight(cand, config) -> Skip | None:
     return None
 
 
-def check_gain(hm, tol: float) -> Skip | None:
-    """Skip unless the compressed form stores strictly fewer parameters than the dense weight."""
+def check_gain(hm, tol: float, max_ratio: float = 1.0) -> Skip | None:
+    """Skip unless the compressed form stores fewer parameters than the dense weight, and at
+    most ``max_ratio`` of them."""
     if hm.params >= hm.dense_params:
         return Skip.of(SkipReason.NOT_SMALLER, params=hm.params, dense=hm.dense_params, tol=tol)
+    if hm.params > max_ratio * hm.dense_params:
+        return Skip.of(
+            SkipReason.LITTLE_GAIN, params=hm.params, dense=hm.dense_params, ratio=hm.ratio, max_ratio=max_ratio
+        )
     return None

@@ -30,6 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import __version__
+from ..config import OptimizeConfig
 from ..parallel import LayerTask, compress_layers
 from ..report import LayerRecord, Report
 from .checks import Skip, SkipReason, check_candidate, check_weight
@@ -147,7 +148,7 @@ class CompressWeightsPass:
             for key in dict.fromkeys(c.share_key for c in live):
                 users = [c for c in live if c.share_key == key]
                 tol = min(self._tol(c) for c in users)
-                tasks.append(_task(users[0], tol, self.config.seed))
+                tasks.append(_task(users[0], tol, self.config))
                 owners.append((live, key, tol))
         if self.progress is not None:
             self.progress.start(len(tasks))
@@ -246,7 +247,7 @@ def _post_nodes(cand: Candidate, steps: list[str], current: str, prefix: str, dt
     return nodes, inits
 
 
-def _task(cand: Candidate, tol: float, seed: int) -> LayerTask:
+def _task(cand: Candidate, tol: float, config: OptimizeConfig) -> LayerTask:
     """The compression of the candidate's weight as a self-contained task.
 
     An external weight travels as its validated file slice and is memory-mapped by the
@@ -254,7 +255,7 @@ def _task(cand: Candidate, tol: float, seed: int) -> LayerTask:
     """
     where = weight_slice(cand.const.tensor)
     source = where if where is not None else cand.const.value
-    return LayerTask(cand.weight_name, source, cand.trans_w, tol, seed)
+    return LayerTask(cand.weight_name, source, cand.trans_w, tol, config.seed, config.max_ratio)
 
 
 def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:

@@ -8,9 +8,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 import dehm_onnx
-from dehm_onnx.errors import CompressionError
+from dehm_onnx.errors import CompressionError, ConfigError
 from dehm_onnx.graph.checks import SkipReason
-from tests.conftest import low_rank, make_model
+from tests.conftest import low_rank, make_model, smooth_kernel
 
 
 def _single(w, name="fc", weight="fc.weight", opset=17, x_dtype=np.float32):
@@ -92,6 +92,21 @@ def test_skip_not_smaller(rng):
     w = rng.standard_normal((96, 96)).astype(np.float32)  # Gaussian: no structure to exploit
     record = _assert_skipped(_single(w), SkipReason.NOT_SMALLER, ">= 9216 parameters")
     assert record.ratio is None
+
+
+def test_skip_little_gain(rng):
+    w = smooth_kernel(128, 128)
+    compressed, report = dehm_onnx.optimize(_single(w))
+    (layer,) = report.layers
+    assert layer.compressed and layer.ratio > 0.05
+    _assert_skipped(_single(w), SkipReason.LITTLE_GAIN, "> max_ratio 0.05", max_ratio=0.05)
+
+
+def test_max_ratio_must_be_in_range():
+    with pytest.raises(ConfigError, match="max_ratio"):
+        dehm_onnx.OptimizeConfig(max_ratio=0.0)
+    with pytest.raises(ConfigError, match="max_ratio"):
+        dehm_onnx.OptimizeConfig(max_ratio=1.5)
 
 
 def test_skip_compression_failed(rng, monkeypatch):
