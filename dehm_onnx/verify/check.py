@@ -215,6 +215,12 @@ def _columns(rows) -> list:
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _unchanged(orig, opt) -> bool:
+    """True when the optimized model has no dehm metadata and the same graph as the original."""
+    has_layers = any(p.key == LAYERS_KEY for p in opt.metadata_props)
+    return not has_layers and orig.graph.SerializeToString() == opt.graph.SerializeToString()
+
+
 def read_layers(model) -> list:
     """The layer records in the model's ``dehm.layers`` metadata (contract 2).
 
@@ -475,7 +481,12 @@ def verify(
     from .calibration import DEFAULT_NUM_SAMPLES
 
     orig_model, opt_model = load_model(orig), load_model(opt)
-    records = read_layers(opt_model) if layers is None else list(layers)
+    if layers is not None:
+        records = list(layers)
+    elif _unchanged(orig_model, opt_model):
+        records = []  # optimize compressed nothing and left the model as it was
+    else:
+        records = read_layers(opt_model)
     _check_same_inputs(orig_model, opt_model)
     calib = resolve_calibration(
         orig_model,

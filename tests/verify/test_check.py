@@ -115,9 +115,16 @@ def test_verify_is_exported_lazily_and_callable(pair):
 
 
 def test_verify_without_metadata_is_bad_input(pair):
-    orig, _ = pair
+    orig, opt = pair
+    del opt.metadata_props[:]
     with pytest.raises(InvalidModelError, match="dehm.layers"):
-        verify(orig, orig, _calib(2))
+        verify(orig, opt, _calib(2))
+
+
+def test_verify_model_left_unchanged_by_optimize_passes_with_no_layers(pair):
+    orig, _ = pair
+    result = verify(orig, orig, _calib(2))
+    assert result.ok and result.layers == []
 
 
 def test_verify_rejects_models_with_different_inputs(pair):

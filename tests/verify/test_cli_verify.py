@@ -70,5 +70,14 @@ def test_cli_verify_bad_input_exits_2(files, extra, match):
 def test_cli_verify_missing_model_or_metadata_exits_2(files):
     proc = _cli(files["tmp"] / "absent.onnx", files["opt"])
     assert proc.returncode == 2 and "does not exist" in proc.stderr
-    proc = _cli(files["orig"], files["orig"])
+    stripped = onnx.load(files["opt"])
+    del stripped.metadata_props[:]
+    onnx.save(stripped, files["tmp"] / "no_metadata.onnx")
+    proc = _cli(files["orig"], files["tmp"] / "no_metadata.onnx")
     assert proc.returncode == 2 and "dehm.layers" in proc.stderr
+
+
+def test_cli_verify_unchanged_model_exits_0(files):
+    # What optimize writes when it compresses nothing: the input, without dehm metadata.
+    proc = _cli(files["orig"], files["orig"])
+    assert proc.returncode == 0, proc.stderr
