@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=6.0, help="time budget per batch size")
     parser.add_argument("--no-demo", dest="demo", action="store_false", help="skip the demo-model table")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="alternate only dense and HMatMul (no standard-op sessions in the rotation)")
     args = parser.parse_args(argv)
 
     w = log_kernel(args.size)
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
 
     sessions = {"dense": session(dense_model(w), args.threads, library=False),
                 "hmatmul": session(hmatmul.make_hmatmul_model(pack(hm)), args.threads, library=True)}
-    for mode, label in (("function", "function (stock ORT)"), ("subgraph", "subgraph")):
+    modes = () if args.kernel_only else (("function", "function (stock ORT)"), ("subgraph", "subgraph"))
+    for mode, label in modes:
         model = emitted_model(hm, mode)
         if model is not None:
             sessions[label] = session(model, args.threads, library=False)
