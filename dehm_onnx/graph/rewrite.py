@@ -183,13 +183,8 @@ class CompressWeightsPass:
         return all_nodes, list(inits), local, list(functions)
 
     def _compressed_record(self, cand: Candidate, hm, tol: float, node_count: int) -> LayerRecord:
-        return LayerRecord(
-            name=cand.name,
-            op=cand.op,
-            output=cand.output,
-            weight=cand.weight_name,
-            graph=cand.graph_path,
-            weight_graph=cand.const.graph_path,
+        return _record(
+            cand,
             shape=list(hm.shape),
             compressed=True,
             tol=tol,
@@ -258,9 +253,8 @@ def _task(cand: Candidate, tol: float, config: OptimizeConfig) -> LayerTask:
     return LayerTask(cand.weight_name, source, cand.trans_w, tol, config.seed, config.max_ratio)
 
 
-def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:
-    shape = list(cand.weight.shape)
-    dense = int(np.prod(shape)) if shape else 0
+def _record(cand: Candidate, **fields) -> LayerRecord:
+    """A report record with the candidate's identity (names, graph) and the given fields."""
     return LayerRecord(
         name=cand.name,
         op=cand.op,
@@ -268,6 +262,15 @@ def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:
         weight=cand.weight_name,
         graph=cand.graph_path,
         weight_graph=cand.const.graph_path,
+        **fields,
+    )
+
+
+def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:
+    shape = list(cand.weight.shape)
+    dense = int(np.prod(shape)) if shape else 0
+    return _record(
+        cand,
         shape=shape,
         compressed=False,
         skip_reason=skip.reason.name,
