@@ -38,9 +38,8 @@ from onnx import numpy_helper
 from ..api import optimize, save_model
 from ..config import OptimizeConfig, make_config
 from ..errors import CompressionError, InvalidWeightError
-from ..graph.checks import Skip, SkipReason, check_candidate, check_gain, check_weight
-from ..graph.rewrite import CompressWeightsPass, _default_opset, _group_by_const, _skip_shared
-from ..graph.scan import activation_ranks, scan
+from ..graph.checks import Skip, SkipReason, check_gain
+from ..graph.rewrite import CompressWeightsPass, select_candidates
 from ..hmatrix import Block, BlockKind, HMatrix
 from .baselines import csr_params, magnitude_prune, truncated_svd
 
@@ -164,18 +163,7 @@ def _build_svd(spec, original, source, config, workdir) -> Built:
 
 def eligible_groups(model: onnx.ModelProto, config: OptimizeConfig) -> list:
     """The weights (grouped by constant) that the optimize pass would try to compress."""
-    found = scan(model)
-    if any(c.needs_x_rank for c in found.candidates):
-        found = scan(model, activation_ranks(model))
-    opset = _default_opset(model)
-    skips = {}
-    for cand in found.candidates:
-        skip = check_candidate(cand, config, opset) or check_weight(cand, config)
-        if skip:
-            skips[id(cand)] = skip
-    groups = _group_by_const(found.candidates)
-    for group in groups:
-        _skip_shared(group, skips)
+    _, groups, skips = select_candidates(model, config)
     return [g for g in groups if all(id(c) not in skips for c in g.cands)]
 
 

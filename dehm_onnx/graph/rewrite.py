@@ -39,7 +39,7 @@ from .external import weight_slice
 from .emit_function import fit_function_to_model
 from .scan import Candidate, ConstRef, activation_ranks, iter_graphs, scan
 
-__all__ = ["CompressWeightsPass", "PassResult", "LAYERS_KEY", "VERSION_KEY", "read_layers"]
+__all__ = ["CompressWeightsPass", "PassResult", "select_candidates", "LAYERS_KEY", "VERSION_KEY", "read_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,24 +83,13 @@ class CompressWeightsPass:
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         """Rewrite ``model`` in place and return it with the report."""
-        found = scan(model)
-        if any(c.needs_x_rank for c in found.candidates):
-            found = scan(model, activation_ranks(model))
-        opset = _default_opset(model)
-        skips: dict[int, Skip] = {}
-        for cand in found.candidates:
-            skip = check_candidate(cand, self.config, opset) or check_weight(cand, self.config)
-            if skip:
-                skips[id(cand)] = skip
-        groups = _group_by_const(found.candidates)
-        for group in groups:
-            _skip_shared(group, skips)
+        candidates, groups, skips = select_candidates(model, self.config)
         compressed = self._compress_groups(groups, skips)
 
         names = _all_names(model)
         records: dict[int, LayerRecord] = {}
         emitted: dict[tuple, list[onnx.TensorProto]] = {}
-        for cand in found.candidates:
+        for cand in candidates:
             skip = skips.get(id(cand))
             if skip is not None:
                 logger.info("skipped %s %r: %s", cand.op, cand.name, skip.sentence)
@@ -122,7 +111,7 @@ class CompressWeightsPass:
                 _remove_constant(group.const)
 
         report = Report(
-            layers=[records[id(c)] for c in found.candidates],
+            layers=[records[id(c)] for c in candidates],
             tol=self.config.tol,
             emit=self.config.emit,
             version=__version__,
@@ -277,6 +266,29 @@ def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:
         reason=skip.sentence,
         dense_params=dense,
     )
+
+
+def select_candidates(model: onnx.ModelProto, config: OptimizeConfig):
+    """Scan ``model`` and decide which candidates are skipped, and why.
+
+    Returns:
+        ``(candidates, groups, skips)``: every candidate in graph order, the candidates grouped
+        by the constant they read (a shared weight is compressed once), and the skip of each
+        skipped candidate keyed by ``id(candidate)``.
+    """
+    found = scan(model)
+    if any(c.needs_x_rank for c in found.candidates):
+        found = scan(model, activation_ranks(model))
+    opset = _default_opset(model)
+    skips: dict[int, Skip] = {}
+    for cand in found.candidates:
+        skip = check_candidate(cand, config, opset) or check_weight(cand, config)
+        if skip:
+            skips[id(cand)] = skip
+    groups = _group_by_const(found.candidates)
+    for group in groups:
+        _skip_shared(group, skips)
+    return found.candidates, groups, skips
 
 
 def _group_by_const(cands: list[Candidate]) -> list[_Group]:
