@@ -81,6 +81,7 @@ class _Level:
     c0: np.ndarray
     c1: np.ndarray
     child_start: np.ndarray  # index of the first child in the next level, -1 for leaves
+    child_end: np.ndarray  # one past the last child in the next level, -1 for leaves
     tails: np.ndarray | None = None  # (blocks, kmax+1) squared error of rank k, inf if unknown
     spectra: list | None = None
 
@@ -111,16 +112,18 @@ def _block_tree(m: int, n: int, leaf_size: int) -> list[_Level]:
     blocks = [(0, m, 0, n)]
     levels = []
     while blocks:
-        child_start, nxt = [], []
+        child_range, nxt = [], []
         for r0, r1, c0, c1 in blocks:
             rs, cs = _children(r0, r1, row_leaf), _children(c0, c1, col_leaf)
             if len(rs) == 1 and len(cs) == 1:
-                child_start.append(-1)
+                child_range.append((-1, -1))
                 continue
-            child_start.append(len(nxt))
+            start = len(nxt)
             nxt += [(a, b, c, d) for a, b in rs for c, d in cs]
+            child_range.append((start, len(nxt)))
         arr = np.array(blocks, dtype=np.int64)
-        levels.append(_Level(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], np.array(child_start, dtype=np.int64)))
+        ranges = np.array(child_range, dtype=np.int64)
+        levels.append(_Level(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], ranges[:, 0], ranges[:, 1]))
         blocks = nxt
     return levels
 
@@ -185,7 +188,8 @@ def _fill_spectra(level: _Level, w: np.ndarray, budget2: float, rng: np.random.G
             block = w[level.r0[i] : level.r1[i], level.c0[i] : level.c1[i]]
             cap = useful
             if below_estimate is not None and level.child_start[i] >= 0:
-                cap = min(useful, int(2 * _children_sum(level, below_estimate, i) // (r + c)))
+                children = below_estimate[level.child_start[i] : level.child_end[i]]
+                cap = min(useful, int(2 * children.sum() // (r + c)))
             if cap < 1:
                 level.tails[i, 0] = float(np.einsum("ij,ij->", block, block))
                 continue
@@ -193,14 +197,6 @@ def _fill_spectra(level: _Level, w: np.ndarray, budget2: float, rng: np.random.G
             level.spectra[i] = spectrum
             tails = tail_energy(spectrum.s, spectrum.fro2)[: cap + 1]
             level.tails[i, : len(tails)] = tails
-
-
-def _children_sum(level: _Level, below: np.ndarray, i: int) -> float:
-    start = int(level.child_start[i])
-    later = level.child_start[i + 1 :]
-    later = later[later >= 0]
-    end = int(later[0]) if len(later) else len(below)
-    return float(below[start:end].sum())
 
 
 # --------------------------------------------------------------------------- global allocation
@@ -286,20 +282,11 @@ def _leaves(levels: list[_Level], choice: _Choice) -> list[_Leaf]:
         depth, i = stack.pop()
         kind = int(choice.kind[depth][i])
         if kind == _SUB:
-            start = int(levels[depth].child_start[i])
-            count = _child_count(levels, depth, i)
-            stack += [(depth + 1, j) for j in range(start + count - 1, start - 1, -1)]
+            start, end = int(levels[depth].child_start[i]), int(levels[depth].child_end[i])
+            stack += [(depth + 1, j) for j in range(end - 1, start - 1, -1)]
         else:
             out.append(_Leaf(depth, i, kind, int(choice.rank[depth][i])))
     return out
-
-
-def _child_count(levels: list[_Level], depth: int, i: int) -> int:
-    lv = levels[depth]
-    later = lv.child_start[i + 1 :]
-    later = later[later >= 0]
-    end = int(later[0]) if len(later) else len(levels[depth + 1].r0)
-    return end - int(lv.child_start[i])
 
 
 def _spend_leftover(levels: list[_Level], leaves: list[_Leaf], leftover2: float) -> float:
