@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from hmatmul_cases import CASES, expected, tolerance
 
 from dehm_onnx.hmatrix import pack
@@ -77,7 +78,13 @@ def _cuda_missing_reason():
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return "CUDAExecutionProvider not available (needs onnxruntime-gpu and a CUDA device)"
     try:
-        model = hmatmul.make_hmatmul_model(pack(CASES[0].hm))
+        # A plain MatMul: the probe asks about the device, not about the HMatMul library.
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["X", "W"], ["Y"])], "probe",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 2])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2])],
+            [numpy_helper.from_array(np.eye(2, dtype=np.float32), "W")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - any failure here means no usable device
         return f"CUDA session cannot start: {e}".splitlines()[0]
