@@ -66,7 +66,8 @@ def build() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", OUT_FEATURES])],
         [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="dehm_onnx demo")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="dehm_onnx demo",
+                              ir_version=8)  # loads on onnxruntime releases older than this onnx package
     onnx.checker.check_model(model)
     return model
 
