@@ -6,6 +6,11 @@ its own onnxruntime session (intra_op_num_threads fixed, spinning off); the vari
 timed alternately in one process and the medians are reported, with ratios to dense.
 
     python benchmarks/bench_kernel.py [--size 4096] [--tol 1e-4] [--batches 1 16 256] [--no-demo]
+                                      [--provider cpu|cuda]
+
+With ``--provider cuda`` (onnxruntime-gpu and a CUDA device) every session runs on the
+CUDAExecutionProvider, X and Y stay on the device (I/O binding), and each timed run
+includes onnxruntime's synchronisation at the end of ``run``.
 
 A second table does the same for the demo model (``models/make_demo.py``) optimized with
 ``emit="function"``: the original model, the optimized file on stock onnxruntime (function
@@ -27,6 +32,7 @@ from dehm_onnx.ops import hmatmul
 from dehm_onnx.ops.library import custom_op_library
 
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def log_kernel(size: int, seed: int = 0) -> np.ndarray:
@@ -61,17 +67,36 @@ def emitted_model(hm, mode: str):
     return helper.make_model(graph, opset_imports=opsets, ir_version=10, functions=list(functions))
 
 
-def session(model, threads: int, library: bool):
+def session(model, threads: int, library: bool, provider: str = "cpu"):
+    """A session on one execution provider; on CUDA, a library session may not fall back to the CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
+    if provider == "cuda" and library:
+        # HMatMul must run on the CUDA kernel; stock sessions may place an op on the CPU.
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if library:
         options.register_custom_ops_library(str(custom_op_library()))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDERS[provider]])
+    if sess.get_providers()[0] != PROVIDERS[provider]:
+        raise SystemExit(f"{PROVIDERS[provider]} is not available: {sess.get_providers()}")
+    return sess
 
 
-def print_table(sessions: dict, x_all: np.ndarray, batches, seconds: float, feed: str = "X") -> None:
+def make_runner(sess, x: np.ndarray, feed: str, provider: str):
+    """A no-argument call that runs ``sess`` on ``x``; on CUDA, X and Y stay on the device."""
+    if provider == "cpu":
+        return lambda: sess.run(None, {feed: x})
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input(feed, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", 0))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+    return lambda: sess.run_with_iobinding(binding)
+
+
+def print_table(sessions: dict, x_all: np.ndarray, batches, seconds: float, feed: str = "X",
+                provider: str = "cpu") -> None:
     """Markdown table of medians (ms) and speedups over the session named first."""
     names = list(sessions)
     base, others = names[0], names[1:]
@@ -79,11 +104,12 @@ def print_table(sessions: dict, x_all: np.ndarray, batches, seconds: float, feed
     print("|" + "---|" * (2 + 2 * len(others)))
     for batch in batches:
         x = x_all[:batch]
+        runners = {name: make_runner(s, x, feed, provider) for name, s in sessions.items()}
         t0 = time.perf_counter()
-        sessions[base].run(None, {feed: x})
+        runners[base]()
         one = max(time.perf_counter() - t0, 1e-5) * len(names)
         repeats = int(min(500, max(15, seconds / one)))
-        med = time_alternating(sessions, x, repeats, feed)
+        med = time_alternating(runners, repeats)
         cells = " | ".join(f"{med[n] * 1e3:.3f} | {med[base] / med[n]:.2f}x" for n in others)
         print(f"| {batch} | {med[base] * 1e3:.3f} | {cells} |", flush=True)
 
@@ -103,24 +129,38 @@ def demo_table(args) -> None:
     feed = original.graph.input[0].name
     width = original.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
     print(f"\ndemo model (models/make_demo.py), optimize(emit='function'): compressed {layers} params\n")
-    sessions = {"original": session(original, args.threads, library=False),
-                "function (stock ORT)": session(optimized, args.threads, library=False),
-                "function + library": session(optimized, args.threads, library=True)}
+    sessions = {"original": session(original, args.threads, False, args.provider),
+                "function (stock ORT)": session(optimized, args.threads, False, args.provider),
+                "function + library": session(optimized, args.threads, True, args.provider)}
     x_all = np.random.default_rng(2).standard_normal((max(args.batches), width)).astype(np.float32)
-    print_table(sessions, x_all, args.batches, args.seconds, feed)
+    print_table(sessions, x_all, args.batches, args.seconds, feed, args.provider)
 
 
-def time_alternating(sessions: dict, x: np.ndarray, repeats: int, feed: str = "X") -> dict:
-    """Median seconds per run of each session, runs interleaved so noise hits all alike."""
-    times = {name: [] for name in sessions}
-    for s in sessions.values():  # warm-up
-        s.run(None, {feed: x})
+def time_alternating(runners: dict, repeats: int) -> dict:
+    """Median seconds per call of each runner, calls interleaved so noise hits all alike."""
+    times = {name: [] for name in runners}
+    for run in runners.values():  # warm-up
+        run()
     for _ in range(repeats):
-        for name, s in sessions.items():
+        for name, run in runners.items():
             t0 = time.perf_counter()
-            s.run(None, {feed: x})
+            run()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def device_name(provider: str) -> str:
+    """`` on <GPU name>`` from nvidia-smi for CUDA runs, else empty."""
+    if provider != "cuda":
+        return ""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return f" on {out.splitlines()[0]}" if out else ""
 
 
 def main(argv=None) -> int:
@@ -133,6 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-demo", dest="demo", action="store_false", help="skip the demo-model table")
     parser.add_argument("--kernel-only", action="store_true",
                         help="alternate only dense and HMatMul (no standard-op sessions in the rotation)")
+    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu",
+                        help="execution provider of every session (cuda: onnxruntime-gpu and a CUDA device)")
     args = parser.parse_args(argv)
 
     w = log_kernel(args.size)
@@ -143,15 +185,16 @@ def main(argv=None) -> int:
     print(f"W: {args.size}x{args.size} log kernel, tol {args.tol:g}: {hm.counts()}, max rank {hm.max_rank}, "
           f"params {hm.params} ({hm.ratio:.4f} of dense, gain {gain:.1f}x), "
           f"rel. certified error {hm.rel_certified_error:.2e}, compress {build_s:.1f} s")
-    print(f"onnxruntime {ort.__version__}, intra_op_num_threads={args.threads}, {SESSION_CONFIG}\n")
+    print(f"onnxruntime {ort.__version__}, {PROVIDERS[args.provider]}{device_name(args.provider)}, "
+          f"intra_op_num_threads={args.threads}, {SESSION_CONFIG}\n")
 
-    sessions = {"dense": session(dense_model(w), args.threads, library=False),
-                "hmatmul": session(hmatmul.make_hmatmul_model(pack(hm)), args.threads, library=True)}
+    sessions = {"dense": session(dense_model(w), args.threads, False, args.provider),
+                "hmatmul": session(hmatmul.make_hmatmul_model(pack(hm)), args.threads, True, args.provider)}
     modes = () if args.kernel_only else (("function", "function (stock ORT)"), ("subgraph", "subgraph"))
     for mode, label in modes:
         model = emitted_model(hm, mode)
         if model is not None:
-            sessions[label] = session(model, args.threads, library=False)
+            sessions[label] = session(model, args.threads, False, args.provider)
 
     x_all = np.random.default_rng(1).standard_normal((max(args.batches), args.size)).astype(np.float32)
     ref = sessions["dense"].run(None, {"X": x_all[:1]})[0]
@@ -159,7 +202,7 @@ def main(argv=None) -> int:
         err = np.linalg.norm(s.run(None, {"X": x_all[:1]})[0] - ref) / np.linalg.norm(ref)
         assert err < 10 * args.tol, f"{name}: relative output error {err:.2e}"
 
-    print_table(sessions, x_all, args.batches, args.seconds)
+    print_table(sessions, x_all, args.batches, args.seconds, provider=args.provider)
     print(f"\ntargets: batch 1 hmatmul speedup >= {0.5 * gain:.1f}x (0.5 x dense/stored params); "
           f"batch {max(args.batches)} hmatmul speedup >= 1.0x")
     if args.demo:
