@@ -105,6 +105,17 @@ def _build_cases() -> list[Case]:
     cases.append(Case("float16_hodlr", hm16, rng.standard_normal((6, 45)).astype(f16)))
     hm16b = _hm((45, 33), tree16, f16)
     cases.append(Case("float16_identity_3d", hm16b, rng.standard_normal((2, 65, 45)).astype(f16)))
+    # Every rank 1..16 on row counts that are not multiples of 8 (the CPU kernel's narrow-panel
+    # product X_b U_b covers ranks below 16 eight rows at a time, then the leftover rows).
+    rng = _rng(11)
+    stack, r0 = [], 0
+    for k in range(1, 17):
+        rows = 7 + k
+        stack.append(_lowrank(rng, r0, r0 + rows, 0, 19, k, f32))
+        r0 += rows
+    narrow = _hm((r0, 19), stack, f32)
+    cases.append(Case("narrow_ranks_1d", narrow, rng.standard_normal(r0).astype(f32)))
+    cases.append(Case("narrow_ranks_batch5", narrow, rng.standard_normal((5, r0)).astype(f32)))
     # Enough multiply-adds (batch x stored values >= 2^19) for the kernel's multi-task paths.
     for dtype, batch, name in ((f32, 5, "parallel_rows"), (f16, 6, "parallel_rows_float16"),
                                (f32, 20, "parallel_batch_major")):

@@ -5,6 +5,11 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DEHM_GEMM_PERMUTE 1
+#endif
+
 #include "gemm.h"
 
 #ifndef DEHM_GEMM_NS
@@ -99,10 +104,95 @@ inline void Tile<4, 16, float>(const float* a, int64_t lda, int64_t ainc, int64_
                                float* y, int64_t ldy) {
   Tile16<4>(a, lda, ainc, depth, b, ldb, y, ldy);
 }
+// One row (batch 1): even and odd depth steps go to separate accumulators, four
+// independent chains instead of two, so the adds overlap instead of waiting on each other.
 template <>
-inline void Tile<1, 16, float>(const float* a, int64_t lda, int64_t ainc, int64_t depth, const float* b, int64_t ldb,
-                               float* y, int64_t ldy) {
-  Tile16<1>(a, lda, ainc, depth, b, ldb, y, ldy);
+inline void Tile<1, 16, float>(const float* a, int64_t, int64_t ainc, int64_t depth, const float* b, int64_t ldb,
+                               float* y, int64_t) {
+  Vec8 even0 = LoadVec(y), even1 = LoadVec(y + 8), odd0 = {}, odd1 = {};
+  int64_t i = 0;
+  for (; i + 2 <= depth; i += 2) {
+    const float s0 = a[i * ainc], s1 = a[(i + 1) * ainc];
+    const float* b0 = b + i * ldb;
+    const float* b1 = b0 + ldb;
+    even0 += s0 * LoadVec(b0);
+    even1 += s0 * LoadVec(b0 + 8);
+    odd0 += s1 * LoadVec(b1);
+    odd1 += s1 * LoadVec(b1 + 8);
+  }
+  if (i < depth) {
+    const float s = a[i * ainc];
+    even0 += s * LoadVec(b + i * ldb);
+    even1 += s * LoadVec(b + i * ldb + 8);
+  }
+  StoreVec(y, even0 + odd0);
+  StoreVec(y + 8, even1 + odd1);
+}
+#endif
+
+#ifdef DEHM_GEMM_PERMUTE
+// One row of a times a narrow panel stored contiguously (depth x K, K < 16), e.g. x U_b at
+// batch 1. Eight panel rows are K whole vectors; lane l of vector v holds row (8v + l) / K,
+// column (8v + l) % K. A fixed lane permutation spreads a[i:i+8] to match, so the panel
+// streams through K independent FMA chains at full vector width, and the lanes are folded
+// onto the K columns once at the end.
+template <int K>
+void RowTimesNarrowPanel(const float* a, int64_t depth, const float* b, float* y) {
+  __m256i spread[K];
+  __m256 acc[K];
+  for (int v = 0; v < K; ++v) {
+    alignas(32) int lanes[8];
+    for (int l = 0; l < 8; ++l) lanes[l] = (8 * v + l) / K;
+    spread[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+    acc[v] = _mm256_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + 8 <= depth; i += 8) {
+    const __m256 av = _mm256_loadu_ps(a + i);
+    const float* bi = b + i * K;
+    for (int v = 0; v < K; ++v)
+      acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(bi + 8 * v), _mm256_permutevar8x32_ps(av, spread[v]), acc[v]);
+  }
+  alignas(32) float lanes[8 * K];
+  for (int v = 0; v < K; ++v) _mm256_store_ps(lanes + 8 * v, acc[v]);
+  float sum[K] = {};
+  for (int p = 0; p < 8 * K; ++p) sum[p % K] += lanes[p];
+  for (; i < depth; ++i)
+    for (int c = 0; c < K; ++c) sum[c] += a[i] * b[i * K + c];
+  for (int c = 0; c < K; ++c) y[c] += sum[c];
+}
+
+// Rows of a (unit stride along the depth) times a contiguous panel of width w < 16.
+inline void RowsTimesNarrowPanel(const float* a, int64_t lda, int64_t rows, int64_t depth, const float* b, float* y,
+                                 int64_t ldy, int64_t w) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ar = a + r * lda;
+    float* yr = y + r * ldy;
+    switch (w) {
+#define DEHM_NARROW_CASE(N) \
+  case N:                   \
+    RowTimesNarrowPanel<N>(ar, depth, b, yr); \
+    break;
+      DEHM_NARROW_CASE(1)
+      DEHM_NARROW_CASE(2)
+      DEHM_NARROW_CASE(3)
+      DEHM_NARROW_CASE(4)
+      DEHM_NARROW_CASE(5)
+      DEHM_NARROW_CASE(6)
+      DEHM_NARROW_CASE(7)
+      DEHM_NARROW_CASE(8)
+      DEHM_NARROW_CASE(9)
+      DEHM_NARROW_CASE(10)
+      DEHM_NARROW_CASE(11)
+      DEHM_NARROW_CASE(12)
+      DEHM_NARROW_CASE(13)
+      DEHM_NARROW_CASE(14)
+      DEHM_NARROW_CASE(15)
+#undef DEHM_NARROW_CASE
+      default:
+        break;
+    }
+  }
 }
 #endif
 
@@ -189,6 +279,12 @@ template <typename W>
 void GemmAcc(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth, const W* b, int64_t ldb, float* y, int64_t ldy,
              int64_t w) {
   int64_t j = 0;
+#ifdef DEHM_GEMM_PERMUTE
+  if (std::is_same<W, float>::value && ainc == 1 && ldb == w && w >= 1 && w < 16 && depth >= 8) {
+    RowsTimesNarrowPanel(a, lda, rows, depth, reinterpret_cast<const float*>(b), y, ldy, w);
+    return;
+  }
+#endif
 #if defined(__GNUC__) || defined(__clang__)
   if (std::is_same<W, float>::value && rows <= 8) {
     j = GemmFewRows(a, lda, ainc, rows, depth, reinterpret_cast<const float*>(b), ldb, y, ldy, w);
