@@ -6,7 +6,11 @@ its own onnxruntime session (intra_op_num_threads fixed, spinning off); the vari
 timed alternately in one process and the medians are reported, with ratios to dense.
 
     python benchmarks/bench_kernel.py [--size 4096] [--tol 1e-4] [--batches 1 16 256] [--no-demo]
-                                      [--provider cpu|cuda]
+                                      [--provider cpu|cuda] [--shared-pool]
+
+``--shared-pool`` gives every session onnxruntime's process-wide intra-op pool (as a
+deployment with one pool for all sessions has) instead of a pool per session: a small
+product then finds the second pool thread awake more often.
 
 With ``--provider cuda`` (onnxruntime-gpu and a CUDA device) every session runs on the
 CUDAExecutionProvider, X and Y stay on the device (I/O binding), and each timed run
@@ -33,6 +37,15 @@ from dehm_onnx.ops.library import custom_op_library
 
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_SHARED_POOL = {"on": False}
+
+
+def use_shared_pool(threads: int) -> None:
+    """Give every later session onnxruntime's process-wide pool of ``threads`` intra-op threads."""
+    from onnxruntime.capi import _pybind_state  # the pool sizes have no public Python setter
+
+    _pybind_state.set_global_thread_pool_sizes(threads, 1)
+    _SHARED_POOL["on"] = True
 
 
 def log_kernel(size: int, seed: int = 0) -> np.ndarray:
@@ -71,6 +84,7 @@ def session(model, threads: int, library: bool, provider: str = "cpu"):
     """A session on one execution provider; on CUDA, a library session may not fall back to the CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.use_per_session_threads = not _SHARED_POOL["on"]
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
     if provider == "cuda" and library:
@@ -175,7 +189,11 @@ def main(argv=None) -> int:
                         help="alternate only dense and HMatMul (no standard-op sessions in the rotation)")
     parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu",
                         help="execution provider of every session (cuda: onnxruntime-gpu and a CUDA device)")
+    parser.add_argument("--shared-pool", action="store_true",
+                        help="one process-wide intra-op pool for all sessions instead of one per session")
     args = parser.parse_args(argv)
+    if args.shared_pool:
+        use_shared_pool(args.threads)
 
     w = log_kernel(args.size)
     t0 = time.perf_counter()
@@ -186,7 +204,8 @@ def main(argv=None) -> int:
           f"params {hm.params} ({hm.ratio:.4f} of dense, gain {gain:.1f}x), "
           f"rel. certified error {hm.rel_certified_error:.2e}, compress {build_s:.1f} s")
     print(f"onnxruntime {ort.__version__}, {PROVIDERS[args.provider]}{device_name(args.provider)}, "
-          f"intra_op_num_threads={args.threads}, {SESSION_CONFIG}\n")
+          f"intra_op_num_threads={args.threads}, {'shared pool' if args.shared_pool else 'pool per session'}, "
+          f"{SESSION_CONFIG}\n")
 
     sessions = {"dense": session(dense_model(w), args.threads, False, args.provider),
                 "hmatmul": session(hmatmul.make_hmatmul_model(pack(hm)), args.threads, True, args.provider)}

@@ -124,6 +124,9 @@ def _build_cases() -> list[Case]:
                   _lowrank(rng, 530, 601, 0, 333, 3, dtype)]
         hm = _hm((601, 333), blocks, dtype, rng.permutation(601), rng.permutation(333))
         cases.append(Case(name, hm, rng.standard_normal((batch, 601)).astype(dtype)))
+        if batch == 5:
+            # One row and a payload over 256 KB: the small-product pass split over two tasks.
+            cases.append(Case("split_pass_1d", hm, rng.standard_normal(601).astype(dtype)))
     return cases
 
 
