@@ -63,6 +63,12 @@ struct PackedPlan {
 // on success, else a one-line message naming the problem. Never reads outside the inputs.
 std::string ValidatePacked(const PackedInputs& in, PackedPlan* plan);
 
+// The X part of ValidatePacked for an already validated m x n layout: rank >= 1, no
+// negative dimension, last dimension m, batch and output sizes within int64. Fills `batch`
+// and `y_shape` (X's shape with the last dimension n).
+std::string ValidateX(const std::vector<int64_t>& x_shape, int64_t m, int64_t n, int64_t* batch,
+                      std::vector<int64_t>* y_shape);
+
 // a * b, or false when it would overflow int64 (a, b >= 0).
 bool CheckedMul(int64_t a, int64_t b, int64_t* out);
 // a + b, or false when it would overflow int64 (a, b >= 0).

@@ -126,11 +126,8 @@ std::string ValidatePacked(const PackedInputs& in, PackedPlan* plan) {
     m = std::max(m, plan->blocks[static_cast<size_t>(i)].r1);
     n = std::max(n, plan->blocks[static_cast<size_t>(i)].c1);
   }
-  const int64_t x_m = in.x_shape.back();
-  if (m != x_m) {
-    return Fail("X has last dimension " + std::to_string(x_m) + " but the layout's rows span " + std::to_string(m) +
-                " (X shape " + ShapeString(in.x_shape) + ")");
-  }
+  std::string x_err = ValidateX(in.x_shape, m, n, &plan->batch, &plan->y_shape);
+  if (!x_err.empty()) return x_err;
   int64_t total = 0, area = 0;
   if (!CheckedMul(m, n, &total)) return Fail("matrix shape overflows int64");
   for (const BlockView& b : plan->blocks) {
@@ -149,18 +146,30 @@ std::string ValidatePacked(const PackedInputs& in, PackedPlan* plan) {
   err = CheckPerm("col_perm", in.col_perm_shape, in.col_perm, n, &seen, &plan->has_col_perm);
   if (!err.empty()) return err;
 
-  int64_t batch = 1;
-  for (size_t d = 0; d + 1 < in.x_shape.size(); ++d) {
-    if (!CheckedMul(batch, in.x_shape[d], &batch)) return Fail("X batch size overflows int64");
-  }
-  int64_t y_size = 0;
-  if (!CheckedMul(batch, n, &y_size)) return Fail("output size overflows int64");
-  plan->batch = batch;
   plan->m = m;
   plan->n = n;
   plan->data_size = data_size;
-  plan->y_shape.assign(in.x_shape.begin(), in.x_shape.end());
-  plan->y_shape.back() = n;
+  return "";
+}
+
+std::string ValidateX(const std::vector<int64_t>& x_shape, int64_t m, int64_t n, int64_t* batch,
+                      std::vector<int64_t>* y_shape) {
+  if (x_shape.empty()) return Fail("X must have rank >= 1, got a scalar");
+  for (int64_t d : x_shape)
+    if (d < 0) return Fail("X has a negative dimension in shape " + ShapeString(x_shape));
+  if (x_shape.back() != m) {
+    return Fail("X has last dimension " + std::to_string(x_shape.back()) + " but the layout's rows span " +
+                std::to_string(m) + " (X shape " + ShapeString(x_shape) + ")");
+  }
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < x_shape.size(); ++d) {
+    if (!CheckedMul(rows, x_shape[d], &rows)) return Fail("X batch size overflows int64");
+  }
+  int64_t y_size = 0;
+  if (!CheckedMul(rows, n, &y_size)) return Fail("output size overflows int64");
+  *batch = rows;
+  y_shape->assign(x_shape.begin(), x_shape.end());
+  y_shape->back() = n;
   return "";
 }
 
