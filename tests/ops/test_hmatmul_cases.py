@@ -103,3 +103,38 @@ def test_cuda_kernel_matches_dense_product(case):
     session = make_session(_model(case), providers=["CUDAExecutionProvider"],
                            config={"session.disable_cpu_ep_fallback": "1"})
     assert_matches(case, session.run(None, {"X": case.x})[0])
+
+
+def _cuda_session(model):
+    # No CPU fallback: the HMatMul node must run on the CUDA kernel or the session fails.
+    return make_session(model, providers=["CUDAExecutionProvider"], config={"session.disable_cpu_ep_fallback": "1"})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_cuda_kernel_packed_as_inputs(case):
+    """Packed arrays fed at run time: the kernel validates and uploads them on every run."""
+    reason = _cuda_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    p = pack(case.hm)
+    model = hmatmul.make_hmatmul_model(p, x_rank=case.x.ndim, packed_as_inputs=True)
+    feeds = {"X": case.x, "w.data": p.data, "w.layout": p.layout, "w.row_perm": p.row_perm, "w.col_perm": p.col_perm}
+    assert_matches(case, _cuda_session(model).run(None, feeds)[0])
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_reuses_tables_across_batch_sizes():
+    """The constant-layout path uploads its tables once; later runs with other batches agree."""
+    reason = _cuda_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    case = next(c for c in CASES if c.name == "parallel_batch_major")
+    model = _model(case)
+    model.graph.input[0].type.tensor_type.shape.dim[-1].dim_param = "m"  # so a wrong width reaches the kernel
+    session = _cuda_session(model)
+    for rows in (case.x.shape[0], 1, 0, 3, case.x.shape[0]):
+        sub = type(case)(case.name, case.hm, case.x[:rows])
+        assert_matches(sub, session.run(None, {"X": sub.x})[0])
+    with pytest.raises(Exception, match="HMatMul: X has last dimension 6"):
+        session.run(None, {"X": np.zeros((2, 6), case.x.dtype)})

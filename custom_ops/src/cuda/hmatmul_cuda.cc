@@ -1,11 +1,13 @@
 // Op-definition layer of HMatMul on CUDA: validates on the host, builds the block and
-// column-segment tables, fetches the stream and calls the launcher (hmatmul_impl.cuh).
+// column-segment tables (once per node when the packed inputs are constant), fetches the
+// stream and calls the launcher (hmatmul_impl.cuh).
 #include "hmatmul_cuda.h"
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <exception>
+#include <mutex>
 #include <new>
 #include <string>
 
@@ -25,7 +27,7 @@ struct RawType<Ort::Float16_t> {
   using type = uint16_t;
 };
 
-// Host tables in the order HMatMulDeviceArgs documents.
+// Host tables in the order DeviceTableSize documents; they do not depend on the batch.
 std::vector<int64_t> BuildTables(const PackedPlan& plan, const int64_t* row_perm, const int64_t* col_perm,
                                  HMatMulDeviceArgs* args) {
   const int64_t nb = static_cast<int64_t>(plan.blocks.size());
@@ -50,15 +52,22 @@ std::vector<int64_t> BuildTables(const PackedPlan& plan, const int64_t* row_perm
   for (size_t s = 1; s < count.size(); ++s) count[s] += count[s - 1];
   const int64_t num_entries = count.back();
 
+  args->m = plan.m;
+  args->n = plan.n;
+  args->num_blocks = nb;
+  args->num_segments = num_segments;
+  args->num_entries = num_entries;
+  args->has_row_perm = plan.has_row_perm;
+  args->has_col_perm = plan.has_col_perm;
   std::vector<int64_t> tables;
-  tables.reserve(static_cast<size_t>(nb * kDeviceBlockFields + 2 * (num_segments + 1) + num_entries + plan.m + plan.n));
-  int64_t t_total = 0;
+  tables.reserve(static_cast<size_t>(DeviceTableSize(*args)));
+  int64_t rank_total = 0;
   for (const BlockView& b : plan.blocks) {
-    const int64_t t_offset = t_total;
-    if (b.kind == BlockKind::kLowRank) t_total += plan.batch * b.rank;
-    const int64_t row[kDeviceBlockFields] = {static_cast<int64_t>(b.kind), b.r0, b.r1, b.c0, b.c1, b.rank, b.offset, t_offset};
+    const int64_t row[kDeviceBlockFields] = {static_cast<int64_t>(b.kind), b.r0, b.r1, b.c0, b.c1, b.rank, b.offset, rank_total};
     tables.insert(tables.end(), row, row + kDeviceBlockFields);
+    if (b.kind == BlockKind::kLowRank) rank_total += b.rank;  // cannot overflow: ranks fit in `data`
   }
+  args->rank_total = rank_total;
   tables.insert(tables.end(), bounds.begin(), bounds.end());
   tables.insert(tables.end(), count.begin(), count.end());
   const size_t entries_at = tables.size();
@@ -71,50 +80,111 @@ std::vector<int64_t> BuildTables(const PackedPlan& plan, const int64_t* row_perm
   }
   if (plan.has_row_perm) tables.insert(tables.end(), row_perm, row_perm + plan.m);
   if (plan.has_col_perm) tables.insert(tables.end(), col_perm, col_perm + plan.n);
-
-  args->batch = plan.batch;
-  args->m = plan.m;
-  args->n = plan.n;
-  args->num_blocks = nb;
-  args->num_segments = num_segments;
-  args->num_entries = num_entries;
-  args->t_total = t_total;
-  args->has_row_perm = plan.has_row_perm;
-  args->has_col_perm = plan.has_col_perm;
   return tables;
 }
 
-template <typename T>
-Ort::Status HMatMulCuda(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& X, const Ort::Custom::Tensor<T>& data,
-                        const Ort::Custom::Tensor<int64_t>& layout, const Ort::Custom::Tensor<int64_t>& row_perm,
-                        const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
+Ort::Status CudaFailure(cudaError_t status) {
+  return Ort::Status((std::string("HMatMul (CUDA): ") + cudaGetErrorName(status) + ": " + cudaGetErrorString(status)).c_str(),
+                     ORT_EP_FAIL);
+}
+
+// True when data, layout, row_perm and col_perm are constant initializers of the node.
+bool PackedInputsConstant(const OrtKernelInfo* info) {
   try {
-    const PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
+    Ort::ConstKernelInfo kernel_info(info);
+    for (size_t i = 1; i <= 4; ++i) {
+      int is_constant = 0;
+      kernel_info.GetTensorConstantInput(i, &is_constant);
+      if (!is_constant) return false;
+    }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+// One node's CUDA kernel. When the packed inputs are constant (the usual case: initializers
+// of an optimized model) the layout is validated and its tables are uploaded once, at the
+// first run, and later runs only check X and launch; otherwise every run validates and
+// uploads its own tables.
+template <typename T>
+class HMatMulCudaKernel {
+ public:
+  HMatMulCudaKernel(const OrtApi*, const OrtKernelInfo* info) : constant_(PackedInputsConstant(info)) {}
+  HMatMulCudaKernel(const HMatMulCudaKernel&) = delete;
+  HMatMulCudaKernel& operator=(const HMatMulCudaKernel&) = delete;
+  ~HMatMulCudaKernel() {
+    if (tables_ != nullptr) cudaFree(tables_);  // nothing to report to from a destructor
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& X, const Ort::Custom::Tensor<T>& data,
+                      const Ort::Custom::Tensor<int64_t>& layout, const Ort::Custom::Tensor<int64_t>& row_perm,
+                      const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
+    using Raw = typename RawType<T>::type;
+    try {
+      const PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
+      auto stream = static_cast<cudaStream_t>(Ort::KernelContext(ctx).GetGPUComputeStream());
+      const Raw* x = reinterpret_cast<const Raw*>(X.Data());
+      const Raw* d = reinterpret_cast<const Raw*>(data.Data());
+      if (!constant_) {
+        PackedPlan plan;
+        std::string err = ValidatePacked(in, &plan);
+        if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
+        T* y = Y.Allocate(plan.y_shape);
+        if (plan.batch == 0) return Ort::Status{nullptr};
+        HMatMulDeviceArgs args;
+        const std::vector<int64_t> tables = BuildTables(plan, in.row_perm, in.col_perm, &args);
+        args.batch = plan.batch;
+        cudaError_t status = LaunchHMatMulHostTables<Raw>(stream, args, tables.data(), x, d, reinterpret_cast<Raw*>(y));
+        return status == cudaSuccess ? Ort::Status{nullptr} : CudaFailure(status);
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (tables_ == nullptr) {
+        Ort::Status status = Upload(in);
+        if (!status.IsOK()) return status;
+      }
+      HMatMulDeviceArgs args = args_;
+      std::vector<int64_t> y_shape;
+      std::string err = ValidateX(in.x_shape, args.m, args.n, &args.batch, &y_shape);
+      if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
+      T* y = Y.Allocate(y_shape);
+      if (args.batch == 0) return Ort::Status{nullptr};
+      cudaError_t status = LaunchHMatMul<Raw>(stream, args, tables_, x, d, reinterpret_cast<Raw*>(y));
+      return status == cudaSuccess ? Ort::Status{nullptr} : CudaFailure(status);
+    } catch (const std::bad_alloc&) {
+      return Ort::Status("HMatMul (CUDA): out of host memory for the block tables", ORT_FAIL);
+    } catch (const std::exception& e) {
+      return Ort::Status((std::string("HMatMul (CUDA): ") + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+
+ private:
+  // Validates the constant layout (X included, with the first run's shape) and uploads the
+  // tables with a synchronous copy, once per node.
+  Ort::Status Upload(const PackedInputs& in) {
     PackedPlan plan;
     std::string err = ValidatePacked(in, &plan);
     if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
-    T* y = Y.Allocate(plan.y_shape);
-    if (plan.batch == 0) return Ort::Status{nullptr};
-
     HMatMulDeviceArgs args;
-    std::vector<int64_t> tables = BuildTables(plan, in.row_perm, in.col_perm, &args);
-    args.host_tables = tables.data();
-    args.host_tables_size = static_cast<int64_t>(tables.size());
-    auto stream = static_cast<cudaStream_t>(Ort::KernelContext(ctx).GetGPUComputeStream());
-    using Raw = typename RawType<T>::type;
-    cudaError_t status = LaunchHMatMul<Raw>(stream, args, reinterpret_cast<const Raw*>(X.Data()),
-                                            reinterpret_cast<const Raw*>(data.Data()), reinterpret_cast<Raw*>(y));
+    const std::vector<int64_t> host = BuildTables(plan, in.row_perm, in.col_perm, &args);
+    int64_t* device = nullptr;
+    cudaError_t status = cudaMalloc(&device, host.size() * sizeof(int64_t));
+    if (status != cudaSuccess) return CudaFailure(status);
+    status = cudaMemcpy(device, host.data(), host.size() * sizeof(int64_t), cudaMemcpyHostToDevice);
     if (status != cudaSuccess) {
-      return Ort::Status((std::string("HMatMul (CUDA): ") + cudaGetErrorName(status) + ": " + cudaGetErrorString(status)).c_str(),
-                         ORT_EP_FAIL);
+      cudaFree(device);
+      return CudaFailure(status);
     }
+    tables_ = device;
+    args_ = args;
     return Ort::Status{nullptr};
-  } catch (const std::bad_alloc&) {
-    return Ort::Status("HMatMul (CUDA): out of host memory for the block tables", ORT_FAIL);
-  } catch (const std::exception& e) {
-    return Ort::Status((std::string("HMatMul (CUDA): ") + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
   }
-}
+
+  const bool constant_;
+  std::mutex mutex_;
+  int64_t* tables_ = nullptr;  // device copy of the tables (constant inputs only)
+  HMatMulDeviceArgs args_;     // their sizes; batch filled per run
+};
 
 Ort::Custom::OrtLiteCustomOp* WithHostPackedInputs(Ort::Custom::OrtLiteCustomOp* op) {
   // layout, row_perm and col_perm (inputs 2..4) stay on the CPU for host-side validation.
@@ -128,9 +198,9 @@ Ort::Custom::OrtLiteCustomOp* WithHostPackedInputs(Ort::Custom::OrtLiteCustomOp*
 
 void CreateCudaOps(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>* ops) {
   ops->emplace_back(WithHostPackedInputs(
-      Ort::Custom::CreateLiteCustomOp("HMatMul", "CUDAExecutionProvider", HMatMulCuda<float>)));
+      Ort::Custom::CreateLiteCustomOp<HMatMulCudaKernel<float>>("HMatMul", "CUDAExecutionProvider")));
   ops->emplace_back(WithHostPackedInputs(
-      Ort::Custom::CreateLiteCustomOp("HMatMul", "CUDAExecutionProvider", HMatMulCuda<Ort::Float16_t>)));
+      Ort::Custom::CreateLiteCustomOp<HMatMulCudaKernel<Ort::Float16_t>>("HMatMul", "CUDAExecutionProvider")));
 }
 
 }  // namespace dehm
