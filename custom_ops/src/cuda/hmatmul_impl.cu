@@ -47,14 +47,18 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRankChunk = 8;  // columns of U summed together in registers
 
+static_assert(kBatchTile == kWarps, "the wide-batch paths give each warp one batch row of a tile");
+
+// The sum of v over the warp, in every lane (butterfly, so all lanes see the same total).
 __device__ __forceinline__ float WarpSum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
-// T_blk[b, :] = Xp[b, r0:r1] @ U. The threads split the rows (thread i reads row i's k
-// values, so a warp reads one contiguous stretch of U), each summing up to kRankChunk
-// columns in registers; warps then combine through shared memory in a fixed order.
+// T_blk[b, :] = Xp[b, r0:r1] @ U. Narrow batches: the block's threads split the rows
+// (thread i reads row i's k values, so a warp reads one contiguous stretch of U), each
+// summing up to kRankChunk columns in registers, and the warps combine through shared
+// memory in a fixed order. Wide batches: one warp per batch row, lanes split the rows.
 template <typename T>
 __global__ void hmatmul_lowrank_kernel(const float* xp, const T* data, DeviceTables tab, int64_t batch, int64_t m,
                                        float* tbuf) {
@@ -65,6 +69,37 @@ __global__ void hmatmul_lowrank_kernel(const float* xp, const T* data, DeviceTab
   float* t = tbuf + blk[7] * batch;
   __shared__ float partial[kWarps][kRankChunk];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (batch >= kBatchTile) {
+    // Wide batches: warp w owns batch row b0 + w and its lanes split the rows, so no
+    // block-wide reduction is needed (kBatchTile == kWarps).
+    for (int64_t b = blockIdx.y * kBatchTile + warp; b < batch; b += gridDim.y * kBatchTile) {
+      const float* xr = xp + b * m + r0;
+      for (int64_t kc = 0; kc < k; kc += kRankChunk) {
+        const int kn = static_cast<int>(k - kc < kRankChunk ? k - kc : kRankChunk);
+        float acc[kRankChunk];
+#pragma unroll
+        for (int c = 0; c < kRankChunk; ++c) acc[c] = 0.0f;
+#pragma unroll 2
+        for (int64_t i = lane; i < rows; i += 32) {
+          const float xi = xr[i];
+          const T* ui = u + i * k + kc;
+#pragma unroll
+          for (int c = 0; c < kRankChunk; ++c)
+            if (c < kn) acc[c] += xi * ToFloat(ui[c]);
+        }
+#pragma unroll
+        for (int c = 0; c < kRankChunk; ++c) acc[c] = WarpSum(acc[c]);
+        if (lane < kn) {
+          float mine = 0.0f;
+#pragma unroll
+          for (int c = 0; c < kRankChunk; ++c)
+            if (c == lane) mine = acc[c];
+          t[b * k + kc + lane] = mine;
+        }
+      }
+    }
+    return;
+  }
   for (int64_t b0 = blockIdx.y * kBatchTile; b0 < batch; b0 += gridDim.y * kBatchTile) {
     const int64_t b1 = batch - b0 < kBatchTile ? batch : b0 + kBatchTile;
     for (int64_t b = b0; b < b1; ++b) {
@@ -100,9 +135,34 @@ __global__ void hmatmul_lowrank_kernel(const float* xp, const T* data, DeviceTab
   }
 }
 
-// Y[b, j] for the columns of one segment, 32 at a time (one per lane): warp w sums the
-// segment's blocks w, w + kWarps, ... (T_blk[b, :] . Vt[:, j - c0] or Xp[b, r0:r1] .
-// D[:, j - c0]), then warp 0 adds the warps' sums in a fixed order and stores.
+// Entry e's block's contribution to Y[b, j]: T_blk[b, :] . Vt[:, j - c0] or
+// Xp[b, r0:r1] . D[:, j - c0] (zero blocks have no entries).
+template <typename T>
+__device__ __forceinline__ float BlockColumn(const float* xp, const T* data, const DeviceTables& tab,
+                                             const float* tbuf, int64_t batch, int64_t m, int64_t b, int64_t j,
+                                             int64_t e) {
+  const int64_t* blk = tab.blocks + tab.entries[e] * kDeviceBlockFields;
+  const int64_t rows = blk[2] - blk[1], cols = blk[4] - blk[3], jc = j - blk[3];
+  float acc = 0.0f;
+  if (blk[0] == 2) {
+    const int64_t k = blk[5];
+    const T* vt = data + blk[6] + rows * k + jc;
+    const float* tb = tbuf + blk[7] * batch + b * k;
+#pragma unroll 4
+    for (int64_t kk = 0; kk < k; ++kk) acc += tb[kk] * ToFloat(vt[kk * cols]);
+  } else if (blk[0] == 1) {
+    const T* d = data + blk[6] + jc;
+    const float* xr = xp + b * m + blk[1];
+#pragma unroll 4
+    for (int64_t i = 0; i < rows; ++i) acc += xr[i] * ToFloat(d[i * cols]);
+  }
+  return acc;
+}
+
+// Y[b, j] for the columns of one segment. Narrow batches: 32 columns at a time (one per
+// lane), warp w sums the segment's blocks w, w + kWarps, ..., then warp 0 adds the warps'
+// sums in a fixed order and stores. Wide batches: one warp per batch row, each lane sums
+// every block for its column.
 template <typename T>
 __global__ void hmatmul_columns_kernel(const float* xp, const T* data, DeviceTables tab, const float* tbuf,
                                        int64_t batch, int64_t m, int64_t n, T* y) {
@@ -111,6 +171,19 @@ __global__ void hmatmul_columns_kernel(const float* xp, const T* data, DeviceTab
   const int64_t e0 = tab.seg_entry_begin[s], e1 = tab.seg_entry_begin[s + 1];
   __shared__ float partial[kWarps][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (batch >= kBatchTile) {
+    // Wide batches: warp w owns batch row b0 + w; each lane sums all the segment's blocks
+    // for its column, with no block-wide reduction (kBatchTile == kWarps).
+    for (int64_t b = blockIdx.y * kBatchTile + warp; b < batch; b += gridDim.y * kBatchTile) {
+      for (int64_t jc0 = lane; jc0 < width; jc0 += 32) {
+        const int64_t j = j0 + jc0;
+        float acc = 0.0f;
+        for (int64_t e = e0; e < e1; ++e) acc += BlockColumn(xp, data, tab, tbuf, batch, m, b, j, e);
+        Store(y + b * n + (tab.col_perm ? tab.col_perm[j] : j), acc);
+      }
+    }
+    return;
+  }
   for (int64_t b0 = blockIdx.y * kBatchTile; b0 < batch; b0 += gridDim.y * kBatchTile) {
     const int64_t b1 = batch - b0 < kBatchTile ? batch : b0 + kBatchTile;
     for (int64_t b = b0; b < b1; ++b) {
@@ -119,22 +192,7 @@ __global__ void hmatmul_columns_kernel(const float* xp, const T* data, DeviceTab
         const int64_t j = j0 + jc0 + lane;
         float acc = 0.0f;
         if (active) {
-          for (int64_t e = e0 + warp; e < e1; e += kWarps) {
-            const int64_t* blk = tab.blocks + tab.entries[e] * kDeviceBlockFields;
-            const int64_t rows = blk[2] - blk[1], cols = blk[4] - blk[3], jc = j - blk[3];
-            if (blk[0] == 2) {
-              const int64_t k = blk[5];
-              const T* vt = data + blk[6] + rows * k + jc;
-              const float* tb = tbuf + blk[7] * batch + b * k;
-#pragma unroll 4
-              for (int64_t kk = 0; kk < k; ++kk) acc += tb[kk] * ToFloat(vt[kk * cols]);
-            } else if (blk[0] == 1) {
-              const T* d = data + blk[6] + jc;
-              const float* xr = xp + b * m + blk[1];
-#pragma unroll 4
-              for (int64_t i = 0; i < rows; ++i) acc += xr[i] * ToFloat(d[i * cols]);
-            }
-          }
+          for (int64_t e = e0 + warp; e < e1; e += kWarps) acc += BlockColumn(xp, data, tab, tbuf, batch, m, b, j, e);
         }
         partial[warp][lane] = acc;
         __syncthreads();
