@@ -24,6 +24,7 @@ inline float Load(const float* p, int64_t i) { return p[i]; }
 inline float Load(const uint16_t* p, int64_t i) { return HalfToFloat(p[i]); }
 
 constexpr int kRowBlock = 4;
+constexpr int64_t kAxpyDepth = 8;
 constexpr int kColBlock = 16;
 
 template <int RB, int CB, typename W>
@@ -233,6 +234,66 @@ void PanelN(int64_t width, const float* a, int64_t lda, int64_t ainc, int64_t ro
 }
 
 #if defined(__GNUC__) || defined(__clang__)
+// One row (batch 1): y[0:8 NV] += sum_i a[i * ainc] * b[i * ldb + 0:8 NV], NV vectors of
+// y in registers across the depth. Narrow tiles split the depth over two accumulator sets
+// so that at least four FMA chains are in flight.
+template <int NV>
+inline void RowTile(const float* a, int64_t ainc, int64_t depth, const float* b, int64_t ldb, float* y) {
+  constexpr int kSets = NV >= 4 ? 1 : 2;
+  Vec8 acc[kSets][NV];
+  for (int v = 0; v < NV; ++v) {
+    acc[0][v] = LoadVec(y + 8 * v);
+    if (kSets == 2) acc[kSets - 1][v] = Vec8{};
+  }
+  int64_t i = 0;
+  for (; i + kSets <= depth; i += kSets) {
+    for (int set = 0; set < kSets; ++set) {
+      const float s = a[(i + set) * ainc];
+      const float* bi = b + (i + set) * ldb;
+      for (int v = 0; v < NV; ++v) acc[set][v] += s * LoadVec(bi + 8 * v);
+    }
+  }
+  for (; i < depth; ++i) {
+    const float s = a[i * ainc];
+    for (int v = 0; v < NV; ++v) acc[0][v] += s * LoadVec(b + i * ldb + 8 * v);
+  }
+  for (int v = 0; v < NV; ++v) StoreVec(y + 8 * v, kSets == 2 ? acc[0][v] + acc[kSets - 1][v] : acc[0][v]);
+}
+
+// One row of a times a depth x w panel: 64-column tiles, then 32, 16 and 8, then the
+// remaining columns through the narrow panels.
+template <typename W>
+void RowTimesPanel(const float* a, int64_t ainc, int64_t depth, const float* b, int64_t ldb, float* y, int64_t w) {
+  if (depth <= kAxpyDepth) {
+    // Shallow (T_b Vt_b at batch 1): one pass per row of b, so b is read front to back.
+    for (int64_t i = 0; i < depth; ++i) {
+      const float s = a[i * ainc];
+      const float* bi = b + i * ldb;
+      int64_t j = 0;
+      for (; j + 8 <= w; j += 8) StoreVec(y + j, LoadVec(y + j) + s * LoadVec(bi + j));
+      for (; j < w; ++j) y[j] += s * bi[j];
+    }
+    return;
+  }
+  int64_t j = 0;
+  for (; j + 64 <= w; j += 64) RowTile<8>(a, ainc, depth, b + j, ldb, y + j);
+  if (j + 32 <= w) {
+    RowTile<4>(a, ainc, depth, b + j, ldb, y + j);
+    j += 32;
+  }
+  if (j + 16 <= w) {
+    RowTile<2>(a, ainc, depth, b + j, ldb, y + j);
+    j += 16;
+  }
+  if (j + 8 <= w) {
+    RowTile<1>(a, ainc, depth, b + j, ldb, y + j);
+    j += 8;
+  }
+  if (j < w) PanelN(w - j, a, 1, ainc, 1, depth, b + j, ldb, y + j, 1);
+}
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
 // Few rows (e.g. rank k rows of T^T = U^T Xt^T): all RB rows x 8 columns in registers, so
 // each b row (a stretch of the batch) is loaded once for all rows.
 template <int RB>
@@ -286,6 +347,10 @@ void GemmAcc(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t de
   }
 #endif
 #if defined(__GNUC__) || defined(__clang__)
+  if (std::is_same<W, float>::value && rows == 1) {
+    RowTimesPanel<float>(a, ainc, depth, reinterpret_cast<const float*>(b), ldb, y, w);
+    return;
+  }
   if (std::is_same<W, float>::value && rows <= 8) {
     j = GemmFewRows(a, lda, ainc, rows, depth, reinterpret_cast<const float*>(b), ldb, y, ldy, w);
     if (j == w) return;
