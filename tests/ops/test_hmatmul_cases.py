@@ -123,18 +123,31 @@ def test_cuda_kernel_packed_as_inputs(case):
     assert_matches(case, _cuda_session(model).run(None, feeds)[0])
 
 
+def _check_reuse_across_batch_sizes(session_for):
+    case = next(c for c in CASES if c.name == "parallel_batch_major")
+    model = _model(case)
+    model.graph.input[0].type.tensor_type.shape.dim[-1].dim_param = "m"  # so a wrong width reaches the kernel
+    session = session_for(model)
+    with pytest.raises(Exception, match="HMatMul: X has last dimension 5"):
+        session.run(None, {"X": np.zeros((1, 5), case.x.dtype)})  # first run rejected: nothing cached
+    for rows in (case.x.shape[0], 1, 0, 3, case.x.shape[0]):
+        sub = type(case)(case.name, case.hm, case.x[:rows])
+        assert_matches(sub, session.run(None, {"X": sub.x})[0])
+    with pytest.raises(Exception, match="HMatMul: X has last dimension 6"):
+        session.run(None, {"X": np.zeros((2, 6), case.x.dtype)})
+    sub = type(case)(case.name, case.hm, case.x[:2])
+    assert_matches(sub, session.run(None, {"X": sub.x})[0])  # a rejected run leaves the node usable
+
+
+def test_cpu_kernel_reuses_plan_across_batch_sizes():
+    """Constant packed inputs are validated once; later runs with other batches agree."""
+    _check_reuse_across_batch_sizes(make_session)
+
+
 @pytest.mark.cuda
 def test_cuda_kernel_reuses_tables_across_batch_sizes():
     """The constant-layout path uploads its tables once; later runs with other batches agree."""
     reason = _cuda_missing_reason()
     if reason:
         pytest.skip(reason)
-    case = next(c for c in CASES if c.name == "parallel_batch_major")
-    model = _model(case)
-    model.graph.input[0].type.tensor_type.shape.dim[-1].dim_param = "m"  # so a wrong width reaches the kernel
-    session = _cuda_session(model)
-    for rows in (case.x.shape[0], 1, 0, 3, case.x.shape[0]):
-        sub = type(case)(case.name, case.hm, case.x[:rows])
-        assert_matches(sub, session.run(None, {"X": sub.x})[0])
-    with pytest.raises(Exception, match="HMatMul: X has last dimension 6"):
-        session.run(None, {"X": np.zeros((2, 6), case.x.dtype)})
+    _check_reuse_across_batch_sizes(_cuda_session)

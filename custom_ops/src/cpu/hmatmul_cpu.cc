@@ -20,10 +20,12 @@
 #include <atomic>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <new>
 #include <string>
 #include <type_traits>
 
+#include "common/constant_inputs.h"
 #include "dehm/layout.h"
 #include "dehm/packed.h"
 #include "gemm.h"
@@ -221,12 +223,12 @@ void SmallProduct(OrtKernelContext* ctx, const PackedPlan& plan, const GemmKerne
 }
 
 template <typename T>
-void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T* data_t, const int64_t* row_perm,
+void Compute(OrtKernelContext* ctx, const PackedPlan& plan, int64_t batch, const T* x, const T* data_t, const int64_t* row_perm,
              const int64_t* col_perm, T* y) {
   using Raw = typename Storage<T>::Raw;
   static_assert(sizeof(Raw) == sizeof(T), "payload type size");
   const Raw* data = reinterpret_cast<const Raw*>(data_t);
-  const int64_t batch = plan.batch, m = plan.m, n = plan.n;
+  const int64_t m = plan.m, n = plan.n;
   constexpr bool kIsFloat = std::is_same<T, float>::value;
   const GemmKernels& kernels = SelectGemmKernels();
   // Batch-major ("transposed") layout for X and the X_b U_b products once the batch is wide
@@ -418,31 +420,71 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const T* x, const T*
   });
 }
 
+// One node's CPU kernel. When the packed inputs are constant (initializers of an optimized
+// model) the layout is validated once, at the first run, and later runs only check X.
 template <typename T>
-Ort::Status HMatMulCpu(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& X, const Ort::Custom::Tensor<T>& data,
-                       const Ort::Custom::Tensor<int64_t>& layout, const Ort::Custom::Tensor<int64_t>& row_perm,
-                       const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
-  try {
-    const PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
-    PackedPlan plan;
-    std::string err = ValidatePacked(in, &plan);
-    if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
-    T* y = Y.Allocate(plan.y_shape);
-    if (plan.batch == 0) return Ort::Status{nullptr};
-    Compute<T>(ctx, plan, X.Data(), data.Data(), in.row_perm, in.col_perm, y);
-    return Ort::Status{nullptr};
-  } catch (const std::bad_alloc&) {
-    return Ort::Status("HMatMul: out of memory for the output or scratch buffer", ORT_FAIL);
-  } catch (const std::exception& e) {
-    return Ort::Status((std::string("HMatMul: ") + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
+class HMatMulCpuKernel {
+ public:
+  HMatMulCpuKernel(const OrtApi*, const OrtKernelInfo* info) : constant_(PackedInputsConstant(info)) {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& X, const Ort::Custom::Tensor<T>& data,
+                      const Ort::Custom::Tensor<int64_t>& layout, const Ort::Custom::Tensor<int64_t>& row_perm,
+                      const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
+    try {
+      const PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
+      PackedPlan own;
+      const PackedPlan* plan = &own;
+      int64_t batch = 0;
+      std::vector<int64_t> y_shape;
+      if (constant_) {
+        std::string err = CachedPlan(in, &plan);
+        if (err.empty()) err = ValidateX(in.x_shape, plan->m, plan->n, &batch, &y_shape);
+        if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
+      } else {
+        std::string err = ValidatePacked(in, &own);
+        if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
+        batch = own.batch;
+        y_shape = own.y_shape;
+      }
+      T* y = Y.Allocate(y_shape);
+      if (batch == 0) return Ort::Status{nullptr};
+      dehm::Compute<T>(ctx, *plan, batch, X.Data(), data.Data(), in.row_perm, in.col_perm, y);
+      return Ort::Status{nullptr};
+    } catch (const std::bad_alloc&) {
+      return Ort::Status("HMatMul: out of memory for the output or scratch buffer", ORT_FAIL);
+    } catch (const std::exception& e) {
+      return Ort::Status((std::string("HMatMul: ") + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
+    }
   }
-}
+
+ private:
+  // The validated plan of the constant inputs, made at the first run whose inputs pass;
+  // read-only afterwards, so runs on other threads share it.
+  std::string CachedPlan(const PackedInputs& in, const PackedPlan** plan) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!ready_) {
+      PackedPlan fresh;
+      std::string err = ValidatePacked(in, &fresh);
+      if (!err.empty()) return err;
+      plan_ = std::move(fresh);
+      ready_ = true;
+    }
+    *plan = &plan_;
+    return "";
+  }
+
+  const bool constant_;
+  std::mutex mutex_;
+  bool ready_ = false;
+  PackedPlan plan_;
+};
 
 }  // namespace
 
 void CreateCpuOps(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>* ops) {
-  ops->emplace_back(Ort::Custom::CreateLiteCustomOp("HMatMul", "CPUExecutionProvider", HMatMulCpu<float>));
-  ops->emplace_back(Ort::Custom::CreateLiteCustomOp("HMatMul", "CPUExecutionProvider", HMatMulCpu<Ort::Float16_t>));
+  ops->emplace_back(Ort::Custom::CreateLiteCustomOp<HMatMulCpuKernel<float>>("HMatMul", "CPUExecutionProvider"));
+  ops->emplace_back(
+      Ort::Custom::CreateLiteCustomOp<HMatMulCpuKernel<Ort::Float16_t>>("HMatMul", "CPUExecutionProvider"));
 }
 
 }  // namespace dehm

@@ -11,6 +11,7 @@
 #include <new>
 #include <string>
 
+#include "common/constant_inputs.h"
 #include "dehm/layout.h"
 #include "dehm/packed.h"
 #include "hmatmul_impl.cuh"
@@ -86,21 +87,6 @@ std::vector<int64_t> BuildTables(const PackedPlan& plan, const int64_t* row_perm
 Ort::Status CudaFailure(cudaError_t status) {
   return Ort::Status((std::string("HMatMul (CUDA): ") + cudaGetErrorName(status) + ": " + cudaGetErrorString(status)).c_str(),
                      ORT_EP_FAIL);
-}
-
-// True when data, layout, row_perm and col_perm are constant initializers of the node.
-bool PackedInputsConstant(const OrtKernelInfo* info) {
-  try {
-    Ort::ConstKernelInfo kernel_info(info);
-    for (size_t i = 1; i <= 4; ++i) {
-      int is_constant = 0;
-      kernel_info.GetTensorConstantInput(i, &is_constant);
-      if (!is_constant) return false;
-    }
-    return true;
-  } catch (const std::exception&) {
-    return false;
-  }
 }
 
 // One node's CUDA kernel. When the packed inputs are constant (the usual case: initializers
