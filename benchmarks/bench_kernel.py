@@ -9,8 +9,7 @@ timed alternately in one process and the medians are reported, with ratios to de
                                       [--provider cpu|cuda] [--shared-pool]
 
 ``--shared-pool`` gives every session onnxruntime's process-wide intra-op pool (as a
-deployment with one pool for all sessions has) instead of a pool per session: a small
-product then finds the second pool thread awake more often.
+deployment with one pool for all sessions has) instead of a pool per session.
 
 With ``--provider cuda`` (onnxruntime-gpu and a CUDA device) every session runs on the
 CUDAExecutionProvider, X and Y stay on the device (I/O binding), and each timed run
@@ -83,8 +82,10 @@ def emitted_model(hm, mode: str):
 def session(model, threads: int, library: bool, provider: str = "cpu"):
     """A session on one execution provider; on CUDA, a library session may not fall back to the CPU."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.use_per_session_threads = not _SHARED_POOL["on"]
+    if _SHARED_POOL["on"]:
+        options.use_per_session_threads = False  # the pool's size was set in use_shared_pool
+    else:
+        options.intra_op_num_threads = threads
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
     if provider == "cuda" and library:

@@ -1,10 +1,9 @@
 // CPU kernel of HMatMul: Y = X @ W_H for a packed H-matrix (dehm_onnx/hmatrix/pack.py).
 //
-// Small products (batch x stored values < kParallelWork, batch < kTransposeBatch) pass over
-// the blocks in storage order: T = Xp_b @ U_b, then Yp[:, cols_b] += T @ Vt_b (or
-// Xp_b @ D_b), so `data` is read as a forward stream (large payloads with software
-// prefetch a little ahead of use, and from kSplitMinBytes on by two tasks, each over
-// its own runs of blocks into its own copy of Yp).
+// Small products (batch x stored values < kParallelWork, batch < kTransposeBatch) take one
+// pass over the blocks in storage order on the calling thread: T = Xp_b @ U_b, then
+// Yp[:, cols_b] += T @ Vt_b (or Xp_b @ D_b), so `data` is read as one forward stream
+// (large payloads with software prefetch a little ahead of use).
 // Larger products run two race-free phases of independent tasks pulled dynamically by
 // the onnxruntime intra-op thread pool (KernelContext_ParallelFor):
 //   1. for every low-rank block and batch tile: T_b = Xp[:, rows_b] @ U_b (own scratch);
@@ -41,8 +40,6 @@ constexpr int64_t kParallelWork = int64_t{1} << 19;  // multiply-adds below whic
 constexpr int64_t kPrefetchMinBytes = int64_t{1} << 20;  // payloads from this size are prefetched (single pass)
 constexpr int64_t kPrefetchAhead = 16 * 1024;            // bytes requested ahead of use (measured: 4 KB less good)
 constexpr int64_t kCacheLine = 64;
-constexpr int64_t kSplitMinBytes = int64_t{1} << 18;  // small products from this payload size use two tasks
-constexpr int64_t kSplitRuns = 4;                     // runs of blocks the two tasks pull in order
 
 inline void Gemm(const GemmKernels& k, const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t depth,
                  const float* b, int64_t ldb, float* y, int64_t ldy, int64_t w) {
@@ -130,19 +127,20 @@ inline int64_t PayloadSize(const BlockView& blk) {
   return 0;
 }
 
-// y += the products of blocks [first, last) in storage order, so `data` is read as one
+// y += the products of all blocks in storage order, so `data` is read as one
 // forward stream and y stays in cache. A payload of kPrefetchMinBytes or more is unlikely
 // to be in this core's cache (another op has usually run since), and one core reading it on
 // demand from memory stalls on most of it: the payload of the next blocks, up to
 // kPrefetchAhead bytes beyond the current one, is requested ahead of use.
 template <typename Raw>
 void AccumulateBlocks(const PackedPlan& plan, const GemmKernels& kernels, const float* xp, const Raw* data,
-                      int64_t batch, size_t first, size_t last, float* tbuf, float* y) {
+                      int64_t batch, float* tbuf, float* y) {
   const int64_t m = plan.m, n = plan.n;
   const int64_t ahead_limit = plan.data_size * static_cast<int64_t>(sizeof(Raw)) >= kPrefetchMinBytes ? kPrefetchAhead : 0;
-  size_t next_pf = first;  // blocks before it have had their payload requested
-  int64_t pf_bytes = 0;    // requested payload bytes not yet consumed
-  for (size_t i = first; i < last; ++i) {
+  const size_t num_blocks = plan.blocks.size();
+  size_t next_pf = 0;    // blocks before it have had their payload requested
+  int64_t pf_bytes = 0;  // requested payload bytes not yet consumed
+  for (size_t i = 0; i < num_blocks; ++i) {
     const BlockView& blk = plan.blocks[i];
     if (next_pf <= i) {
       next_pf = i + 1;
@@ -150,7 +148,7 @@ void AccumulateBlocks(const PackedPlan& plan, const GemmKernels& kernels, const 
     } else {
       pf_bytes -= PayloadSize(blk) * static_cast<int64_t>(sizeof(Raw));
     }
-    while (next_pf < last && pf_bytes < ahead_limit) {
+    while (next_pf < num_blocks && pf_bytes < ahead_limit) {
       const BlockView& ahead = plan.blocks[next_pf++];
       const int64_t bytes = PayloadSize(ahead) * static_cast<int64_t>(sizeof(Raw));
       const char* p = reinterpret_cast<const char*>(data + ahead.offset);
@@ -170,56 +168,17 @@ void AccumulateBlocks(const PackedPlan& plan, const GemmKernels& kernels, const 
   }
 }
 
-// Small products: y = the products of all blocks. One core draws a large payload from
-// memory at about half the rate two do, so from kSplitMinBytes on the blocks are cut into
-// kSplitRuns runs of similar payload, pulled in order by two pool tasks that each sum into
-// their own copy of y (the caller's copy is y itself; the other is added at the end). The
-// caller starts at once and a late second thread finds fewer runs left; when the pool has
-// one thread, the caller does them all.
+// Small products: y = the products of all blocks in one pass on the calling thread.
+// (Measured: splitting the pass into runs pulled by two pool tasks, each summing into its
+// own copy of y, was 10-15 % slower at batch 1, whether the pool thread slept or spun.)
 template <typename Raw>
-void SmallProduct(OrtKernelContext* ctx, const PackedPlan& plan, const GemmKernels& kernels, const float* xp,
-                  const Raw* data, int64_t batch, float* y) {
-  const int64_t n = plan.n;
+void SmallProduct(const PackedPlan& plan, const GemmKernels& kernels, const float* xp, const Raw* data, int64_t batch,
+                  float* y) {
   int64_t max_rank = 0;
   for (const BlockView& blk : plan.blocks) max_rank = std::max(max_rank, blk.rank);
-  const int64_t t_size = std::max<int64_t>(1, batch * max_rank);
-  const size_t num_blocks = plan.blocks.size();
-  const bool split = plan.data_size * static_cast<int64_t>(sizeof(Raw)) >= kSplitMinBytes && num_blocks >= 2;
-  if (!split) {
-    std::unique_ptr<float[]> tbuf(new float[static_cast<size_t>(t_size)]);
-    std::fill(y, y + batch * n, 0.0f);
-    AccumulateBlocks(plan, kernels, xp, data, batch, 0, num_blocks, tbuf.get(), y);
-    return;
-  }
-  // Run r ends at the first block where the cumulative payload reaches (r + 1) / kSplitRuns.
-  size_t bounds[kSplitRuns + 1];
-  std::fill(bounds, bounds + kSplitRuns + 1, num_blocks);
-  bounds[0] = 0;
-  int64_t seen = 0, cut = 1;
-  for (size_t i = 0; i < num_blocks && cut < kSplitRuns; ++i) {
-    seen += PayloadSize(plan.blocks[i]);
-    while (cut < kSplitRuns && seen * kSplitRuns >= plan.data_size * cut) bounds[cut++] = i + 1;
-  }
-  std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(2 * t_size + batch * n)]);
-  float* outs[2] = {y, scratch.get() + 2 * t_size};
-  bool used[2] = {false, false};
-  std::atomic<int64_t> next{0};
-  RunTasks(ctx, true, 2, [&](int64_t task) {
-    float* out = outs[task];
-    float* tbuf = scratch.get() + task * t_size;
-    for (int64_t c = next.fetch_add(1); c < kSplitRuns; c = next.fetch_add(1)) {
-      if (!used[task]) {
-        std::fill(out, out + batch * n, 0.0f);
-        used[task] = true;
-      }
-      AccumulateBlocks(plan, kernels, xp, data, batch, bounds[c], bounds[c + 1], tbuf, out);
-    }
-  });
-  if (!used[0]) std::fill(y, y + batch * n, 0.0f);
-  if (used[1]) {
-    const float* extra = outs[1];
-    for (int64_t i = 0; i < batch * n; ++i) y[i] += extra[i];
-  }
+  std::unique_ptr<float[]> tbuf(new float[static_cast<size_t>(std::max<int64_t>(1, batch * max_rank))]);
+  std::fill(y, y + batch * plan.n, 0.0f);
+  AccumulateBlocks(plan, kernels, xp, data, batch, tbuf.get(), y);
 }
 
 template <typename T>
@@ -296,7 +255,7 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, int64_t batch, const
   float* yf = need_yp ? yp : reinterpret_cast<float*>(y);
 
   if (!parallel && !transposed) {
-    SmallProduct(ctx, plan, kernels, xv.p, data, batch, yf);
+    SmallProduct(plan, kernels, xv.p, data, batch, yf);
     ScatterOutput(plan, yp, col_perm, y, need_yp, 0, batch);
     return;
   }
