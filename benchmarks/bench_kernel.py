@@ -6,10 +6,13 @@ its own onnxruntime session (intra_op_num_threads fixed, spinning off); the vari
 timed alternately in one process and the medians are reported, with ratios to dense.
 
     python benchmarks/bench_kernel.py [--size 4096] [--tol 1e-4] [--batches 1 16 256] [--no-demo]
-                                      [--provider cpu|cuda] [--shared-pool]
+                                      [--provider cpu|cuda] [--shared-pool] [--spin]
+                                      [--chain L]
 
 ``--shared-pool`` gives every session onnxruntime's process-wide intra-op pool (as a
-deployment with one pool for all sessions has) instead of a pool per session.
+deployment with one pool for all sessions has) instead of a pool per session; ``--spin``
+leaves intra-op spinning on (onnxruntime's default). ``--chain L`` adds a table for L such
+layers in sequence in one session (W scaled by 1/||W||_2 so activations stay O(1)).
 
 With ``--provider cuda`` (onnxruntime-gpu and a CUDA device) every session runs on the
 CUDAExecutionProvider, X and Y stay on the device (I/O binding), and each timed run
@@ -178,6 +181,34 @@ def device_name(provider: str) -> str:
     return f" on {out.splitlines()[0]}" if out else ""
 
 
+def chain_models(w: np.ndarray, layers: int, tol: float):
+    """A dense and an HMatMul model of ``layers`` copies of ``w`` applied in sequence."""
+    w = (w / np.linalg.norm(w, 2)).astype(np.float32)
+    packed = pack(compress(w, tol))
+    size = w.shape[0]
+    dense_nodes, hm_nodes, dense_inits, hm_inits = [], [], [], []
+    for i in range(layers):
+        src, dst = ("X" if i == 0 else f"h{i}"), ("Y" if i == layers - 1 else f"h{i + 1}")
+        dense_inits.append(numpy_helper.from_array(w, f"W{i}"))
+        dense_nodes.append(helper.make_node("MatMul", [src, f"W{i}"], [dst]))
+        hm_inits += hmatmul.packed_initializers(packed, f"w{i}", dtype=np.float32)
+        hm_nodes.append(hmatmul.make_hmatmul_node(src, [f"w{i}.{f}" for f in hmatmul.INPUTS[1:]], dst, name=f"hm{i}"))
+    io = ([helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", size])],
+          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", size])])
+    opsets = [helper.make_opsetid("", 18), hmatmul.opset_import()]
+    return tuple(helper.make_model(helper.make_graph(nodes, "chain", *io, inits), opset_imports=opsets, ir_version=10)
+                 for nodes, inits in ((dense_nodes, dense_inits), (hm_nodes, hm_inits)))
+
+
+def chain_table(args, w: np.ndarray) -> None:
+    dense, hm = chain_models(w, args.chain, args.tol)
+    print(f"\n{args.chain} layers in sequence, one session each:\n")
+    sessions = {"dense": session(dense, args.threads, False, args.provider),
+                "hmatmul": session(hm, args.threads, True, args.provider)}
+    x_all = np.random.default_rng(3).standard_normal((max(args.batches), w.shape[0])).astype(np.float32)
+    print_table(sessions, x_all, args.batches, args.seconds, provider=args.provider)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -192,7 +223,11 @@ def main(argv=None) -> int:
                         help="execution provider of every session (cuda: onnxruntime-gpu and a CUDA device)")
     parser.add_argument("--shared-pool", action="store_true",
                         help="one process-wide intra-op pool for all sessions instead of one per session")
+    parser.add_argument("--spin", action="store_true", help="leave intra-op spinning on (onnxruntime's default)")
+    parser.add_argument("--chain", type=int, default=0, metavar="L", help="also time L layers in sequence")
     args = parser.parse_args(argv)
+    if args.spin:
+        SESSION_CONFIG.pop("session.intra_op.allow_spinning", None)
     if args.shared_pool:
         use_shared_pool(args.threads)
 
@@ -225,6 +260,8 @@ def main(argv=None) -> int:
     print_table(sessions, x_all, args.batches, args.seconds, provider=args.provider)
     print(f"\ntargets: batch 1 hmatmul speedup >= {0.5 * gain:.1f}x (0.5 x dense/stored params); "
           f"batch {max(args.batches)} hmatmul speedup >= 1.0x")
+    if args.chain > 0:
+        chain_table(args, w)
     if args.demo:
         demo_table(args)
     return 0
