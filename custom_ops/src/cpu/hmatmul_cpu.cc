@@ -168,22 +168,86 @@ void AccumulateBlocks(const PackedPlan& plan, const GemmKernels& kernels, const 
   }
 }
 
-// Small products: y = the products of all blocks in one pass on the calling thread.
+// Small products: y = the products of all blocks in one pass on the calling thread;
+// tbuf holds batch x (largest rank) floats.
 // (Measured: splitting the pass into runs pulled by two pool tasks, each summing into its
 // own copy of y, was 10-15 % slower at batch 1, whether the pool thread slept or spun.)
 template <typename Raw>
 void SmallProduct(const PackedPlan& plan, const GemmKernels& kernels, const float* xp, const Raw* data, int64_t batch,
-                  float* y) {
-  int64_t max_rank = 0;
-  for (const BlockView& blk : plan.blocks) max_rank = std::max(max_rank, blk.rank);
-  std::unique_ptr<float[]> tbuf(new float[static_cast<size_t>(std::max<int64_t>(1, batch * max_rank))]);
+                  float* tbuf, float* y) {
   std::fill(y, y + batch * plan.n, 0.0f);
-  AccumulateBlocks(plan, kernels, xp, data, batch, tbuf.get(), y);
+  AccumulateBlocks(plan, kernels, xp, data, batch, tbuf, y);
+}
+
+// What the kernel derives from a validated layout, independent of the batch: kept per node
+// with the plan when the packed inputs are constant.
+struct KernelTables {
+  struct Segment {
+    int64_t j0, j1, begin, end;  // columns; covering blocks seg_blocks[begin, end)
+  };
+  std::vector<int64_t> rank_offset;      // per block: sum of the ranks of the low-rank blocks before it
+  int64_t rank_total = 0;                // sum of all low-rank ranks
+  int64_t max_rank = 0;
+  std::vector<int64_t> lowrank_by_cost;  // low-rank blocks of rank > 0, largest rows x rank first
+  int64_t chunk = 0, col_chunks = 0;     // output column chunks of phase 2
+  std::vector<Segment> segments;         // per chunk, the column ranges between block edges
+  std::vector<int64_t> seg_blocks, chunk_segments;
+};
+
+KernelTables BuildKernelTables(const PackedPlan& plan) {
+  KernelTables t;
+  const int64_t n = plan.n;
+  t.rank_offset.assign(plan.blocks.size(), 0);
+  for (size_t i = 0; i < plan.blocks.size(); ++i) {
+    const BlockView& blk = plan.blocks[i];
+    t.max_rank = std::max(t.max_rank, blk.rank);
+    if (blk.kind != BlockKind::kLowRank) continue;
+    t.rank_offset[i] = t.rank_total;
+    if (!CheckedAdd(t.rank_total, blk.rank, &t.rank_total)) throw std::bad_alloc();
+    if (blk.rank > 0) t.lowrank_by_cost.push_back(static_cast<int64_t>(i));
+  }
+  auto cost = [&](int64_t i) {
+    const BlockView& b = plan.blocks[static_cast<size_t>(i)];
+    return (b.r1 - b.r0) * b.rank;
+  };
+  std::stable_sort(t.lowrank_by_cost.begin(), t.lowrank_by_cost.end(),
+                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+
+  t.chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
+  t.col_chunks = (n + t.chunk - 1) / t.chunk;
+  t.chunk_segments.assign(static_cast<size_t>(t.col_chunks) + 1, 0);
+  std::vector<int64_t> meeting, edges;
+  for (int64_t c = 0; c < t.col_chunks; ++c) {
+    const int64_t j0 = c * t.chunk, j1 = std::min(n, j0 + t.chunk);
+    meeting.clear();
+    edges.assign({j0, j1});
+    for (size_t bi = 0; bi < plan.blocks.size(); ++bi) {
+      const BlockView& blk = plan.blocks[bi];
+      const bool contributes = blk.kind == BlockKind::kDense || (blk.kind == BlockKind::kLowRank && blk.rank > 0);
+      if (!contributes || blk.c1 <= j0 || blk.c0 >= j1) continue;
+      meeting.push_back(static_cast<int64_t>(bi));
+      edges.push_back(std::max(blk.c0, j0));
+      edges.push_back(std::min(blk.c1, j1));
+    }
+    std::sort(edges.begin(), edges.end());
+    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
+    for (size_t e = 0; e + 1 < edges.size(); ++e) {
+      KernelTables::Segment seg{edges[e], edges[e + 1], static_cast<int64_t>(t.seg_blocks.size()), 0};
+      for (int64_t bi : meeting) {
+        const BlockView& blk = plan.blocks[static_cast<size_t>(bi)];
+        if (blk.c0 <= seg.j0 && blk.c1 >= seg.j1) t.seg_blocks.push_back(bi);
+      }
+      seg.end = static_cast<int64_t>(t.seg_blocks.size());
+      t.segments.push_back(seg);
+    }
+    t.chunk_segments[static_cast<size_t>(c) + 1] = static_cast<int64_t>(t.segments.size());
+  }
+  return t;
 }
 
 template <typename T>
-void Compute(OrtKernelContext* ctx, const PackedPlan& plan, int64_t batch, const T* x, const T* data_t, const int64_t* row_perm,
-             const int64_t* col_perm, T* y) {
+void Compute(OrtKernelContext* ctx, const PackedPlan& plan, const KernelTables& tables, int64_t batch, const T* x,
+             const T* data_t, const int64_t* row_perm, const int64_t* col_perm, T* y) {
   using Raw = typename Storage<T>::Raw;
   static_assert(sizeof(Raw) == sizeof(T), "payload type size");
   const Raw* data = reinterpret_cast<const Raw*>(data_t);
@@ -200,23 +264,19 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, int64_t batch, const
   int64_t work = 0;
   const bool parallel = !CheckedMul(batch, plan.data_size, &work) || work >= kParallelWork;
 
-  // Scratch: [Xp (batch x m)] [per low-rank block: batch x rank] [Yp (batch x n)].
-  std::vector<int64_t> t_offset(plan.blocks.size(), 0);
-  int64_t t_total = 0;
-  for (size_t i = 0; i < plan.blocks.size(); ++i) {
-    if (plan.blocks[i].kind != BlockKind::kLowRank) continue;
-    t_offset[i] = t_total;
-    int64_t sz = 0;
-    if (!CheckedMul(batch, plan.blocks[i].rank, &sz) || !CheckedAdd(t_total, sz, &t_total)) throw std::bad_alloc();
-  }
+  // The one scratch buffer: [Xp (batch x m)] [per low-rank block: batch x rank, at
+  // batch x rank_offset] [Yp (batch x n)] [batch x max_rank for the one-pass products].
+  int64_t t_total = 0, tsmall = 0, scratch_size = 0;
   const int64_t xp_size = need_xp ? batch * m : 0;
   const int64_t yp_size = need_yp ? batch * n : 0;
-  int64_t scratch_size = 0;
-  if (!CheckedAdd(xp_size, t_total, &scratch_size) || !CheckedAdd(scratch_size, yp_size, &scratch_size))
+  if (!CheckedMul(batch, tables.rank_total, &t_total) || !CheckedMul(batch, tables.max_rank, &tsmall) ||
+      !CheckedAdd(xp_size, t_total, &scratch_size) || !CheckedAdd(scratch_size, yp_size, &scratch_size) ||
+      !CheckedAdd(scratch_size, tsmall, &scratch_size))
     throw std::bad_alloc();
   std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(std::max<int64_t>(scratch_size, 1))]);
   float* tbuf = scratch.get() + xp_size;
   float* yp = tbuf + t_total;
+  auto t_offset = [&](size_t block) { return tables.rank_offset[block] * batch; };
 
   const int64_t batch_tiles = (batch + kBatchTile - 1) / kBatchTile;
   auto tile_range = [&](int64_t tile, int64_t* b0, int64_t* b1) {
@@ -255,40 +315,29 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, int64_t batch, const
   float* yf = need_yp ? yp : reinterpret_cast<float*>(y);
 
   if (!parallel && !transposed) {
-    SmallProduct(plan, kernels, xv.p, data, batch, yf);
+    SmallProduct(plan, kernels, xv.p, data, batch, yp + yp_size, yf);
     ScatterOutput(plan, yp, col_perm, y, need_yp, 0, batch);
     return;
   }
 
   // Phase 1: T_b = Xp_b @ U_b per low-rank block and batch tile, largest tasks first.
   // Row layout: T_b[b, k] at t[b * rank + k]; transposed: at t[k * batch + b].
-  std::vector<int64_t> tasks;
-  for (size_t i = 0; i < plan.blocks.size(); ++i) {
-    if (plan.blocks[i].kind == BlockKind::kLowRank && plan.blocks[i].rank > 0) {
-      for (int64_t tile = 0; tile < batch_tiles; ++tile) tasks.push_back(static_cast<int64_t>(i) * batch_tiles + tile);
-    }
-  }
-  auto cost = [&](int64_t task) {
-    const BlockView& b = plan.blocks[static_cast<size_t>(task / batch_tiles)];
-    return (b.r1 - b.r0) * b.rank;
-  };
-  std::sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
-  RunTasks(ctx, parallel, static_cast<int64_t>(tasks.size()), [&](int64_t t) {
-    const int64_t task = tasks[static_cast<size_t>(t)];
-    const size_t bi = static_cast<size_t>(task / batch_tiles);
+  const int64_t num_tasks = static_cast<int64_t>(tables.lowrank_by_cost.size()) * batch_tiles;
+  RunTasks(ctx, parallel, num_tasks, [&](int64_t task) {
+    const size_t bi = static_cast<size_t>(tables.lowrank_by_cost[static_cast<size_t>(task / batch_tiles)]);
     const BlockView& blk = plan.blocks[bi];
     int64_t b0, b1;
     tile_range(task % batch_tiles, &b0, &b1);
     const int64_t k = blk.rank, rows = blk.r1 - blk.r0;
     const Raw* u = data + blk.offset;
     if (transposed) {
-      float* tb = tbuf + t_offset[bi] + b0;
+      float* tb = tbuf + t_offset(bi) + b0;
       for (int64_t kk = 0; kk < k; ++kk) std::fill(tb + kk * batch, tb + kk * batch + (b1 - b0), 0.0f);
       // T^T[k, b] += sum_i U[i, k] * Xt[r0 + i, b]: vectorized over the batch.
       kernels.f32(reinterpret_cast<const float*>(u), 1, k, k, rows, xv.p + blk.r0 * batch + b0, batch, tb, batch,
                   b1 - b0);
     } else {
-      float* tb = tbuf + t_offset[bi] + b0 * k;
+      float* tb = tbuf + t_offset(bi) + b0 * k;
       std::fill(tb, tb + (b1 - b0) * k, 0.0f);
       Gemm(kernels, xv.p + b0 * xv.ld_b + blk.r0, xv.ld_b, 1, b1 - b0, rows, u, k, tb, k, k);
     }
@@ -298,47 +347,16 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, int64_t batch, const
   // Xp_b @ D_b. Segments are the column ranges between block edges inside each chunk; a
   // task owns (chunk, batch tile), so no two tasks write the same entries, and each output
   // entry is stored once.
-  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
-  const int64_t col_chunks = (n + chunk - 1) / chunk;
-  struct Segment {
-    int64_t j0, j1, begin, end;  // columns; covering blocks seg_blocks[begin, end)
-  };
-  std::vector<Segment> segments;
-  std::vector<int64_t> seg_blocks, chunk_segments(static_cast<size_t>(col_chunks) + 1, 0), meeting, edges;
-  for (int64_t c = 0; c < col_chunks; ++c) {
-    const int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
-    meeting.clear();
-    edges.assign({j0, j1});
-    for (size_t bi = 0; bi < plan.blocks.size(); ++bi) {
-      const BlockView& blk = plan.blocks[bi];
-      const bool contributes = blk.kind == BlockKind::kDense || (blk.kind == BlockKind::kLowRank && blk.rank > 0);
-      if (!contributes || blk.c1 <= j0 || blk.c0 >= j1) continue;
-      meeting.push_back(static_cast<int64_t>(bi));
-      edges.push_back(std::max(blk.c0, j0));
-      edges.push_back(std::min(blk.c1, j1));
-    }
-    std::sort(edges.begin(), edges.end());
-    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
-    for (size_t e = 0; e + 1 < edges.size(); ++e) {
-      Segment seg{edges[e], edges[e + 1], static_cast<int64_t>(seg_blocks.size()), 0};
-      for (int64_t bi : meeting) {
-        const BlockView& blk = plan.blocks[static_cast<size_t>(bi)];
-        if (blk.c0 <= seg.j0 && blk.c1 >= seg.j1) seg_blocks.push_back(bi);
-      }
-      seg.end = static_cast<int64_t>(seg_blocks.size());
-      segments.push_back(seg);
-    }
-    chunk_segments[static_cast<size_t>(c) + 1] = static_cast<int64_t>(segments.size());
-  }
   auto segment_fn = std::is_same<Raw, float>::value ? kernels.segment_f32 : kernels.segment_f16;
-  RunTasks(ctx, parallel, col_chunks * batch_tiles, [&](int64_t task) {
+  RunTasks(ctx, parallel, tables.col_chunks * batch_tiles, [&](int64_t task) {
     const int64_t c = task / batch_tiles;
     int64_t b0, b1;
     tile_range(task % batch_tiles, &b0, &b1);
     constexpr int64_t kMaxTerms = 32;
     Term terms[kMaxTerms];
-    for (int64_t si = chunk_segments[static_cast<size_t>(c)]; si < chunk_segments[static_cast<size_t>(c) + 1]; ++si) {
-      const Segment& seg = segments[static_cast<size_t>(si)];
+    for (int64_t si = tables.chunk_segments[static_cast<size_t>(c)];
+         si < tables.chunk_segments[static_cast<size_t>(c) + 1]; ++si) {
+      const KernelTables::Segment& seg = tables.segments[static_cast<size_t>(si)];
       float* yt = yf + b0 * n + seg.j0;
       if (seg.begin == seg.end) {
         for (int64_t b = b0; b < b1; ++b) std::fill(yt + (b - b0) * n, yt + (b - b0) * n + (seg.j1 - seg.j0), 0.0f);
@@ -347,12 +365,12 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, int64_t batch, const
       for (int64_t g = seg.begin; g < seg.end; g += kMaxTerms) {
         const int64_t count = std::min(kMaxTerms, seg.end - g);
         for (int64_t t = 0; t < count; ++t) {
-          const size_t bi = static_cast<size_t>(seg_blocks[static_cast<size_t>(g + t)]);
+          const size_t bi = static_cast<size_t>(tables.seg_blocks[static_cast<size_t>(g + t)]);
           const BlockView& blk = plan.blocks[bi];
           const int64_t cols = blk.c1 - blk.c0, rows = blk.r1 - blk.r0;
           Term& term = terms[t];
           if (blk.kind == BlockKind::kLowRank) {
-            const float* tb = tbuf + t_offset[bi];
+            const float* tb = tbuf + t_offset(bi);
             term.a = transposed ? tb + b0 : tb + b0 * blk.rank;
             term.lda = transposed ? 1 : blk.rank;
             term.ainc = transposed ? batch : 1;
@@ -380,7 +398,8 @@ void Compute(OrtKernelContext* ctx, const PackedPlan& plan, int64_t batch, const
 }
 
 // One node's CPU kernel. When the packed inputs are constant (initializers of an optimized
-// model) the layout is validated once, at the first run, and later runs only check X.
+// model) the layout is validated and its tables built once, at the first run, and later
+// runs only check X.
 template <typename T>
 class HMatMulCpuKernel {
  public:
@@ -391,23 +410,25 @@ class HMatMulCpuKernel {
                       const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
     try {
       const PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
-      PackedPlan own;
-      const PackedPlan* plan = &own;
+      Prepared own;
+      const Prepared* prepared = &own;
       int64_t batch = 0;
       std::vector<int64_t> y_shape;
       if (constant_) {
-        std::string err = CachedPlan(in, &plan);
-        if (err.empty()) err = ValidateX(in.x_shape, plan->m, plan->n, &batch, &y_shape);
+        std::string err = CachedPlan(in, &prepared);
+        if (err.empty()) err = ValidateX(in.x_shape, prepared->plan.m, prepared->plan.n, &batch, &y_shape);
         if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
       } else {
-        std::string err = ValidatePacked(in, &own);
+        std::string err = ValidatePacked(in, &own.plan);
         if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
-        batch = own.batch;
-        y_shape = own.y_shape;
+        batch = own.plan.batch;
+        y_shape = own.plan.y_shape;
       }
       T* y = Y.Allocate(y_shape);
       if (batch == 0) return Ort::Status{nullptr};
-      dehm::Compute<T>(ctx, *plan, batch, X.Data(), data.Data(), in.row_perm, in.col_perm, y);
+      if (prepared == &own) own.tables = BuildKernelTables(own.plan);
+      dehm::Compute<T>(ctx, prepared->plan, prepared->tables, batch, X.Data(), data.Data(), in.row_perm,
+                       in.col_perm, y);
       return Ort::Status{nullptr};
     } catch (const std::bad_alloc&) {
       return Ort::Status("HMatMul: out of memory for the output or scratch buffer", ORT_FAIL);
@@ -417,25 +438,31 @@ class HMatMulCpuKernel {
   }
 
  private:
-  // The validated plan of the constant inputs, made at the first run whose inputs pass;
-  // read-only afterwards, so runs on other threads share it.
-  std::string CachedPlan(const PackedInputs& in, const PackedPlan** plan) {
+  struct Prepared {
+    PackedPlan plan;
+    KernelTables tables;
+  };
+
+  // The validated plan and tables of the constant inputs, made at the first run whose
+  // inputs pass; read-only afterwards, so runs on other threads share them.
+  std::string CachedPlan(const PackedInputs& in, const Prepared** prepared) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!ready_) {
-      PackedPlan fresh;
-      std::string err = ValidatePacked(in, &fresh);
+      PackedPlan plan;
+      std::string err = ValidatePacked(in, &plan);
       if (!err.empty()) return err;
-      plan_ = std::move(fresh);
+      cached_.tables = BuildKernelTables(plan);
+      cached_.plan = std::move(plan);
       ready_ = true;
     }
-    *plan = &plan_;
+    *prepared = &cached_;
     return "";
   }
 
   const bool constant_;
   std::mutex mutex_;
   bool ready_ = false;
-  PackedPlan plan_;
+  Prepared cached_;
 };
 
 }  // namespace
