@@ -4,9 +4,11 @@
 
 One thread (``intra_op_num_threads=1``, spinning off), medians of alternating runs:
 
-- ``per-run``: HMatMul on an 8x8 layer (onnxruntime + Python cost of one run);
+- ``Identity``: a model of one Identity node, back to back and right after a dense
+  4096x4096 MatMul (64 MB), which evicts onnxruntime's and Python's own data and code too;
+- ``per-run``: HMatMul on an 8x8 layer (onnxruntime + Python cost of one run), likewise;
 - ``hot``: the 4096x4096 log-kernel layer run back to back (its factors stay in cache);
-- ``cold``: the same layer right after a dense 4096x4096 MatMul (64 MB), which evicts them.
+- ``cold``: the same layer right after the dense MatMul.
 
 ``--library`` adds builds of the library to compare side by side in the same process
 (A/B of kernel changes: build the old source into another folder and pass its .so).
@@ -22,6 +24,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 from bench_kernel import dense_model, log_kernel
+from onnx import TensorProto, helper
 
 from dehm_onnx.hmatrix import compress, pack
 from dehm_onnx.ops import hmatmul
@@ -35,6 +38,13 @@ def one_thread_session(model, library: str | None = None):
     if library:
         options.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def identity_model(width: int):
+    graph = helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "identity",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, width])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, width])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def medians_us(sessions: dict, x: np.ndarray, repeats: int, before=None) -> dict:
@@ -68,9 +78,13 @@ def main(argv=None) -> int:
     x8 = np.ones((1, 8), np.float32)
     evict = lambda: dense.run(None, {"X": x})  # noqa: E731 - streams the 64 MB weight
 
+    identity = {k: one_thread_session(identity_model(8)) for k in libraries}  # no library: same for all
+    tinies = {k: one_thread_session(tiny, v) for k, v in libraries.items()}
     rows = {
-        "per-run (8x8 layer)": medians_us({k: one_thread_session(tiny, v) for k, v in libraries.items()}, x8,
-                                          args.repeats * 5),
+        "Identity model, back to back": medians_us(identity, x8, args.repeats * 5),
+        "Identity model, after dense": medians_us(identity, x8, args.repeats, before=evict),
+        "per-run (8x8 layer)": medians_us(tinies, x8, args.repeats * 5),
+        "per-run (8x8 layer), after dense": medians_us(tinies, x8, args.repeats, before=evict),
         "hot (back to back)": medians_us({k: one_thread_session(layer, v) for k, v in libraries.items()}, x,
                                          args.repeats),
         "cold (after dense)": medians_us({k: one_thread_session(layer, v) for k, v in libraries.items()}, x,
