@@ -41,7 +41,7 @@ def make_model(nodes, inputs, outputs, initializers=(), opset=OPSET) -> onnx.Mod
         [helper.make_tensor_value_info(n, tensor_type(d), s) for n, d, s in outputs],
         [numpy_helper.from_array(np.ascontiguousarray(a), name) for name, a in initializers],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     onnx.checker.check_model(model)
     return model
 

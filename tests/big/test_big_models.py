@@ -83,8 +83,7 @@ def test_external_constant_node_weights_and_dense_weights_are_handled(tmp_path):
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 96])],
             [numpy_helper.from_array(kept, "kept")],
         ),
-        opset_imports=[helper.make_opsetid("", 17)],
-    )
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     path = tmp_path / "in" / "m.onnx"
     path.parent.mkdir()
     copy = onnx.ModelProto()

@@ -27,7 +27,7 @@ def _model(nodes, initializers):
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", None])],
         initializers,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def _matmul(w: np.ndarray):

@@ -165,8 +165,7 @@ def test_compare_cli_bad_input_exits_2_with_one_line(args, message, mlp_path, tm
     node = helper.make_node("Mystery", ["x"], ["y"], domain="example.unknown")
     model = helper.make_model(
         helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1, 4])], [helper.make_tensor_value_info("y", 1, [1, 4])]),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.unknown", 1)],
-    )
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.unknown", 1)], ir_version=10)
     onnx.save(model, unrunnable)
     args = [a.format(mlp=mlp_path, text=text, unrunnable=unrunnable) for a in args]
     proc = _cli(*args, "--json", tmp_path / "out.json", cwd=tmp_path)

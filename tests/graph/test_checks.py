@@ -178,5 +178,5 @@ def test_skip_bfloat16_weight():
         [helper.make_tensor_value_info("y", onnx.TensorProto.BFLOAT16, [2, 96])],
         [w],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     _assert_skipped(model, SkipReason.UNSUPPORTED_DTYPE, "bfloat16")

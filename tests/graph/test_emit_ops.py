@@ -44,7 +44,7 @@ def _run(hm, x):
         [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, list(x.shape[:-1]) + [hm.shape[1]])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     return run_model(model, {"x": x})[0], nodes
 
@@ -179,7 +179,7 @@ def test_onnxruntime_does_not_fold_factors_back_into_dense_blocks(rng, tmp_path)
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 64])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(tmp_path / "session.onnx")

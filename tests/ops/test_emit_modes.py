@@ -29,7 +29,7 @@ def layer_model(case, mode: str, opset: int = 17) -> onnx.ModelProto:
     lead = [f"d{i}" for i in range(case.x.ndim - 1)]
     graph = helper.make_graph(nodes, mode, [helper.make_tensor_value_info("X", elem, [*lead, m])],
                               [helper.make_tensor_value_info("Y", elem, [*lead, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), hmatmul.opset_import()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), hmatmul.opset_import()], ir_version=10)
     for fn in functions:
         fit_function_to_model(model, fn)
         model.functions.append(fn)
@@ -89,7 +89,7 @@ def _two_layer_model() -> tuple[onnx.ModelProto, dict]:
         "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 96])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 64])],
         [numpy_helper.from_array(v, k) for k, v in weights.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weights
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), weights
 
 
 def test_optimized_function_model_same_outputs_stock_and_library(tmp_path):

@@ -51,8 +51,7 @@ def mlp(weights: list, dtype=np.float32, batch="N") -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", elem, [batch, weights[-1].shape[1]])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     return model
 
 

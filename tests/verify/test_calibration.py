@@ -28,7 +28,7 @@ def _model():
         helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N"]),
     ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
-    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs))
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs), ir_version=10)
 
 
 def test_generate_calibration_is_dtype_aware_and_uses_default_dims():

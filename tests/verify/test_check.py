@@ -149,14 +149,14 @@ def _gemm_pair(tol=0.02):
     node = helper.make_node("Gemm", ["x", "B", "c"], ["y"], name="proj", transB=1)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 40])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24])], inits)
-    orig = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    orig = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     u, vt, err = truncate(w, tol)
     opt_nodes = [helper.make_node("MatMul", ["x", "B.u"], ["t0"]), helper.make_node("MatMul", ["t0", "B.vt"], ["t1"]),
                  helper.make_node("Add", ["t1", "c"], ["y"])]
     opt_inits = [numpy_helper.from_array(u.astype(np.float32), "B.u"),
                  numpy_helper.from_array(vt.astype(np.float32), "B.vt"), inits[1]]
     opt = helper.make_model(helper.make_graph(opt_nodes, "g", list(graph.input), list(graph.output), opt_inits),
-                            opset_imports=[helper.make_opsetid("", 17)])
+                            opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     record = dict(name="proj", op="Gemm", output="y", weight="B", shape=[40, 24], tol=tol, tol_out=tol,
                   certified_error=err, params=int(u.size + vt.size), dense_params=960, emit="subgraph")
     helper.set_model_props(opt, {"dehm.layers": json.dumps([record])})
@@ -184,7 +184,7 @@ def _if_model():
         nodes, "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def test_expose_outputs_skips_subgraph_tensors_with_a_note():

@@ -157,7 +157,7 @@ def _reshaping_model():
     inits = [numpy_helper.from_array(np.array([-1, 96], np.int64), "shape"), numpy_helper.from_array(w, "W")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["R", 96])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def test_optimize_with_generated_inputs_the_original_rejects_is_unverified(caplog):
@@ -198,7 +198,7 @@ def test_verify_left_multiplied_weight_uses_transposed_input_rows():
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 96, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 8])],
                               [numpy_helper.from_array(w, "W")])
-    orig = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    orig = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, no_verify=True)
     (record,) = report.compressed
     assert record.shape == [96, 64]
