@@ -93,34 +93,35 @@ def _cuda_missing_reason():
     return None
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_cuda_kernel_matches_dense_product(case):
+@pytest.fixture(scope="module")
+def cuda_session():
+    """Makes sessions that run HMatMul on the CUDA kernel; skips without a usable CUDA device."""
     reason = _cuda_missing_reason()
     if reason:
         pytest.skip(reason)
-    # No CPU fallback: the HMatMul node must run on the CUDA kernel or the session fails.
-    session = make_session(_model(case), providers=["CUDAExecutionProvider"],
-                           config={"session.disable_cpu_ep_fallback": "1"})
-    assert_matches(case, session.run(None, {"X": case.x})[0])
 
+    def make(model):
+        # No CPU fallback: the HMatMul node must run on the CUDA kernel or the session fails.
+        return make_session(model, providers=["CUDAExecutionProvider"],
+                            config={"session.disable_cpu_ep_fallback": "1"})
 
-def _cuda_session(model):
-    # No CPU fallback: the HMatMul node must run on the CUDA kernel or the session fails.
-    return make_session(model, providers=["CUDAExecutionProvider"], config={"session.disable_cpu_ep_fallback": "1"})
+    return make
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_cuda_kernel_packed_as_inputs(case):
+def test_cuda_kernel_matches_dense_product(case, cuda_session):
+    assert_matches(case, cuda_session(_model(case)).run(None, {"X": case.x})[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_cuda_kernel_packed_as_inputs(case, cuda_session):
     """Packed arrays fed at run time: the kernel validates and uploads them on every run."""
-    reason = _cuda_missing_reason()
-    if reason:
-        pytest.skip(reason)
     p = pack(case.hm)
     model = hmatmul.make_hmatmul_model(p, x_rank=case.x.ndim, packed_as_inputs=True)
     feeds = {"X": case.x, "w.data": p.data, "w.layout": p.layout, "w.row_perm": p.row_perm, "w.col_perm": p.col_perm}
-    assert_matches(case, _cuda_session(model).run(None, feeds)[0])
+    assert_matches(case, cuda_session(model).run(None, feeds)[0])
 
 
 def _check_reuse_across_batch_sizes(session_for):
@@ -145,9 +146,6 @@ def test_cpu_kernel_reuses_plan_across_batch_sizes():
 
 
 @pytest.mark.cuda
-def test_cuda_kernel_reuses_tables_across_batch_sizes():
+def test_cuda_kernel_reuses_tables_across_batch_sizes(cuda_session):
     """The constant-layout path uploads its tables once; later runs with other batches agree."""
-    reason = _cuda_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    _check_reuse_across_batch_sizes(_cuda_session)
+    _check_reuse_across_batch_sizes(cuda_session)
