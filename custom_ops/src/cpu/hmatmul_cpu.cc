@@ -106,14 +106,18 @@ void ScatterOutput(const PackedPlan& plan, const float* yp, const int64_t* col_p
   }
 }
 
-// y += the products of all blocks in storage order, so `data` is read as one forward
-// stream (left to the hardware prefetchers: software prefetching 16 KB ahead, which paid
-// before the one-row tiles read each block front to back, now costs 8 µs per 1.6 MB
-// with the factors in cache and 10 µs without).
+// Small products: y = the products of all blocks, in one pass in storage order on the
+// calling thread, so `data` is read as one forward stream (left to the hardware
+// prefetchers: software prefetching 16 KB ahead, which paid before the one-row tiles read
+// each block front to back, now costs 8 µs per 1.6 MB with the factors in cache and 10 µs
+// without). tbuf holds batch x (largest rank) floats. (Measured: splitting the pass into
+// runs pulled by two pool tasks, each summing into its own copy of y, was 10-15 % slower
+// at batch 1, whether the pool thread slept or spun.)
 template <typename Raw>
-void AccumulateBlocks(const PackedPlan& plan, const GemmKernels& kernels, const float* xp, const Raw* data,
-                      int64_t batch, float* tbuf, float* y) {
+void SmallProduct(const PackedPlan& plan, const GemmKernels& kernels, const float* xp, const Raw* data, int64_t batch,
+                  float* tbuf, float* y) {
   const int64_t m = plan.m, n = plan.n;
+  std::fill(y, y + batch * n, 0.0f);
   for (const BlockView& blk : plan.blocks) {
     const int64_t rows = blk.r1 - blk.r0, cols = blk.c1 - blk.c0;
     const float* xa = xp + blk.r0;
@@ -128,17 +132,6 @@ void AccumulateBlocks(const PackedPlan& plan, const GemmKernels& kernels, const 
   }
 }
 
-// Small products: y = the products of all blocks in one pass on the calling thread;
-// tbuf holds batch x (largest rank) floats.
-// (Measured: splitting the pass into runs pulled by two pool tasks, each summing into its
-// own copy of y, was 10-15 % slower at batch 1, whether the pool thread slept or spun.)
-template <typename Raw>
-void SmallProduct(const PackedPlan& plan, const GemmKernels& kernels, const float* xp, const Raw* data, int64_t batch,
-                  float* tbuf, float* y) {
-  std::fill(y, y + batch * plan.n, 0.0f);
-  AccumulateBlocks(plan, kernels, xp, data, batch, tbuf, y);
-}
-
 // What the kernel derives from a validated layout, independent of the batch: kept per node
 // with the plan when the packed inputs are constant.
 struct KernelTables {
@@ -149,7 +142,7 @@ struct KernelTables {
   int64_t rank_total = 0;                // sum of all low-rank ranks
   int64_t max_rank = 0;
   std::vector<int64_t> lowrank_by_cost;  // low-rank blocks of rank > 0, largest rows x rank first
-  int64_t chunk = 0, col_chunks = 0;     // output column chunks of phase 2
+  int64_t col_chunks = 0;                // output column chunks of phase 2
   std::vector<Segment> segments;         // per chunk, the column ranges between block edges
   std::vector<int64_t> seg_blocks, chunk_segments;
 };
@@ -173,12 +166,12 @@ KernelTables BuildKernelTables(const PackedPlan& plan) {
   std::stable_sort(t.lowrank_by_cost.begin(), t.lowrank_by_cost.end(),
                    [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
 
-  t.chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
-  t.col_chunks = (n + t.chunk - 1) / t.chunk;
+  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
+  t.col_chunks = (n + chunk - 1) / chunk;
   t.chunk_segments.assign(static_cast<size_t>(t.col_chunks) + 1, 0);
   std::vector<int64_t> meeting, edges;
   for (int64_t c = 0; c < t.col_chunks; ++c) {
-    const int64_t j0 = c * t.chunk, j1 = std::min(n, j0 + t.chunk);
+    const int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
     meeting.clear();
     edges.assign({j0, j1});
     for (size_t bi = 0; bi < plan.blocks.size(); ++bi) {
