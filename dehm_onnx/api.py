@@ -3,9 +3,11 @@
 ``optimize_file`` is what ``python -m dehm_onnx optimize`` calls; the CLI adds nothing but
 printing. Steps::
 
-    load_model -> rewrite (CompressWeightsPass) -> _after_rewrite (verification hook)
-               -> check_model -> (model, report)
+    load_model -> rewrite (CompressWeightsPass on an onnx-ir model) -> _after_rewrite
+               (verification hook) -> check_model -> (model, report)
 
+The public functions take and return ``onnx.ModelProto`` (verification runs onnxruntime on
+protos); the pass itself works on ``onnx_ir.Model``, converted here at the boundary.
 ``optimize`` returns a self-contained model (external data is read into memory, after
 validation); ``optimize_file`` keeps external weights in their files until each is compressed
 and streams the rest to ``OUT.data`` (docs/big_models.md).
@@ -19,23 +21,22 @@ import os
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
+from . import model_io
 from .config import OptimizeConfig, make_config
-from .errors import ConfigError, InvalidModelError
-from .graph import external
+from .errors import ConfigError
 from .graph.rewrite import CompressWeightsPass
-from .graph.scan import first_non_text_name
 from .report import Report
 
-__all__ = ["optimize", "optimize_file", "load_model", "save_model", "rewrite", "uses_external_data"]
+__all__ = ["optimize", "optimize_file", "load_model", "save_model", "rewrite"]
 
 logger = logging.getLogger(__name__)
 
-# Models beyond protobuf's 2 GB limit must keep their tensors in an external file.
-_PROTO_LIMIT = external.PROTO_LIMIT
 # Verification runs both models in onnxruntime, in memory: external data up to this size is
 # loaded for it; beyond, optimize_file skips verification (the weight bound still holds).
 VERIFY_IN_MEMORY_LIMIT = 1 << 30
+load_model = model_io.load_model
 
 
 def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=None, **overrides):
@@ -63,7 +64,6 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=No
     original = load_model(model_or_path)
     optimized, report = rewrite(original, config, progress=progress)
     optimized, report = _after_rewrite(original, optimized, report, config)
-    _check(optimized, "the optimized model")
     report.bytes_before = _size(model_or_path, original)
     report.bytes_after = optimized.ByteSize()
     return optimized, report
@@ -73,11 +73,20 @@ def rewrite(original: onnx.ModelProto, config: OptimizeConfig, layer_tols: dict[
     """Run the compression pass on a copy of ``original``; return ``(model, report)``.
 
     ``layer_tols`` overrides ``config.tol`` for single layers (keyed by layer name), which
-    lets a verification step recompress the layers that missed their output bound.
+    lets a verification step recompress the layers that missed their output bound. The
+    result passes the ONNX checker.
     """
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    result = CompressWeightsPass(config, layer_tols, progress).call(model)
+    model, report = _rewrite_ir(model_io.from_proto(original), config, layer_tols, progress)
+    if not report.compressed and not report.inlined_functions:
+        return original, report  # nothing changed: the model exactly as given
+    return ir.serde.serialize_model(model), report
+
+
+def _rewrite_ir(model: ir.Model, config: OptimizeConfig, layer_tols=None, progress=None) -> tuple[ir.Model, Report]:
+    """The pass on ``model`` in place, then the ONNX checker on the result."""
+    result = CompressWeightsPass(config, layer_tols, progress)(model)
+    if result.modified:
+        model_io.check_model(result.model, "the optimized model")
     return result.model, result.report
 
 
@@ -92,50 +101,6 @@ def _after_rewrite(original: onnx.ModelProto, optimized: onnx.ModelProto, report
     from .verify.tighten import verify_and_tighten
 
     return verify_and_tighten(original, optimized, report, config, rewrite)
-
-
-def load_model(model_or_path) -> onnx.ModelProto:
-    """Load (or copy) a model and check it with ``onnx.checker``.
-
-    Raises:
-        InvalidModelError: the file is missing, is not ONNX, is truncated, or fails the checker.
-    """
-    if isinstance(model_or_path, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(model_or_path)
-        _check(model, "the input model")
-        return model
-    if not isinstance(model_or_path, (str, os.PathLike)):
-        raise ConfigError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
-    path = Path(model_or_path)
-    model = load_model_lazy(path)
-    external.materialize(model, path.parent)
-    return model
-
-
-def load_model_lazy(path) -> onnx.ModelProto:
-    """Load the graph of a model file without its external data, and check it.
-
-    Every external tensor's location, offset and length are validated against the model's
-    folder before anything is read from them (``dehm_onnx.graph.external``); the tensors
-    keep pointing at their files.
-
-    Raises:
-        InvalidModelError: as ``load_model``, or external data that escapes the model's
-            folder or does not fit its file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidModelError(f"model file {str(path)!r} does not exist")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types for bad bytes
-        raise InvalidModelError(f"{str(path)!r} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from e
-    if not model.HasField("graph") or model.ir_version == 0:
-        raise InvalidModelError(f"{str(path)!r} is not an ONNX model (no graph or IR version)")
-    _check(model, f"model {str(path)!r}")
-    external.validate_external_data(model, path.parent)
-    return model
 
 
 def optimize_file(input_path, output_path, config: OptimizeConfig | None = None, *, progress=None, **overrides) -> Report:
@@ -159,48 +124,31 @@ def optimize_file(input_path, output_path, config: OptimizeConfig | None = None,
     source, target = Path(input_path), Path(output_path)
     if same_file(target, source):
         raise ConfigError(f"output {str(target)!r} is the input model; choose another output path")
-    original = load_model_lazy(source)
-    external.refuse_overwrite(original, source.parent, target)  # before the long part
-    data_bytes = external.external_bytes(original)
+    model = model_io.load_lazy(source)
+    model_io.refuse_overwrite(model, target, refuse=[source])  # before the long part
+    data_bytes = model_io.external_bytes(model)
     skip_verify = None
-    if data_bytes and not getattr(config, "no_verify", True):
-        if data_bytes <= VERIFY_IN_MEMORY_LIMIT:
-            external.materialize(original, source.parent)
-        else:
-            skip_verify = (
-                f"skipped: {data_bytes / 2**30:.1f} GiB of external data is more than the "
-                f"{VERIFY_IN_MEMORY_LIMIT / 2**30:.0f} GiB verified in memory (weight bounds still hold)"
-            )
-            logger.warning("verification %s", skip_verify)
-            config = dataclasses.replace(config, no_verify=True)
-    with external.weights_from(source.parent):
+    if data_bytes and not config.no_verify and data_bytes > VERIFY_IN_MEMORY_LIMIT:
+        skip_verify = (
+            f"skipped: {data_bytes / 2**30:.1f} GiB of external data is more than the "
+            f"{VERIFY_IN_MEMORY_LIMIT / 2**30:.0f} GiB verified in memory (weight bounds still hold)"
+        )
+        logger.warning("verification %s", skip_verify)
+        config = dataclasses.replace(config, no_verify=True)
+    if config.no_verify:
+        # No second look at the original: the pass runs on the lazy model itself.
+        optimized, report = _rewrite_ir(model, config, progress=progress)
+        optimized, report = _after_rewrite(None, optimized, report, config)
+    else:
+        original = model_io.to_proto(model)
         optimized, report = rewrite(original, config, progress=progress)
         optimized, report = _after_rewrite(original, optimized, report, config)
-        if skip_verify:
-            report.verification = {"performed": False, "reason": skip_verify}
-        _check(optimized, "the optimized model")
-        written = save_model(optimized, target, refuse=source, external_data=config.external_data or bool(data_bytes))
+    if skip_verify:
+        report.verification = {"performed": False, "reason": skip_verify}
+    written = save_model(optimized, target, refuse=source, external_data=config.external_data or bool(data_bytes))
     report.bytes_before = source.stat().st_size + data_bytes
     report.bytes_after = written
     return report
-
-
-def _check(model: onnx.ModelProto, what: str) -> None:
-    bad_name = first_non_text_name(model)
-    if bad_name is not None:
-        raise InvalidModelError(f"{what} has a name that is not valid UTF-8: {bad_name!r}")
-    if external.external_tensors(model):
-        model = external.checkable_copy(model)  # locations are validated separately
-    try:
-        if model.ByteSize() < _PROTO_LIMIT:
-            onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise InvalidModelError(f"{what} fails the ONNX checker: {_first_line(e)}") from e
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _size(model_or_path, model: onnx.ModelProto) -> int:
@@ -209,11 +157,11 @@ def _size(model_or_path, model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
-def save_model(model: onnx.ModelProto, path, *, refuse: str | os.PathLike | None = None, external_data: bool = False) -> int:
+def save_model(model, path, *, refuse: str | os.PathLike | None = None, external_data: bool = False) -> int:
     """Write ``model`` to ``path`` atomically: a temporary file beside it, then a rename.
 
     Args:
-        model: the model to write.
+        model: the model to write (``onnx.ModelProto`` or ``onnx_ir.Model``).
         path: destination file.
         refuse: a path that must not be overwritten (the input model).
         external_data: store tensors in ``<path>.data`` beside the model (as the input did);
@@ -232,22 +180,8 @@ def save_model(model: onnx.ModelProto, path, *, refuse: str | os.PathLike | None
     path = Path(path)
     if refuse is not None and same_file(path, Path(refuse)):
         raise ConfigError(f"output {str(path)!r} is the input model; choose another output path")
-    # Tensors still in the input's data files (``optimize_file``) are copied to ``<path>.data``.
-    big = not external_data and not external.external_tensors(model) and model.ByteSize() >= _PROTO_LIMIT
     refused = [refuse] if refuse is not None else []
-    return external.write_model(model, path, external=external_data or big, refuse=refused)
-
-
-def uses_external_data(path) -> bool:
-    """True when the model file at ``path`` keeps some initializer in an external file."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by load_model
-        return False
-    return any(
-        onnx.external_data_helper.uses_external_data(t)
-        for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001 - includes subgraphs
-    )
+    return model_io.save_model(model, path, external=external_data, refuse=refused)
 
 
 def same_file(a: Path, b: Path) -> bool:

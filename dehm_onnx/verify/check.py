@@ -255,7 +255,7 @@ def _new_check(record: dict) -> LayerCheck:
         shape=tuple(record.get("shape") or ()),
         tol=None if tol is None else float(tol),
         tol_out=float(tol_out),
-        certified_error=None if record.get("certified_error") is None else float(record["certified_error"]),
+        certified_error=None if record.get("rel_certified_error") is None else float(record["rel_certified_error"]),
     )
 
 

@@ -78,8 +78,8 @@ def lowrank_optimized(model: onnx.ModelProto, tols: dict, tol_out: dict | None =
             "name": node.name, "op": "MatMul", "output": node.output[0], "weight": wname,
             "shape": list(w.shape), "tol": tols[node.name],
             "tol_out": (tol_out or {}).get(node.name, tols[node.name]),
-            "certified_error": err, "params": int(u.size + vt.size), "dense_params": int(w.size),
-            "emit": "subgraph",
+            "rel_certified_error": err, "params": int(u.size + vt.size), "dense_params": int(w.size),
+            "emit": "ops",
         })
     del graph.node[:]
     graph.node.extend(new_nodes)
