@@ -174,7 +174,7 @@ def _root(value: ir.Value) -> WeightSource | None:
     if dtype is None:
         return None
     kind = "initializer" if value.is_initializer() else "constant"
-    if tensor.dtype in _QUANTIZED or dtype.kind not in "f":
+    if tensor.dtype != ir.DataType.FLOAT:
         kind += f" {tensor.dtype.name.lower()}"
     shape = tuple(int(d) for d in tensor.shape)
     return WeightSource(value, value, (), (), kind, shape, dtype)
