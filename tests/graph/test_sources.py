@@ -1,8 +1,8 @@
 """Weight sources: every chain from stored tensor to MatMul/Gemm weight is compressed within the bound.
 
-Each model is built by hand in the shape the exporters and quantizers write (DESIGN.md
-section 11 has what torch's exporters do; ``benchmarks/check_exporters.py`` exports the real
-ones). The float weight is read from onnxruntime itself (the chain's output exposed), so the
+Each model is built by hand in the shape the exporters and quantizers write
+(``benchmarks/check_exporters.py`` exports the real ones with torch and prints what each
+exporter's weights arrive through). The float weight is read from onnxruntime itself (the chain's output exposed), so the
 bound is checked against what the original graph computes, not against our own numpy.
 """
 
