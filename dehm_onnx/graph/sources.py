@@ -113,15 +113,18 @@ def _is_read(values) -> bool:
 
 
 def _remove_constant(value: ir.Value | None) -> None:
-    """Drop an initializer or Constant output that nothing reads any more."""
+    """Drop an initializer, or the Constant/Concat-of-constants node, that nothing reads any more."""
     if value is None or _is_read([value]) or value.is_graph_input():
         return
     if value.is_initializer():
         value.graph.initializers.pop(value.name)
         return
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.graph is not None:
+    if node is not None and node.op_type in ("Constant", "Concat") and node.graph is not None and not _is_read(node.outputs):
+        inputs = list(node.inputs)
         node.graph.remove(node, safe=True)
+        for operand in inputs:
+            _remove_constant(operand)
 
 
 def constant_tensor(value: ir.Value | None, allow_input: bool = False) -> ir.TensorProtocol | None:
@@ -141,6 +144,31 @@ def constant_tensor(value: ir.Value | None, allow_input: bool = False) -> ir.Ten
     if attr is None or attr.type != ir.AttributeType.TENSOR or len(node.attributes) != 1:
         return None
     return attr.as_tensor()
+
+
+def _auxiliary(value: ir.Value | None) -> np.ndarray | None:
+    """A step's constant operand (scale, zero point, shape) as an array, or None.
+
+    Besides initializers and ``Constant`` nodes of any attribute (``value_ints``, ...), a
+    ``Concat`` of such constants counts: torch's dynamo exporter writes reshape targets so.
+    """
+    if value is None or value.is_graph_input():
+        return None
+    tensor = constant_tensor(value)
+    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
+        try:
+            tensor = ir.convenience.get_const_tensor(value)
+        except ValueError:
+            tensor = None
+    if tensor is not None:
+        return _numpy(tensor, value.name)
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or node.domain not in _DEFAULT_DOMAINS:
+        return None
+    parts = [_auxiliary(v) for v in node.inputs]
+    if any(p is None or p.ndim != 1 for p in parts):
+        return None
+    return np.concatenate(parts)
 
 
 def _numpy(tensor: ir.TensorProtocol, name: str) -> np.ndarray:
@@ -232,10 +260,10 @@ def _reshape(node: ir.Node, depth: int) -> WeightSource | None:
     if len(node.inputs) < 2:
         return None
     inner = find_source(node.inputs[0], depth + 1)
-    target = constant_tensor(node.inputs[1])
+    target = _auxiliary(node.inputs[1])
     if inner is None or target is None:
         return None
-    shape = _resolve_shape(inner.shape, _numpy(target, node.inputs[1].name), bool(node.attributes.get_int("allowzero", 0)))
+    shape = _resolve_shape(inner.shape, target, bool(node.attributes.get_int("allowzero", 0)))
     if shape is None:
         return None
     return _extend(inner, node, Reshape(shape), f"reshape({inner.kind})", shape, inner.dtype)

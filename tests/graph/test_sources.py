@@ -258,3 +258,44 @@ def test_scan_describes_each_source_without_reading_the_weight():
     (cand,) = scan(model).candidates
     assert cand.source.kind == "transpose(initializer)" and cand.shape == (M, N) and cand.source.dtype == np.float32
     np.testing.assert_array_equal(cand.weight, w)
+
+
+def test_reshape_target_built_by_concat_of_constants(rng):
+    # dynamo with optimize=False: half parameter .float().reshape(...), the shape a Concat.
+    w = smooth_kernel(M, N).astype(np.float16).reshape(M, 2, N // 2)
+    nodes = [
+        helper.make_node("Cast", ["w16"], ["wf"], to=TensorProto.FLOAT),
+        helper.make_node("Constant", [], ["rows"], value_ints=[M]),
+        helper.make_node("Constant", [], ["cols"], value_ints=[N]),
+        helper.make_node("Concat", ["rows", "cols"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["wf", "shape"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="fc"),
+    ]
+    model = make_model(nodes, [("x", np.float32, [3, M])], [("y", np.float32, [3, N])], [("w16", w)])
+    out, _ = _optimize_and_check(model, "w", "reshape(cast(initializer float16))", rng)
+    assert _ops(out) == ["HMatMul"]  # the chain and its shape constants are gone
+
+
+def test_weight_passed_through_nested_local_functions(rng):
+    # The legacy exporter nests module functions: Model(x, weight) calls Linear(x, weight).
+    w = smooth_kernel(M, N)
+    linear = helper.make_function("pkg.nn", "Linear", ["input", "weight"], ["output"],
+                                  [helper.make_node("Gemm", ["input", "weight"], ["output"], transB=1)],
+                                  opset_imports=[helper.make_opsetid("", 17)])
+    outer = helper.make_function("pkg", "Model", ["x", "weight"], ["y"],
+                                 [helper.make_node("Linear", ["x", "weight"], ["y"], domain="pkg.nn")],
+                                 opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("pkg.nn", 1)])
+    graph = helper.make_graph([helper.make_node("Model", ["x", "fc.weight"], ["y"], domain="pkg")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, M])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, N])],
+                              [numpy_helper.from_array(np.ascontiguousarray(w.T), "fc.weight")])
+    opsets = [helper.make_opsetid(d, v) for d, v in (("", 17), ("pkg", 1), ("pkg.nn", 1))]
+    model = helper.make_model(graph, opset_imports=opsets, functions=[outer, linear], ir_version=10)
+    onnx.checker.check_model(model)
+    x = rng.standard_normal((3, M)).astype(np.float32)
+    out, report = dehm_onnx.optimize(model, no_verify=True, min_size=8)
+    assert report.inlined_functions == ["pkg::Model", "pkg.nn::Linear"]
+    (record,) = report.layers
+    assert record.compressed and record.op == "Gemm"
+    before, after = run_model(model, {"x": x})[0], run_model(out, {"x": x})[0]
+    assert np.linalg.norm(after - before) <= error_bound_abs(x, w, record.rel_certified_error)
