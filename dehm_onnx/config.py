@@ -158,6 +158,14 @@ class OptimizeConfig:
         },
     )
 
+    @property
+    def layer_tol_out(self) -> float:
+        """Each compressed layer's output bound: ``tol_out``, or ``tol`` when none is given.
+
+        The one place this default is decided; the pass writes it into every layer record.
+        """
+        return float(self.tol_out if self.tol_out is not None else self.tol)
+
     def __post_init__(self) -> None:
         if self.emit in EMIT_ALIASES:
             object.__setattr__(self, "emit", EMIT_ALIASES[self.emit])

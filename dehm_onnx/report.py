@@ -119,10 +119,8 @@ class LayerRecord:
     def metadata_entry(self) -> dict:
         """The ``dehm.layers`` entry of a compressed layer."""
         assert self.compressed, f"Bug: layer {self.name!r} was not compressed"
-        entry = {key: getattr(self, key) for key in METADATA_KEYS}
-        if entry["tol_out"] is None:
-            entry["tol_out"] = entry["tol"]
-        return entry
+        assert self.tol_out is not None, f"Bug: layer {self.name!r} has no output bound"
+        return {key: getattr(self, key) for key in METADATA_KEYS}
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -293,6 +291,9 @@ def has_layers(model) -> bool:
 def read_layers(model) -> list[dict]:
     """The ``dehm.layers`` entries of a model (``ir.Model`` or ``ModelProto``); [] when absent.
 
+    An entry without ``tol_out`` gets its ``tol`` (the rule ``OptimizeConfig.layer_tol_out``
+    applies when the pass writes them).
+
     Raises:
         InvalidModelError: the metadata is not a JSON list of objects with at least
             ``name``, ``output`` and a bound (``tol_out`` or ``tol``).
@@ -310,6 +311,7 @@ def read_layers(model) -> list[dict]:
         missing = [k for k in _REQUIRED_KEYS if not isinstance(record, dict) or k not in record]
         if missing or ("tol_out" not in record and "tol" not in record):
             raise InvalidModelError(f"{LAYERS_KEY!r} record {index} lacks {missing or ['tol_out']}: {record!r}")
+        record.setdefault("tol_out", record.get("tol"))  # entries written by hand may give tol only
     return layers
 
 

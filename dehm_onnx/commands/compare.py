@@ -22,9 +22,9 @@ def _methods():
 
 
 def _emit_modes():
-    from ..graph.emit import EMITTERS
+    from ..config import EMIT_ALIASES, EMIT_MODES
 
-    return list(EMITTERS)
+    return list(EMIT_MODES) + list(EMIT_ALIASES)
 
 
 def register(subparsers) -> None:

@@ -221,7 +221,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
             compressed=True,
             tol=tol,
             # The output bound is the user's, even for a layer whose weight tol was tightened.
-            tol_out=self.config.tol_out if self.config.tol_out is not None else self.config.tol,
+            tol_out=self.config.layer_tol_out,
             rel_certified_error=float(hm.rel_certified_error),
             params=int(hm.params),
             dense_params=int(hm.dense_params),
