@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from . import model_io
 from .config import OptimizeConfig, make_config
-from .errors import ConfigError
+from .errors import ConfigError, InvalidModelError
 from .graph.rewrite import CompressWeightsPass
 from .report import Report
 
@@ -84,7 +84,10 @@ def rewrite(original: onnx.ModelProto, config: OptimizeConfig, layer_tols: dict[
 
 def _rewrite_ir(model: ir.Model, config: OptimizeConfig, layer_tols=None, progress=None) -> tuple[ir.Model, Report]:
     """The pass on ``model`` in place, then the ONNX checker on the result."""
-    result = CompressWeightsPass(config, layer_tols, progress)(model)
+    try:
+        result = CompressWeightsPass(config, layer_tols, progress)(model)
+    except ir.passes.PreconditionError as e:
+        raise InvalidModelError(f"the model cannot be rewritten: {e.__cause__ or e}") from e
     if result.modified:
         model_io.check_model(result.model, "the optimized model")
     return result.model, result.report

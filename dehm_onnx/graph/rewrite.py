@@ -109,9 +109,17 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         self._written: list[ir.Value] = []
 
     def requires(self, model: ir.Model) -> None:
-        """The model has a default-domain opset (candidates are checked against it)."""
-        if "" not in model.opset_imports:
-            raise ir.passes.PreconditionError("the model imports no default-domain (ai.onnx) opset")
+        """Every value has a name, and no name is written twice: new names are made unique
+        against the existing ones, and the last emitted node takes over an output's name."""
+        seen: set[str] = set()
+        for graph in model.graphs():
+            for value in (*graph.inputs, *graph.initializers.values()):
+                seen.add(value.name)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            for value in node.outputs:
+                if not value.name or value.name in seen:
+                    raise ir.passes.PreconditionError(f"node {node.name!r} writes {value.name!r}, which is not a new name")
+                seen.add(value.name)
 
     def ensures(self, model: ir.Model) -> None:
         """Every value a node reads is defined, and every initializer the pass wrote is read."""
