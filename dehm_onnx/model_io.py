@@ -497,31 +497,41 @@ def save_model(model, path: str | os.PathLike, *, external: bool, refuse=()) -> 
     refuse_overwrite(model, path, refuse)
     data_path = folder / data_file_name(path)
     handle, data_tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
     try:
-        proto = _write_external(model, folder, Path(data_tmp).name, data_path.name)
+        with os.fdopen(handle, "wb") as out:
+            proto = _write_tensors(model, out, data_path.name, folder)
         _write_atomic(folder, path, lambda tmp: onnx.save(proto, tmp), before_rename=lambda: os.replace(data_tmp, data_path))
     finally:
         Path(data_tmp).unlink(missing_ok=True)
     return path.stat().st_size + data_path.stat().st_size
 
 
-def _write_external(model: ir.Model, folder: Path, tmp_name: str, final_name: str) -> onnx.ModelProto:
-    """Stream the large tensors into ``folder/tmp_name``; the proto names ``final_name``."""
+def _write_tensors(model: ir.Model, out, location: str, folder: Path) -> onnx.ModelProto:
+    """Stream the large tensors into ``out``; return the proto that names them in ``location``.
+
+    Each tensor writes itself (``tofile``: an external one is copied file to file by the
+    kernel, never held in memory); tensors of ``_ALIGN_THRESHOLD`` bytes or more start on an
+    ``_ALIGN`` boundary. ``model`` is unchanged.
+    """
     slots = [
         s for s in _slots(model)
         if isinstance(s.tensor, ir.ExternalTensor) or (s.tensor.dtype != ir.DataType.STRING and s.tensor.nbytes >= _SIZE_THRESHOLD)
     ]
     tensors = [s.tensor for s in slots]
-    written = ir.external_data.convert_tensors_to_external(
-        tensors, str(folder), tmp_name, alignment=_ALIGN, align_threshold=_ALIGN_THRESHOLD - 1
-    )
+    offset = 0
     try:
-        for slot, tensor in zip(slots, written):
+        for slot, tensor in zip(slots, tensors):
+            length = int(tensor.nbytes)
+            if length >= _ALIGN_THRESHOLD and offset % _ALIGN:
+                out.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                offset += _ALIGN - offset % _ALIGN
+            tensor.tofile(out)
             slot.tensor = ir.ExternalTensor(
-                final_name, tensor.offset, tensor.length, tensor.dtype,
-                shape=tensor.shape, name=tensor.name, base_dir=str(folder),
+                location, offset, length, tensor.dtype, shape=tensor.shape, name=tensor.name, base_dir=str(folder)
             )
+            offset += length
+        if out.tell() != offset:
+            raise InvalidModelError(f"external data written to {location!r} has {out.tell()} bytes, expected {offset}")
         return ir.serde.serialize_model(model)
     finally:
         for slot, tensor in zip(slots, tensors):
