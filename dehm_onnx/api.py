@@ -26,6 +26,7 @@ import onnx_ir as ir
 from . import model_io
 from .config import OptimizeConfig, make_config
 from .errors import ConfigError, InvalidModelError
+from .graph.inline import inline_weight_functions
 from .graph.rewrite import CompressWeightsPass
 from .report import Report
 
@@ -61,9 +62,10 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=No
             with ``no_verify=True``.
     """
     config = make_config(config, **overrides)
-    original = load_model(model_or_path)
+    original, inlined = _inline_weight_functions(load_model(model_or_path))
     optimized, report = rewrite(original, config, progress=progress)
     optimized, report = _after_rewrite(original, optimized, report, config)
+    report.inlined_functions = inlined
     report.bytes_before = _size(model_or_path, original)
     report.bytes_after = optimized.ByteSize()
     return optimized, report
@@ -80,6 +82,17 @@ def rewrite(original: onnx.ModelProto, config: OptimizeConfig, layer_tols: dict[
     if not report.compressed and not report.inlined_functions:
         return original, report  # nothing changed: the model exactly as given
     return ir.serde.serialize_model(model), report
+
+
+def _inline_weight_functions(original: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The original with the functions that receive constant weights inlined, and their names.
+
+    Done once, before the pass and its verification, so that the layers found inside those
+    functions exist in the model the optimized one is verified against.
+    """
+    model = model_io.from_proto(original)
+    inlined = inline_weight_functions(model)
+    return (ir.serde.serialize_model(model), inlined) if inlined else (original, [])
 
 
 def _rewrite_ir(model: ir.Model, config: OptimizeConfig, layer_tols=None, progress=None) -> tuple[ir.Model, Report]:
@@ -143,9 +156,10 @@ def optimize_file(input_path, output_path, config: OptimizeConfig | None = None,
         optimized, report = _rewrite_ir(model, config, progress=progress)
         optimized, report = _after_rewrite(None, optimized, report, config)
     else:
-        original = model_io.to_proto(model)
+        original, inlined = _inline_weight_functions(model_io.to_proto(model))
         optimized, report = rewrite(original, config, progress=progress)
         optimized, report = _after_rewrite(original, optimized, report, config)
+        report.inlined_functions = inlined
     if skip_verify:
         report.verification = {"performed": False, "reason": skip_verify}
     written = save_model(optimized, target, refuse=source, external_data=config.external_data or bool(data_bytes))

@@ -93,21 +93,20 @@ def file_bytes(path: Path) -> int:
 
 def layer_records(model: onnx.ModelProto) -> list:
     """One ``dehm.layers``-style record per main-graph MatMul/Gemm with a constant weight."""
-    from ..graph.scan import activation_ranks, scan
+    from ..graph.scan import scan
 
-    found = scan(model)
-    if any(c.needs_x_rank for c in found.candidates):
-        found = scan(model, activation_ranks(model))
     return [
         {
             "name": c.name,
             "op": c.op,
             "output": c.output,
             "weight": c.weight_name,
-            "shape": list(c.weight.shape),
+            "shape": list(c.shape),
+            "x": c.x_name,
+            "x_transposed": c.trans_x,
             "tol": 1.0,  # verify needs a bound; compare reports the measured error only
         }
-        for c in found.candidates
+        for c in scan(model).candidates
         if c.graph_path == "main"
     ]
 

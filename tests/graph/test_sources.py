@@ -299,3 +299,12 @@ def test_weight_passed_through_nested_local_functions(rng):
     assert record.compressed and record.op == "Gemm"
     before, after = run_model(model, {"x": x})[0], run_model(out, {"x": x})[0]
     assert np.linalg.norm(after - before) <= error_bound_abs(x, w, record.rel_certified_error)
+
+
+def test_inlined_layers_are_verified_against_the_inlined_original(rng):
+    model = _function_model(smooth_kernel(M, N))
+    out, report = dehm_onnx.optimize(model, min_size=8)
+    assert report.inlined_functions == ["pkg.torch::Linear"]
+    assert report.verification["performed"]
+    (layer,) = report.verification["result"]["layers"]
+    assert layer["isolated"] and layer["rel_fro_error"] <= layer["tol_out"]
