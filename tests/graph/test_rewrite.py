@@ -336,3 +336,20 @@ def test_rewrite_float64_weights(rng):
     x = rng.standard_normal((3, 128))
     y = run_model(out, {"x": x})[0]
     assert y.dtype == np.float64 and rel_fro(y, x @ w) <= output_bound(x, w, record.rel_certified_error, np.float64)
+
+
+def test_emit_subgraph_is_an_alias_of_ops():
+    from dehm_onnx.config import OptimizeConfig
+
+    assert OptimizeConfig(emit="subgraph").emit == "ops"
+
+
+def test_record_says_the_mode_actually_emitted(rng):
+    # HMatMul takes float32/float16: a float64 layer asked for as 'function' is written as ops.
+    w = smooth_kernel(128, 96, dtype=np.float64)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [("x", np.float64, ["B", 128])], [("y", np.float64, ["B", 96])], [("w", w)])
+    out, report = dehm_onnx.optimize(model, emit="function", no_verify=True)
+    (record,) = report.layers
+    assert record.compressed and record.emit == "ops" and not out.functions
+    assert {e["emit"] for e in read_layers(out)} == {"ops"}
