@@ -67,7 +67,7 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=No
     config = make_config(config, **overrides)
     original, defects = _load(model_or_path)
     if not config.no_verify:
-        _probe_onnxruntime(original, _what(model_or_path))
+        _probe_onnxruntime(original, config, _what(model_or_path))
     optimized, report = rewrite(original, config, progress=progress)
     optimized, report = _after_rewrite(original, optimized, report, config)
     _check(optimized, "the optimized model", carried=defects)
@@ -169,13 +169,22 @@ def _what(model_or_path) -> str:
     return "the input model"
 
 
-def _probe_onnxruntime(model: onnx.ModelProto, what: str) -> None:
-    """Refuse, before any work, a model that verification could not run in onnxruntime."""
+def _probe_onnxruntime(model: onnx.ModelProto, config: OptimizeConfig, what: str) -> None:
+    """Refuse, before any work, a model that verification would have to run and cannot.
+
+    Verification runs the original in onnxruntime when a layer gets compressed (or for
+    ``max_model_error``); a model with no candidate left after the pass's own pre-checks
+    (names, dtype, size, ...) has nothing to verify and is not refused.
+    """
+    from .graph.rewrite import select_candidates
     from .verify.runner import make_cpu_session
 
     try:
         session = make_cpu_session(model)
     except InvalidModelError as e:
+        candidates, _, skips = select_candidates(model, config)
+        if config.max_model_error is None and all(id(c) in skips for c in candidates):
+            return
         raise InvalidModelError(
             f"{what}: {e}; verification runs the model in onnxruntime, --no-verify (no_verify=True) "
             "skips it (the weight bounds still hold)"
@@ -257,7 +266,7 @@ def optimize_file(
             logger.warning("verification %s", skip_verify)
             config = dataclasses.replace(config, no_verify=True)
     if not config.no_verify:
-        _probe_onnxruntime(original, _what(source))
+        _probe_onnxruntime(original, config, _what(input_path))
     with external.weights_from(source.parent):
         optimized, report = rewrite(original, config, progress=progress)
         optimized, report = _after_rewrite(original, optimized, report, config)

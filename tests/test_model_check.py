@@ -222,3 +222,10 @@ def test_unknown_custom_op_is_optimized_with_no_verify(tmp_path):
     proc = _cli("optimize", source, tmp_path / "out.onnx", "--no-verify")
     assert proc.returncode == 0, proc.stderr
     assert "1 of 1 layers compressed" in proc.stdout
+
+
+def test_a_model_onnxruntime_cannot_load_with_nothing_to_compress_is_not_refused(tmp_path):
+    source = _with_unknown_op(tmp_path)
+    proc = _cli("optimize", source, tmp_path / "out.onnx", "--exclude", "fc")  # verification has nothing to run
+    assert proc.returncode == 0, proc.stderr
+    assert "0 of 1 layers compressed" in proc.stdout
