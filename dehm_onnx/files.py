@@ -34,8 +34,9 @@ _MAX_STEM = 200
 class StagedFile:
     """A new file's content, written beside ``path`` and published by ``commit``.
 
-    Use ``atomic_output`` for one file; use two ``StagedFile``s to publish two files in a
-    chosen order (a model's data file before the model).
+    Use ``atomic_output`` for one file. Two files that belong together (a model and its data
+    file) are both ``finish``-ed before either is committed, so that a full disk leaves
+    neither; then they are committed in a chosen order (the data file first).
 
     Attributes:
         path: the destination.
@@ -47,14 +48,23 @@ class StagedFile:
         self._tmp, fd = _create_temporary(self.path)
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
-    def commit(self) -> None:
-        """Flush and ``fsync`` the content, then rename it over the destination."""
+    def finish(self) -> None:
+        """Flush, ``fsync`` and close the content (where a full disk shows), without publishing."""
         if self._tmp is None:
-            raise AssertionError("Bug: StagedFile committed twice or after discard")
+            raise AssertionError("Bug: StagedFile finished after commit or discard")
+        if self.file.closed:
+            return
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
+        except OSError as e:
+            raise _naming(e, self.path) from e
+
+    def commit(self) -> None:
+        """``finish``, then rename the content over the destination."""
+        self.finish()
+        try:
             os.replace(self._tmp, self.path)
         except OSError as e:
             raise _naming(e, self.path) from e

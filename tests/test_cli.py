@@ -156,11 +156,23 @@ def test_cli_keeps_external_data_layout(model_path, tmp_path, rng):
 def test_save_model_leaves_nothing_behind_when_writing_fails(model_path, tmp_path, monkeypatch):
     from dehm_onnx.api import save_model
 
-    def disk_full(fd):
-        raise OSError(28, "No space left on device")
+    import os
 
-    monkeypatch.setattr("os.fsync", disk_full)
-    for external_data in (False, True):
+    real_fsync, calls = os.fsync, []
+
+    def disk_full_at(n):
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == n:
+                raise OSError(28, "No space left on device")
+            return real_fsync(fd)
+
+        return fsync
+
+    # The 1st fsync fails (model alone, or OUT.data), then the 2nd (OUT after OUT.data).
+    for external_data, n in ((False, 1), (True, 1), (True, 2)):
+        calls.clear()
+        monkeypatch.setattr("os.fsync", disk_full_at(n))
         with pytest.raises(OSError, match="cannot write .*out.onnx.*No space left"):
             save_model(onnx.load(model_path), tmp_path / "out.onnx", external_data=external_data)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]

@@ -366,6 +366,8 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bo
         try:
             _write_tensors(copy, data.file, data_path.name)
             staged.file.write(copy.SerializeToString())
+            data.finish()
+            staged.finish()  # both on disk before either is renamed into place
             data.commit()
             staged.commit()
         finally:
