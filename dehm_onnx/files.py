@@ -97,11 +97,10 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
 
 
 def _naming(error: OSError, path: Path) -> OSError:
-    """The same kind of error, naming the user's path instead of a temporary file."""
-    reason = error.strerror or str(error)
-    return type(error)(error.errno, f"cannot write {str(path)!r}: {reason}") if error.errno else OSError(
-        f"cannot write {str(path)!r}: {reason}"
-    )
+    """The same kind of error (and errno), naming the user's path instead of a temporary file."""
+    named = type(error)(f"cannot write {os.fspath(path)!r}: {error.strerror or error}")
+    named.errno = error.errno
+    return named
 
 
 def _fsync_folder(folder: Path) -> None:
