@@ -45,7 +45,8 @@ class StagedFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._tmp, fd = _create_temporary(self.path)
+        self._given = os.fspath(path)  # as spelled, for messages
+        self._tmp, fd = _create_temporary(self.path, self._given)
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
     def finish(self) -> None:
@@ -59,7 +60,7 @@ class StagedFile:
             os.fsync(self.file.fileno())
             self.file.close()
         except OSError as e:
-            raise _naming(e, self.path) from e
+            raise _naming(e, self._given) from e
 
     def commit(self) -> None:
         """``finish``, then rename the content over the destination."""
@@ -67,7 +68,7 @@ class StagedFile:
         try:
             os.replace(self._tmp, self.path)
         except OSError as e:
-            raise _naming(e, self.path) from e
+            raise _naming(e, self._given) from e
         self._tmp = None
         _fsync_folder(self.path.parent)
 
@@ -81,7 +82,7 @@ class StagedFile:
         self._tmp = None
 
 
-def _create_temporary(path: Path) -> tuple[Path, int]:
+def _create_temporary(path: Path, given: str) -> tuple[Path, int]:
     folder = path.parent
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
@@ -92,13 +93,13 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
         except FileExistsError:
             continue
         except OSError as e:
-            raise _naming(e, path) from e
-    raise _naming(FileExistsError(17, "no free temporary name beside it"), path)
+            raise _naming(e, given) from e
+    raise _naming(FileExistsError(17, "no free temporary name beside it"), given)
 
 
-def _naming(error: OSError, path: Path) -> OSError:
+def _naming(error: OSError, path: str) -> OSError:
     """The same kind of error (and errno), naming the user's path instead of a temporary file."""
-    named = type(error)(f"cannot write {os.fspath(path)!r}: {error.strerror or error}")
+    named = type(error)(f"cannot write {path!r}: {error.strerror or error}")
     named.errno = error.errno
     return named
 
