@@ -177,10 +177,9 @@ def _probe_onnxruntime(model: onnx.ModelProto, config: OptimizeConfig, what: str
     (names, dtype, size, ...) has nothing to verify and is not refused.
     """
     from .graph.rewrite import select_candidates
-    from .verify.runner import make_cpu_session
 
     try:
-        session = make_cpu_session(model)
+        _load_in_onnxruntime(model)
     except InvalidModelError as e:
         candidates, _, skips = select_candidates(model, config)
         if config.max_model_error is None and all(id(c) in skips for c in candidates):
@@ -189,7 +188,24 @@ def _probe_onnxruntime(model: onnx.ModelProto, config: OptimizeConfig, what: str
             f"{what}: {e}; verification runs the model in onnxruntime, --no-verify (no_verify=True) "
             "skips it (the weight bounds still hold)"
         ) from e
-    del session
+
+
+def _load_in_onnxruntime(model: onnx.ModelProto) -> None:
+    import onnxruntime as ort
+
+    from .verify.runner import make_cpu_session
+
+    if model.ByteSize() < _PROTO_LIMIT:
+        # One thread: creating the default thread pool costs more than loading a small model.
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return
+        except Exception:  # noqa: BLE001 - make_cpu_session says why, or loads the HMatMul library
+            pass
+    make_cpu_session(model)
 
 
 def _input_roles(source, config: OptimizeConfig) -> list[PathRole]:
