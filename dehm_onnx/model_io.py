@@ -22,17 +22,18 @@ raise ``InvalidModelError`` naming the tensor. After that, onnx-ir reads weights
 at a time, so a model larger than memory can be optimized.
 
 Saving (``save_model``) writes OUT and, when asked or needed, one data file ``OUT.data``
-beside it with onnx-ir's streaming writer (external tensors of the input are copied file to
-file, never held in memory), both to temporary names first and renamed into place, the data
-file first. It writes nothing outside OUT's folder and refuses to overwrite any file the
+beside it, each tensor streaming itself into it (onnx-ir's ``tofile``: external tensors of
+the input are copied file to file, never held in memory), both through
+``dehm_onnx.files.StagedFile`` (temporary names, ``fsync``, renamed into place, the data
+file first). It writes nothing outside OUT's folder and refuses to overwrite any file the
 model reads from.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -40,15 +41,20 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from . import model_check
 from .errors import ConfigError, InvalidModelError
+from .files import StagedFile, atomic_output
 from .graph.scan import first_non_text_name
 
 __all__ = [
     "PROTO_LIMIT",
     "read_proto",
     "from_proto",
+    "data_files",
+    "source_files",
     "validate_external_data",
     "load_model",
+    "load_checked",
     "load_lazy",
     "check_model",
     "light_proto",
@@ -58,6 +64,8 @@ __all__ = [
     "refuse_overwrite",
     "save_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 # A serialized protobuf message cannot exceed 2 GB.
 PROTO_LIMIT = 2**31 - 1
@@ -233,14 +241,17 @@ def _value_info_names(proto: onnx.ModelProto) -> set[str]:
     return {v.name for g in _graph_protos(proto.graph) for v in (*g.value_info, *g.input, *g.output)}
 
 
-def _checked(proto: onnx.ModelProto, what: str) -> ir.Model:
-    """``from_proto`` after the checks of an input model (names, tensor sizes, ONNX checker)."""
+def _checked(proto: onnx.ModelProto, what: str) -> tuple[ir.Model, list[model_check.Defect]]:
+    """``from_proto`` after the checks of an input model (names, tensor sizes, ONNX checker),
+    with the checker defects tolerated (``dehm_onnx.model_check``), each logged."""
     bad_name = _first_bytes_name(proto)
     if bad_name is not None:
         raise InvalidModelError(f"{what} has a name that is not valid UTF-8: {bad_name!r}")
     _check_tensor_sizes(proto)
-    _check_proto(proto, what)
-    return from_proto(proto, what)
+    defects = _check_proto(proto, what)
+    for defect in defects:
+        logger.warning("%s: %s", what, defect.describe())
+    return from_proto(proto, what), defects
 
 
 def from_proto(proto: onnx.ModelProto, what: str = "the model") -> ir.Model:
@@ -261,10 +272,11 @@ def from_proto(proto: onnx.ModelProto, what: str = "the model") -> ir.Model:
     return model
 
 
-def _check_proto(proto: onnx.ModelProto, what: str) -> None:
+def _check_proto(proto: onnx.ModelProto, what: str, carried=None) -> list[model_check.Defect]:
     """The ONNX checker on the model as given (onnx-ir would silently repair some errors,
-    such as two initializers of one name); external tensors become empty stubs in a copy,
-    their locations having been validated already."""
+    such as two initializers of one name), no stricter than onnxruntime (``model_check``);
+    external tensors become empty stubs in a copy, their locations having been validated
+    already. Returns the defects tolerated."""
     if _external_protos(proto):
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
@@ -273,11 +285,9 @@ def _check_proto(proto: onnx.ModelProto, what: str) -> None:
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.dims[:] = [0] * len(tensor.dims)
         proto = copy
-    try:
-        if proto.ByteSize() < PROTO_LIMIT:
-            onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        raise InvalidModelError(f"{what} fails the ONNX checker: {_first_line(e)}") from e
+    if proto.ByteSize() >= PROTO_LIMIT:
+        return []
+    return model_check.check_model(proto, what, carried=carried)
 
 
 def _check_tensor_sizes(proto: onnx.ModelProto) -> None:
@@ -306,20 +316,26 @@ def _first_bytes_name(proto: onnx.ModelProto):
     return None
 
 
-def load_lazy(path) -> ir.Model:
+def load_lazy(path) -> tuple[ir.Model, list[model_check.Defect]]:
     """Load a model file whose external tensors stay in their files until read, and check it.
+
+    Returns:
+        The model and the checker defects tolerated (``dehm_onnx.model_check``).
 
     Raises:
         InvalidModelError: as ``read_proto``, or the model fails the ONNX checker.
     """
     path = Path(path)
-    model = _checked(read_proto(path), f"model {str(path)!r}")
+    model, defects = _checked(read_proto(path), f"model {str(path)!r}")
     ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
-    return model
+    return model, defects
 
 
 def load_model(model_or_path) -> onnx.ModelProto:
     """A self-contained, checked ``ModelProto`` of a model (external data read into memory).
+
+    The checker is applied no more strictly than onnxruntime loads models: the defects listed
+    in ``dehm_onnx.model_check`` are tolerated, with a warning naming each.
 
     Args:
         model_or_path: an ``onnx.ModelProto`` (returned as it is once checked) or a path.
@@ -328,18 +344,24 @@ def load_model(model_or_path) -> onnx.ModelProto:
         ConfigError: neither a ModelProto nor a path.
         InvalidModelError: as ``load_lazy``.
     """
+    return load_checked(model_or_path)[0]
+
+
+def load_checked(model_or_path) -> tuple[onnx.ModelProto, list[model_check.Defect]]:
+    """``load_model`` and the checker defects it tolerated."""
     if isinstance(model_or_path, onnx.ModelProto):
-        model = _checked(model_or_path, "the input model")
+        model, defects = _checked(model_or_path, "the input model")
         external = _external_slots(model)
         if external:
             raise InvalidModelError(
                 f"tensor {external[0].tensor.name!r} is stored in external data, but the model's folder is unknown "
                 "(load the model from its path)"
             )
-        return model_or_path
+        return model_or_path, defects
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise ConfigError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
-    return to_proto(load_lazy(model_or_path))
+    model, defects = load_lazy(model_or_path)
+    return to_proto(model), defects
 
 
 class _Slot:
@@ -404,12 +426,15 @@ def light_proto(model: ir.Model) -> onnx.ModelProto:
             slot.tensor = tensor
 
 
-def check_model(model: ir.Model, what: str) -> None:
-    """Run the ONNX checker on ``model`` (weights left out; see ``light_proto``).
+def check_model(model, what: str, carried=None) -> list[model_check.Defect]:
+    """Run the ONNX checker on ``model`` (``ir.Model``, weights left out, see ``light_proto``;
+    or an in-memory ``ModelProto``), tolerating only the ``carried`` defects of its input.
 
     Raises:
         InvalidModelError: a name is not valid UTF-8 or the checker fails.
     """
+    if isinstance(model, onnx.ModelProto):
+        return _check_proto(model, what, carried)
     bad_name = first_non_text_name(model)
     if bad_name is not None:
         raise InvalidModelError(f"{what} has a name that is not valid UTF-8: {bad_name!r}")
@@ -417,11 +442,7 @@ def check_model(model: ir.Model, what: str) -> None:
         proto = light_proto(model)
     except Exception as e:  # noqa: BLE001 - an inconsistent model fails to serialize in many ways
         raise InvalidModelError(f"{what} cannot be written as ONNX ({type(e).__name__}: {_first_line(e)})") from e
-    try:
-        if proto.ByteSize() < PROTO_LIMIT:
-            onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        raise InvalidModelError(f"{what} fails the ONNX checker: {_first_line(e)}") from e
+    return _check_proto(proto, what, carried)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -442,8 +463,18 @@ def data_file_name(output: str | os.PathLike) -> str:
     return f"{Path(output).name}.data"
 
 
-def _data_files(model: ir.Model) -> set[Path]:
+def source_files(model: ir.Model) -> set[Path]:
+    """The resolved paths of the data files a loaded model's external tensors live in."""
     return {Path(s.tensor.path).resolve() for s in _external_slots(model)}
+
+
+def data_files(model: onnx.ModelProto, folder: str | os.PathLike) -> set[Path]:
+    """The resolved paths of the files a model's external tensors live in (validated first).
+
+    Raises:
+        InvalidModelError: as ``validate_external_data``.
+    """
+    return {_resolve(t, Path(folder))[0] for t in _external_protos(model)}
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -456,7 +487,7 @@ def _same(a: Path, b: Path) -> bool:
 def refuse_overwrite(model: ir.Model, output: str | os.PathLike, refuse=()) -> None:
     """Raise ``ConfigError`` when OUT or OUT.data is a file the model reads from (or in ``refuse``)."""
     output = Path(output)
-    sources = _data_files(model) | {Path(r).resolve() for r in refuse}
+    sources = source_files(model) | {Path(r).resolve() for r in refuse}
     for target in (output.with_name(data_file_name(output)), output):
         if target.resolve() in sources or any(_same(target, s) for s in sources):
             raise ConfigError(
@@ -488,21 +519,30 @@ def save_model(model, path: str | os.PathLike, *, external: bool, refuse=()) -> 
     folder = path.parent if str(path.parent) else Path(".")
     if isinstance(model, onnx.ModelProto):
         if not external and model.ByteSize() < PROTO_LIMIT:
-            _write_atomic(folder, path, lambda tmp: onnx.save(model, tmp))
+            with atomic_output(path) as out:
+                out.write(model.SerializeToString())
             return path.stat().st_size
         model = from_proto(model)
     if not (external or _external_slots(model) or _in_memory_bytes(model) >= PROTO_LIMIT):
-        _write_atomic(folder, path, lambda tmp: onnx.save(ir.serde.serialize_model(model), tmp))
+        with atomic_output(path) as out:
+            out.write(ir.serde.serialize_model(model).SerializeToString())
         return path.stat().st_size
     refuse_overwrite(model, path, refuse)
     data_path = folder / data_file_name(path)
-    handle, data_tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=folder)
+    data = StagedFile(data_path)
     try:
-        with os.fdopen(handle, "wb") as out:
-            proto = _write_tensors(model, out, data_path.name, folder)
-        _write_atomic(folder, path, lambda tmp: onnx.save(proto, tmp), before_rename=lambda: os.replace(data_tmp, data_path))
+        staged = StagedFile(path)
+        try:
+            proto = _write_tensors(model, data.file, data_path.name, folder)
+            staged.file.write(proto.SerializeToString())
+            data.finish()
+            staged.finish()  # both on disk before either is renamed into place
+            data.commit()
+            staged.commit()
+        finally:
+            staged.discard()
     finally:
-        Path(data_tmp).unlink(missing_ok=True)
+        data.discard()
     return path.stat().st_size + data_path.stat().st_size
 
 
@@ -536,16 +576,3 @@ def _write_tensors(model: ir.Model, out, location: str, folder: Path) -> onnx.Mo
     finally:
         for slot, tensor in zip(slots, tensors):
             slot.tensor = tensor
-
-
-def _write_atomic(folder: Path, path: Path, save, before_rename=None) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        save(tmp)
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -146,6 +146,8 @@ class Report:
     verification: dict | None = None
     # Model-local functions inlined to reach the weights passed into them (domain::name).
     inlined_functions: list[str] = field(default_factory=list)
+    # Sentences about the input the user should know, e.g. checker defects that were tolerated.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def compressed(self) -> list[LayerRecord]:
@@ -180,6 +182,7 @@ class Report:
             "layers": [r.to_dict() for r in self.layers],
             "inlined_functions": list(self.inlined_functions),
             "verification": self.verification,
+            "notes": list(self.notes),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -199,6 +202,7 @@ class Report:
             lines.append(f"inlined model-local functions (to reach their weights): {', '.join(self.inlined_functions)}")
         if self.verification is not None:
             lines.append(_verification_line(self.verification))
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def _totals_line(self) -> str:

@@ -3,10 +3,10 @@
 Layers, lowest first (README "Layout" says the same):
 
 ====  ==========================================================================
-0     ``errors`` (and the package ``__init__``, which only holds ``__version__`` and lazy names)
+0     ``errors``, ``files`` (and the package ``__init__``: ``__version__`` and lazy names)
 1     ``hmatrix`` — numpy/scipy only
 2     ``compression``, ``config``, ``report``, ``progress`` — no onnx
-3     ``graph``, ``model_io``, ``ops`` — onnx and onnx-ir
+3     ``graph``, ``model_io``, ``model_check``, ``ops`` — onnx and onnx-ir
 4     ``verify`` — onnxruntime
 5     ``api``, ``compare``
 6     ``commands``, ``cli``, ``__main__``
@@ -24,10 +24,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dehm_onnx"
 LAYERS = {
-    "": 0, "errors": 0,
+    "": 0, "errors": 0, "files": 0,
     "hmatrix": 1,
     "compression": 2, "config": 2, "report": 2, "progress": 2,
-    "graph": 3, "model_io": 3, "ops": 3,
+    "graph": 3, "model_io": 3, "model_check": 3, "ops": 3,
     "verify": 4,
     "api": 5, "compare": 5,
     "commands": 6, "cli": 6, "__main__": 6,

@@ -45,7 +45,7 @@ def test_round_trip_keeps_node_metadata_and_overloads(tmp_path, external):
     path = tmp_path / "m.onnx"
     model_io.save_model(model, path, external=external)
     assert (tmp_path / "m.onnx.data").exists() == external
-    loaded = model_io.load_lazy(path)
+    loaded, _ = model_io.load_lazy(path)
     proto = model_io.to_proto(loaded)
     assert _identity(proto) == (nodes, functions, metadata)
     x = np.random.default_rng(0).standard_normal((2, 96)).astype(np.float32)

@@ -100,7 +100,7 @@ def test_validate_refuses_a_directory(saved):
 
 def test_weights_are_memory_mapped_from_the_validated_slice(saved):
     path, model = saved
-    lazy = external.load_lazy(path)
+    lazy, _ = external.load_lazy(path)
     arrays = {name: find_source(value).array() for name, value in lazy.graph.initializers.items()}
     assert all(isinstance(a, np.memmap) for a in arrays.values())
     for name, expected in weights(model).items():
@@ -116,7 +116,7 @@ def test_external_tensors_without_a_folder_are_an_error_not_a_read_from_the_cwd(
 
 def test_save_model_puts_data_in_out_data_and_copies_lazily_loaded_tensors(saved, tmp_path):
     path, model = saved
-    lazy = external.load_lazy(path)
+    lazy, _ = external.load_lazy(path)
     out = tmp_path / "out" / "result.onnx"
     out.parent.mkdir()
     external.save_model(lazy, out, external=False)  # lazy tensors force external output
@@ -129,7 +129,7 @@ def test_save_model_puts_data_in_out_data_and_copies_lazily_loaded_tensors(saved
 
 def test_save_model_refuses_to_overwrite_the_inputs_data_file(saved):
     path, _ = saved
-    lazy = external.load_lazy(path)
+    lazy, _ = external.load_lazy(path)
     before = (path.parent / "model.onnx.data").read_bytes()
     with pytest.raises(ConfigError, match="data file the input model uses"):
         external.save_model(lazy, path.parent / "model.onnx", external=True)
@@ -147,6 +147,6 @@ def test_save_model_in_memory_model_small_stays_one_file_unless_forced(tmp_path)
 
 def test_light_proto_passes_the_checker_without_reading_data(saved):
     path, _ = saved
-    lazy = external.load_lazy(path)
+    lazy, _ = external.load_lazy(path)
     onnx.checker.check_model(external.light_proto(lazy))
     assert all(isinstance(v.const_value, onnx_ir.ExternalTensor) for v in lazy.graph.initializers.values())
