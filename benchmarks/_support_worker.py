@@ -7,6 +7,7 @@ Usage: ``_support_worker.py WORK LIBRARY OUT.json``.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,12 @@ import onnxruntime as ort
 
 
 def first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    """The reason onnxruntime gave, without its error-code and file-path prefixes."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from \S+ failed:", "", text).strip()
+    # Older releases put the C++ source location and signature first.
+    return re.sub(r"^/\S+\.cc:\d+ \S.*?\)\s(?=[A-Z][a-z])", "", text)[:300]
 
 
 def options(threads: int = 1) -> ort.SessionOptions:

@@ -134,14 +134,14 @@ def cell(r: dict | None) -> str:
     if r is None:
         return "—"
     if not r["ok"]:
-        return f"no: {r['error'][:90]}"
+        return f"no: {r['error'][:160]}"
     return f"ok ({r['error']:.1e})" if "error" in r else "ok"
 
 
 def quant_cells(r: dict, ops: list[str], float_ms: float | None, short: bool = False) -> str:
     """``becomes | ms (speedup) | error`` (``ms | error`` when short) of one quantized block."""
     if not r["ok"]:
-        return ("" if short else "— | ") + f"fails: {r['error'][:70]} | —"
+        return ("" if short else "— | ") + f"fails: {r['error'][:100]} | —"
     speed = f"{r['ms']:.2f}" + (f" ({float_ms:.2f}: {float_ms / r['ms']:.1f}x)" if float_ms and not short else "")
     if short:
         return f"{speed} | {r['error']:.1e}"
