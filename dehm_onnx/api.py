@@ -155,19 +155,13 @@ def _probe_onnxruntime(model: onnx.ModelProto, config: OptimizeConfig, what: str
 def _load_in_onnxruntime(model: onnx.ModelProto) -> None:
     import onnxruntime as ort
 
-    from .verify.runner import make_cpu_session
+    from .ops.library import make_session
 
-    if model.ByteSize() < _PROTO_LIMIT:
-        # One thread: creating the default thread pool costs more than loading a small model.
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            return
-        except Exception:  # noqa: BLE001 - make_cpu_session says why, or loads the HMatMul library
-            pass
-    make_cpu_session(model)
+    # One thread: creating the default thread pool costs more than loading a small model.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    make_session(model, kernel="if_needed", sess_options=options)
 
 
 def _input_roles(source, config: OptimizeConfig) -> list[PathRole]:

@@ -119,39 +119,18 @@ def measure_errors(original_path: Path, path: Path, calibration, records: list) 
     return result.max_rel_l2, max_layer, per_layer
 
 
-def _uses_hmatmul(path: Path) -> bool:
-    from ..ops.hmatmul import DOMAIN
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(node.domain == DOMAIN for node in model.graph.node)
-
-
-def _session_options():
+def _session(path: Path):
+    """A timing session; models with HMatMul nodes (emit "function" or "custom") get the
+    compiled kernel when it can be built (``make_session``'s ``prefer``)."""
     import onnxruntime as ort
+
+    from ..ops.library import make_session
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = LATENCY_THREADS
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return options
-
-
-def _session(path: Path):
-    """A timing session; models with HMatMul nodes (emit "function" or "custom") get the compiled kernel."""
-    import onnxruntime as ort
-
-    options = _session_options()
-    if _uses_hmatmul(path):
-        from ..ops.library import CustomOpBuildError, make_session
-
-        try:
-            return make_session(path, sess_options=options)
-        except CustomOpBuildError as e:
-            # Stock onnxruntime still runs the nodes' function bodies (emit "function").
-            logger.warning("timing %s without the HMatMul kernel: %s", path.name, e)
-            options = _session_options()
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    spin = {"session.intra_op.allow_spinning": "0"}
+    return make_session(path, threads=LATENCY_THREADS, config=spin, kernel="prefer", sess_options=options)
 
 
 def _timed(session, feed: dict, inner: int) -> float:
