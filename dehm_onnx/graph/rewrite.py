@@ -109,15 +109,18 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         self._written: list[ir.Value] = []
 
     def requires(self, model: ir.Model) -> None:
-        """Every value has a name, and no name is written twice: new names are made unique
-        against the existing ones, and the last emitted node takes over an output's name."""
+        """No name is written twice: new names are made unique against the existing ones, and
+        the last emitted node takes over an output's name. (An empty name is an omitted
+        optional output.)"""
         seen: set[str] = set()
         for graph in model.graphs():
             for value in (*graph.inputs, *graph.initializers.values()):
                 seen.add(value.name)
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             for value in node.outputs:
-                if not value.name or value.name in seen:
+                if not value.name:
+                    continue
+                if value.name in seen:
                     raise ir.passes.PreconditionError(f"node {node.name!r} writes {value.name!r}, which is not a new name")
                 seen.add(value.name)
 

@@ -353,3 +353,14 @@ def test_record_says_the_mode_actually_emitted(rng):
     (record,) = report.layers
     assert record.compressed and record.emit == "ops" and not out.functions
     assert {e["emit"] for e in read_layers(out)} == {"ops"}
+
+
+def test_omitted_optional_outputs_are_not_a_rewrite_error(rng):
+    w = smooth_kernel(96, 80)
+    nodes = [
+        helper.make_node("Dropout", ["x"], ["d", ""]),  # the mask output omitted
+        helper.make_node("MatMul", ["d", "w"], ["y"], name="mm"),
+    ]
+    model = make_model(nodes, [("x", np.float32, [2, 96])], [("y", np.float32, [2, 80])], [("w", w)])
+    out, report = dehm_onnx.optimize(model, no_verify=True)
+    assert report.layers[0].compressed and list(out.graph.node[0].output) == ["d", ""]
