@@ -363,4 +363,5 @@ def test_omitted_optional_outputs_are_not_a_rewrite_error(rng):
     ]
     model = make_model(nodes, [("x", np.float32, [2, 96])], [("y", np.float32, [2, 80])], [("w", w)])
     out, report = dehm_onnx.optimize(model, no_verify=True)
-    assert report.layers[0].compressed and list(out.graph.node[0].output) == ["d", ""]
+    assert report.layers[0].compressed and out.graph.node[0].output[0] == "d"  # a trailing "" may be dropped
+    onnx.checker.check_model(out)
