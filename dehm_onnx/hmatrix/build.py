@@ -26,7 +26,6 @@ Algorithm ("dynamic error-bounded" refinement, arXiv:2409.07028, made global):
 
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import dataclass
 
@@ -34,12 +33,16 @@ import numpy as np
 
 from ..errors import ConfigError, InvalidWeightError
 from .cluster import pca_order, split_sizes
-from .hmatrix import Block, BlockKind, HMatrix
-from .lowrank import Spectrum, exact_spectra, randomized_spectrum, split_factors, tail_energy
+from .hmatrix import INDEX_NBYTES, Block, BlockKind, HMatrix
+from . import refine
+from .costs import CostModel, DenseErrorTable, formats_for
+from .lowrank import Spectrum, exact_spectra, randomized_spectrum, tail_energy
 
-__all__ = ["compress", "DEFAULT_LEAF_SIZE"]
+__all__ = ["compress", "DEFAULT_LEAF_SIZE", "DEFAULT_BLOCK_OVERHEAD"]
 
 DEFAULT_LEAF_SIZE = 32
+# Bytes counted per layout row: about one row of a packed layout (v1 has 7 int64 columns).
+DEFAULT_BLOCK_OVERHEAD = 64
 # Blocks at most this small (in min(rows, cols)) get an exact SVD, larger ones a randomized
 # range finder; matrices whose full SVD costs at most _EXACT_FLOPS get exact SVDs throughout.
 _EXACT_MAX_SIDE = 64
@@ -201,6 +204,69 @@ def _fill_spectra(level: _Level, w: np.ndarray, budget2: float, rng: np.random.G
 
 # --------------------------------------------------------------------------- global allocation
 
+# Planning assumes a Vt stored in integers spreads its per-column scales over this many rows.
+_PLAN_VT_ROWS = 8
+
+
+def _attach_costs(level: _Level, model: CostModel, table: DenseErrorTable | None) -> None:
+    """Bytes and error estimates of every format for the blocks of a level (price-independent)."""
+    level.col_env = _Envelope(model.column_bytes(level.rows), model.rho)
+    level.row_env = _Envelope(model.row_bytes(level.cols, _PLAN_VT_ROWS), model.rho)
+    level.dense_bytes = model.dense_bytes(level.rows, level.cols) + model.overhead
+    if table is None:
+        level.dense_err = np.zeros_like(level.dense_bytes)
+    else:
+        level.dense_err = table.errors(level.r0, level.r1, level.c0, level.c1)
+    t = level.tails
+    known = np.isfinite(t[:, 1:])
+    level.energy = np.where(known, t[:, :-1] - np.where(known, t[:, 1:], 0.0), 0.0)
+
+
+class _Envelope:
+    """Cheapest format of one vector's factor as a function of ``x = lam * sigma^2``.
+
+    For a block whose factor costs ``bytes_f`` in format ``f`` and adds ``rho_f * sigma^2`` of
+    error, ``min_f bytes_f + x * rho_f`` is the lower envelope of a few lines; it is built once
+    per distinct byte row (blocks of one shape share it) and looked up by ``searchsorted``.
+    """
+
+    def __init__(self, nbytes: np.ndarray, rho: np.ndarray):
+        self.nbytes, self.rho = nbytes, rho
+        keys, self.group = np.unique(nbytes, axis=0, return_inverse=True)
+        self.group = self.group.ravel()
+        self.lines = [self._hull(row, rho) for row in keys]
+
+    @staticmethod
+    def _hull(nbytes: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Breakpoints (ascending x) and the format used before each and after the last."""
+        order = sorted(range(len(rho)), key=lambda f: (nbytes[f], rho[f]))
+        formats, breaks = [order[0]], []
+        for f in order[1:]:
+            # Only a finer (smaller rho) line can take over at larger x.
+            while formats:
+                g = formats[-1]
+                if rho[f] >= rho[g]:
+                    break
+                x = (nbytes[f] - nbytes[g]) / (rho[g] - rho[f])
+                if breaks and x <= breaks[-1]:
+                    formats.pop()
+                    breaks.pop()
+                    continue
+                formats.append(f)
+                breaks.append(x)
+                break
+            else:
+                formats.append(f)
+        return np.array(breaks), np.array(formats)
+
+    def choose(self, x: np.ndarray) -> np.ndarray:
+        """``(blocks, k)`` format index for ``x`` of the same shape."""
+        out = np.empty(x.shape, dtype=np.int64)
+        for g, (breaks, formats) in enumerate(self.lines):
+            rows = self.group == g
+            out[rows] = formats[np.searchsorted(breaks, x[rows], side="right")]
+        return out
+
 
 @dataclass(eq=False)
 class _Choice:
@@ -208,27 +274,51 @@ class _Choice:
 
     kind: list[np.ndarray]
     rank: list[np.ndarray]
-    params: float
+    nbytes: float
     err2: float
 
 
-def _choose(levels: list[_Level], lam: float) -> _Choice:
+def _vector_costs(lv: _Level, model: CostModel, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(blocks, kmax)`` cost, bytes and estimated error of keeping each singular vector.
+
+    Each vector's ``U`` column and ``Vt`` row take the format minimising
+    ``bytes + lam * rho_f * sigma^2`` (``CostModel``).
+    """
+    if model.float_only:
+        nbytes = np.broadcast_to(lv.col_env.nbytes + lv.row_env.nbytes, lv.energy.shape)
+        err = 2.0 * model.rho[0] * lv.energy
+        return nbytes + lam * err, nbytes, err
+    x = lam * lv.energy
+    iu, iv = lv.col_env.choose(x), lv.row_env.choose(x)
+    rows = np.arange(len(iu))[:, None]
+    nbytes = lv.col_env.nbytes[rows, iu] + lv.row_env.nbytes[rows, iv]
+    err = lv.energy * (model.rho[iu] + model.rho[iv])
+    return nbytes + lam * err, nbytes, err
+
+
+def _choose(levels: list[_Level], lam: float, model: CostModel) -> _Choice:
     """Bottom-up: each block picks the cheapest of low-rank(k) (k=0: zero), dense, children."""
     kinds, ranks = [None] * len(levels), [None] * len(levels)
-    below_cost = below_params = below_err = None
+    below_cost = below_bytes = below_err = None
     for depth in range(len(levels) - 1, -1, -1):
         lv = levels[depth]
-        size = (lv.rows + lv.cols)[:, None]
-        ks = np.arange(lv.tails.shape[1])[None, :]
-        lowrank_cost = ks * size + lam * lv.tails
-        k = np.argmin(lowrank_cost, axis=1)
+        vcost, vbytes, verr = _vector_costs(lv, model, lam)
+        zero = np.zeros((len(lv.r0), 1))
+        cum_bytes = np.hstack([zero, np.cumsum(vbytes, axis=1)]) + model.overhead
+        cum_err = np.hstack([zero, np.cumsum(verr, axis=1)]) + lv.tails
+        with np.errstate(invalid="ignore"):
+            lowrank_cost = np.hstack([zero, np.cumsum(vcost, axis=1)]) + model.overhead + lam * lv.tails
+        k = np.argmin(np.where(np.isnan(lowrank_cost), np.inf, lowrank_cost), axis=1)
         rows_idx = np.arange(len(k))
         lr_cost = lowrank_cost[rows_idx, k]
-        dense_cost = (lv.rows * lv.cols).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            dense_all = lv.dense_bytes + lam * lv.dense_err
+        fmt = np.argmin(dense_all, axis=1)
+        dense_cost = dense_all[rows_idx, fmt]
         use_dense = dense_cost < lr_cost
         cost = np.where(use_dense, dense_cost, lr_cost)
-        params = np.where(use_dense, dense_cost, (k * (lv.rows + lv.cols)).astype(np.float64))
-        err = np.where(use_dense, 0.0, lv.tails[rows_idx, k])
+        nbytes = np.where(use_dense, lv.dense_bytes[rows_idx, fmt], cum_bytes[rows_idx, k])
+        err = np.where(use_dense, lv.dense_err[rows_idx, fmt], cum_err[rows_idx, k])
         kind = np.where(use_dense, _DENSE, _LOWRANK)
         has = lv.child_start >= 0
         if has.any():
@@ -237,27 +327,27 @@ def _choose(levels: list[_Level], lam: float) -> _Choice:
             better = sub_cost < cost[has] * (1 - 1e-12)
             pick = np.flatnonzero(has)[better]
             cost[pick] = sub_cost[better]
-            params[pick] = np.add.reduceat(below_params, starts)[better]
+            nbytes[pick] = np.add.reduceat(below_bytes, starts)[better]
             err[pick] = np.add.reduceat(below_err, starts)[better]
             kind[pick] = _SUB
         kinds[depth], ranks[depth] = kind, k
-        below_cost, below_params, below_err = cost, params, err
-    return _Choice(kinds, ranks, float(below_params[0]), float(below_err[0]))
+        below_cost, below_bytes, below_err = cost, nbytes, err
+    return _Choice(kinds, ranks, float(below_bytes[0]), float(below_err[0]))
 
 
-def _allocate(levels: list[_Level], budget2: float) -> _Choice:
-    """The cheapest choice whose total squared error fits ``budget2`` (bisection on the price)."""
+def _allocate(levels: list[_Level], budget2: float, model: CostModel) -> _Choice:
+    """The cheapest choice whose estimated squared error fits ``budget2`` (bisection on the price)."""
     total2 = sum(float(lv.tails[0, 0]) for lv in levels[:1])
     lo, hi = 1e-6 / total2, 1.0 / budget2
-    best = _choose(levels, hi)
+    best = _choose(levels, hi, model)
     while best.err2 > budget2 and hi < 1e300:
         lo, hi = hi, hi * 1e3
-        best = _choose(levels, hi)
+        best = _choose(levels, hi, model)
     if best.err2 > budget2:
         return best  # only dense everywhere remains; the caller certifies it
     for _ in range(48):
         mid = np.sqrt(lo * hi)
-        trial = _choose(levels, mid)
+        trial = _choose(levels, mid, model)
         if trial.err2 <= budget2:
             hi, best = mid, trial
         else:
@@ -289,155 +379,179 @@ def _leaves(levels: list[_Level], choice: _Choice) -> list[_Leaf]:
     return out
 
 
-def _spend_leftover(levels: list[_Level], leaves: list[_Leaf], leftover2: float) -> float:
-    """Greedily drop more singular values (cheapest squared error per parameter first)."""
-    heap = []
-    for n, leaf in enumerate(leaves):
-        if leaf.kind == _LOWRANK and leaf.rank > 0:
-            heapq.heappush(heap, (*_drop_price(levels, leaf), n))
-    while heap:
-        price, cost, n = heapq.heappop(heap)
-        if cost > leftover2:
-            continue
-        leftover2 -= cost
-        leaf = leaves[n]
-        leaf.rank -= 1
-        if leaf.rank > 0:
-            heapq.heappush(heap, (*_drop_price(levels, leaf), n))
-    return leftover2
+# --------------------------------------------------------------------------- leaves -> stored blocks
 
 
-def _drop_price(levels: list[_Level], leaf: _Leaf) -> tuple[float, float]:
-    lv = levels[leaf.depth]
-    tails = lv.tails[leaf.index]
-    cost = float(tails[leaf.rank - 1] - tails[leaf.rank])
-    return cost / float(lv.rows[leaf.index] + lv.cols[leaf.index]), cost
-
-
-# --------------------------------------------------------------------------- materialize + certify
-
-
-def _materialize(levels, leaves, w64, dtype) -> tuple[list[Block], float]:
-    """Form the leaves' blocks in ``dtype`` and return them with their exact squared error."""
-    blocks, err2 = [], 0.0
-    for leaf in leaves:
+def _leaf_set(levels, leaves, w64, model: CostModel, table) -> refine.LeafSet:
+    """The leaves with their factors (low-rank) or data (dense), errors of every format measured."""
+    lowrank, dense = [], []
+    for pos, leaf in enumerate(leaves):
         lv = levels[leaf.depth]
         r0, r1, c0, c1 = (int(a[leaf.index]) for a in (lv.r0, lv.r1, lv.c0, lv.c1))
         part = w64[r0:r1, c0:c1]
         if leaf.kind == _DENSE:
-            blocks.append(Block(BlockKind.DENSE, r0, r1, c0, c1, dense=part.astype(dtype)))  # exact: w64 holds w's values
-        elif leaf.rank == 0:
-            blocks.append(Block(BlockKind.ZERO, r0, r1, c0, c1))
-            err2 += float(np.einsum("ij,ij->", part, part))
-        else:
-            u, vt = _factors(lv.spectra[leaf.index], part, leaf.rank)
-            u, vt = u.astype(dtype), vt.astype(dtype)
-            residual = part - u.astype(np.float64) @ vt.astype(np.float64)
-            block_err2 = float(np.einsum("ij,ij->", residual, residual))
-            err2 += block_err2 if np.isfinite(block_err2) else np.inf
-            blocks.append(Block(BlockKind.LOWRANK, r0, r1, c0, c1, u=u, vt=vt))
-    return blocks, err2
+            dense.append((refine.dense_leaf(pos, r0, r1, c0, c1, part), part))
+            continue
+        tails = lv.tails[leaf.index]
+        if leaf.rank == 0:
+            empty_u, empty_v = np.zeros((r1 - r0, 0)), np.zeros((0, c1 - c0))
+            lowrank.append(refine.lowrank_leaf(pos, r0, r1, c0, c1, empty_u, np.zeros(0), empty_v, tails))
+            continue
+        u0, s, vt0 = _triplets(lv.spectra[leaf.index], part, leaf.rank)
+        lowrank.append(refine.lowrank_leaf(pos, r0, r1, c0, c1, u0, s, vt0, tails))
+    return refine.prepare_leaves(lowrank, dense, model, table)
 
 
-def _factors(spectrum: Spectrum, part: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def _triplets(spectrum: Spectrum, part: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` singular triplets of a block (kept, or by exact SVD)."""
     if spectrum.u is not None:
-        return split_factors(spectrum.u, spectrum.s, spectrum.vt, rank)
+        return spectrum.u[:, :rank], spectrum.s[:rank], spectrum.vt[:rank]
     u, s, vt = np.linalg.svd(part, full_matrices=False)
-    return split_factors(u, s, vt, rank)
+    return u[:, :rank], s[:rank], vt[:rank]
 
 
 @dataclass(eq=False)
 class _Candidate:
     blocks: list | None  # None: the whole weight, dense
     err2: float
-    params: int
+    nbytes: float
     row_perm: np.ndarray | None
     col_perm: np.ndarray | None
 
 
-def _compress_in_order(wp, dtype, budget2, leaf_size, rng, row_perm, col_perm) -> _Candidate:
+def _layout_nbytes(blocks: list[Block], overhead: int, row_perm, col_perm) -> int:
+    index = sum(p.size for p in (row_perm, col_perm) if p is not None)
+    rows = sum(b.layout_rows for b in blocks)
+    return sum(b.nbytes for b in blocks) + overhead * rows + INDEX_NBYTES * index
+
+
+def _compress_in_order(wp, model: CostModel, budget2, leaf_size, rng, row_perm, col_perm) -> _Candidate:
     """Compress ``wp`` (float64 W, already in the order ``row_perm``/``col_perm``) within ``budget2``."""
+    unchanged = _Candidate(None, 0.0, float(wp.size * model.dtype.itemsize), None, None)
     levels = _block_tree(*wp.shape, leaf_size)
     all_exact = wp.shape[0] * wp.shape[1] * min(wp.shape) <= _EXACT_FLOPS
     estimate = None
     for level in reversed(levels):
         _fill_spectra(level, wp, budget2, rng, all_exact, estimate)
         estimate = _subtree_estimate(level, estimate, budget2, wp.size)
-    dense = _Candidate(None, 0.0, wp.size, None, None)  # blocks filled in by compress()
-    # Rounding to the stored dtype adds error; if it breaks the budget, plan with less of it.
+    table = None if model.float_only else DenseErrorTable(wp, model)
+    for level in levels:
+        _attach_costs(level, model, table)
+    # The plan rests on estimates; the storage step measures. If even the most accurate storage
+    # of the planned leaves breaks the budget, plan again with less of it.
     for shrink in (1.0, 0.5, 0.25, 0.1, 0.01):
-        choice = _allocate(levels, budget2 * shrink)
+        choice = _allocate(levels, budget2 * shrink, model)
         if choice.err2 > budget2 * shrink:
             break
-        leaves = _leaves(levels, choice)
-        _spend_leftover(levels, leaves, budget2 * shrink - choice.err2)
-        blocks, err2 = _materialize(levels, leaves, wp, dtype)
-        if err2 <= budget2:
-            params = sum(b.params for b in blocks)
-            if params < wp.size:
-                return _Candidate(blocks, err2, params, row_perm, col_perm)
-            break
-    return dense
+        leaves = _leaf_set(levels, _leaves(levels, choice), wp, model, table)
+        target = budget2
+        for _ in range(4):
+            decision = refine.choose_storage(leaves, target)
+            if decision is None:
+                break
+            blocks, err2 = refine.materialize(leaves, decision, wp)
+            if err2 <= budget2:
+                nbytes = _layout_nbytes(blocks, int(model.overhead), row_perm, col_perm)
+                if nbytes < unchanged.nbytes:
+                    return _Candidate(blocks, err2, nbytes, row_perm, col_perm)
+                return unchanged
+            target *= max(0.25, min(0.98, budget2 / err2))
+    return unchanged
 
 
-def _stored_bytes(candidate: _Candidate, itemsize: int) -> int:
-    index = sum(p.size for p in (candidate.row_perm, candidate.col_perm) if p is not None)
-    return candidate.params * itemsize + 8 * index
-
-
-def compress(w, tol: float, *, seed: int = 0, leaf_size: int = DEFAULT_LEAF_SIZE, permute="auto") -> HMatrix:
-    """Compress a weight into an H-matrix with ``||W - W_H||_F <= tol * ||W||_F``.
+def compress(
+    w,
+    tol: float,
+    *,
+    seed: int = 0,
+    leaf_size: int = DEFAULT_LEAF_SIZE,
+    permute="auto",
+    precision: str = "float",
+    group="auto",
+    scale_dtype=None,
+    block_overhead: int = DEFAULT_BLOCK_OVERHEAD,
+) -> HMatrix:
+    """Compress a weight into an H-matrix with ``||W - W_H||_F <= tol * ||W||_F``, in few bytes.
 
     Args:
-        w: 2-D float16/32/64 array. Computation is in float64; factors are stored in w's dtype.
+        w: 2-D float16/32/64 array. Computation is in float64.
         tol: relative Frobenius tolerance in (0, 1).
         seed: seed of every random choice (range finders, PCA); equal seeds give equal results.
         leaf_size: blocks are not split below this many rows/columns.
         permute: ``False`` keeps the natural order; ``True`` reorders rows and columns by
             recursive PCA bisection; ``"auto"`` tries both and keeps the smaller in bytes
             (a permutation costs 8 bytes an index).
+        precision: the cheapest storage allowed: ``"float"`` (the weight's dtype only),
+            ``"fp16"``, ``"int8"``, ``"int4"`` or ``"auto"`` (every storage); see ``costs.py``.
+        group: rows per scale group of integer arrays: one of 16, 32, 64, 128, or ``"auto"``
+            (each array picks its own).
+        scale_dtype: dtype of the integer scales; default the weight's dtype (onnxruntime's
+            MatMulNBits fusion wants the activation dtype).
+        block_overhead: bytes counted per layout row (per zero/dense block and per low-rank
+            tier) when comparing choices; ``HMatrix.nbytes`` counts it too.
 
     Returns:
-        An HMatrix whose ``certified_error`` bounds ``||W - W_H||_F`` for the stored factors and
-        is at most ``tol * ||W||_F``. It is never larger than the dense weight: if nothing
-        compresses, the result is one dense block.
+        An HMatrix whose ``certified_error`` bounds ``||W - W_H||_F`` for the dequantized stored
+        values and is at most ``tol * ||W||_F``. Its ``nbytes`` is never larger than the dense
+        weight's: if nothing is smaller, the result is the weight unchanged (one dense FLOAT block).
 
     Raises:
         InvalidWeightError: not 2-D, not float16/32/64, empty, or NaN/Inf entries.
-        ConfigError: tol outside (0, 1), bad leaf_size or permute.
+        ConfigError: tol outside (0, 1), bad leaf_size, permute, precision, group,
+            scale_dtype or block_overhead.
     """
     w = _check_inputs(w, tol)
     if not isinstance(leaf_size, (int, np.integer)) or leaf_size < 1:
         raise ConfigError(f"leaf_size must be a positive integer, got {leaf_size!r}")
     if permute not in (True, False, "auto"):
         raise ConfigError(f"permute must be True, False or 'auto', got {permute!r}")
+    if isinstance(block_overhead, bool) or not isinstance(block_overhead, (int, np.integer)) or block_overhead < 0:
+        raise ConfigError(f"block_overhead must be a non-negative integer, got {block_overhead!r}")
+    model = CostModel(formats_for(precision, w.dtype, group), w.dtype, _scale_dtype(scale_dtype, w.dtype), int(block_overhead))
     started = time.perf_counter()
     m, n = w.shape
     w64 = w.astype(np.float64)
     norm = float(np.linalg.norm(w64))
     if norm == 0.0:
-        return HMatrix((m, n), w.dtype, (Block(BlockKind.ZERO, 0, m, 0, n),), 0.0, 0.0, float(tol))
+        blocks = (Block(BlockKind.ZERO, 0, m, 0, n),)
+        return HMatrix((m, n), w.dtype, blocks, 0.0, 0.0, float(tol), block_overhead=int(block_overhead))
     budget2 = (tol * norm * (1 - _CERT_MARGIN)) ** 2
     rng = np.random.default_rng(seed)
     candidates = []
     can_permute = max(m, n) > leaf_size
     if permute in (False, "auto") or not can_permute:
-        candidates.append(_compress_in_order(w64, w.dtype, budget2, leaf_size, rng, None, None))
+        candidates.append(_compress_in_order(w64, model, budget2, leaf_size, rng, None, None))
     del w64  # the permuted pass makes its own copy
     # A layer whose natural order already compresses well has meaningful order; reordering
     # pays off where the natural order shows little structure (arbitrary neuron order).
-    natural_poor = not candidates or candidates[0].params > _PERMUTE_IF_RATIO_ABOVE * m * n
+    dense_nbytes = m * n * w.dtype.itemsize
+    natural_poor = not candidates or candidates[0].nbytes > _PERMUTE_IF_RATIO_ABOVE * dense_nbytes
     if (permute is True or (permute == "auto" and natural_poor)) and can_permute:
         # The ordering needs no float64 accuracy; float32 halves its working copies.
         points = w.astype(np.float32, copy=False)
         row_perm = pca_order(points, leaf_size, rng)
         col_perm = pca_order(points.T, leaf_size, rng)
         wp = w[np.ix_(row_perm, col_perm)].astype(np.float64)
-        candidates.append(_compress_in_order(wp, w.dtype, budget2, leaf_size, rng, row_perm, col_perm))
-    best = min(candidates, key=lambda c: _stored_bytes(c, w.dtype.itemsize))
+        candidates.append(_compress_in_order(wp, model, budget2, leaf_size, rng, row_perm, col_perm))
+    best = min(candidates, key=lambda c: c.nbytes)
     if best.blocks is None:
         best.blocks = [Block(BlockKind.DENSE, 0, m, 0, n, dense=w.copy())]
     certified = np.sqrt(best.err2) * (1 + _CERT_MARGIN)
     assert certified <= tol * norm, f"Bug: certified error {certified} exceeds tol*||W|| {tol * norm}"
-    info = {"seconds": time.perf_counter() - started, "candidates": [c.params for c in candidates]}
-    return HMatrix((m, n), w.dtype, tuple(best.blocks), norm, float(certified), float(tol), best.row_perm, best.col_perm, info)
+    info = {"seconds": time.perf_counter() - started, "candidates": [int(c.nbytes) for c in candidates]}
+    return HMatrix(
+        (m, n), w.dtype, tuple(best.blocks), norm, float(certified), float(tol), best.row_perm, best.col_perm, info,
+        block_overhead=int(block_overhead),
+    )
+
+
+def _scale_dtype(scale_dtype, dtype) -> np.dtype:
+    if scale_dtype is None:
+        return np.dtype(dtype)
+    try:
+        out = np.dtype(scale_dtype)
+    except TypeError as e:
+        raise ConfigError(f"scale_dtype must be float16, float32 or float64, got {scale_dtype!r}") from e
+    if out.type not in _FLOAT_DTYPES:
+        raise ConfigError(f"scale_dtype must be float16, float32 or float64, got {scale_dtype!r}")
+    return out

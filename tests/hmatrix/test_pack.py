@@ -55,7 +55,7 @@ def _broken(p, fix):
         (lambda l, d, r, c: (l, d, r[:-1], c), "row_perm"),
         (lambda l, d, r, c: (l, d, np.zeros_like(r), c), "not a permutation"),
         (lambda l, d, r, c: (l[1:], d, r, c), "cover"),
-        (lambda l, d, r, c: (_set(l, 0, ROW1, 10**6), d, r, c), "cover"),
+        (lambda l, d, r, c: (_set(_set(l, 0, KIND, 0), 0, ROW1, 10**6), d, r, c), "cover"),
         (lambda l, d, r, c: (_set(l, _lowrank_row(l), RANK, -1), d, r, c), "negative rank"),
     ],
 )

@@ -1,0 +1,433 @@
+"""Storage and rank of each leaf, from exact errors; forming the stored blocks.
+
+The planner (``build.py``) fixes the leaves (their ranges, kinds and largest ranks) from error
+*estimates*. This step works on those leaves only, where exact numbers are cheap:
+
+1. Every low-rank leaf of rank ``k`` is written ``B_k = U @ V`` with ``U = U0 diag(s) / c``
+   (orthogonal columns of norms ``s_j / c``) and ``V = c Vt0`` (orthonormal rows, times ``c``, a
+   power of two near ``sqrt(s_0)`` that keeps both factors in range and changes no rounding).
+   Storing column ``j`` of ``U`` in format ``f`` adds ``c^2 ||dU_j||^2`` of squared error and
+   storing row ``j`` of ``V`` adds ``(s_j / c)^2 ||dV_j||^2`` (the cross terms with the other
+   factor's orthogonality vanish; the products ``dU dV`` and the truncation residual's
+   correlation with the rounding are second order). Both are measured by quantizing the actual
+   factors in every allowed format. Dense leaves get the exact error of each format (or, above
+   ``_EXACT_DENSE_AREA`` entries, the planner's estimate).
+2. A price ``lam`` on squared error: each singular vector takes the format minimising
+   ``bytes + lam * error`` for ``U`` and for ``V`` (so the storage may change along the rank:
+   *tiers*), each leaf the rank ``k' <= k`` and each dense leaf the format minimising
+   ``bytes + lam * error``; bisection on ``lam`` meets the budget and the leftover is spent
+   greedily on the leaves whose cheaper choice costs the least error per byte saved.
+3. The chosen arrays are stored; the squared error of every block is measured in float64 on the
+   dequantized values (``Block.u @ Block.vt``, ``Block.dense``) and summed. The caller retries
+   with a smaller budget if the sum exceeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .costs import CostModel, DenseErrorTable, Format
+from .hmatrix import Block, BlockKind
+from .storage import Storage, store
+
+__all__ = ["LeafSet", "prepare_leaves", "choose_storage", "materialize"]
+
+_EXACT_DENSE_AREA = 2**16
+_BISECTION_STEPS = 60
+
+
+@dataclass(eq=False)
+class _LowRank:
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    u: np.ndarray  # (rows, k) U0 diag(s) / c
+    v: np.ndarray  # (k, cols) c Vt0
+    tails: np.ndarray  # (k + 1,) squared truncation error of rank 0..k
+    pos: int = 0  # place of the leaf in the block tree's order
+    eu: np.ndarray | None = None  # (k, F) squared error added by storing U's column j in format f
+    ev: np.ndarray | None = None  # (k, F)
+
+
+@dataclass(eq=False)
+class _Dense:
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    fro2: float
+    pos: int = 0
+    err: np.ndarray | None = None  # (F,)
+
+
+@dataclass(eq=False)
+class LeafSet:
+    """The planner's leaves with what the storage choice needs."""
+
+    lowrank: list  # of _LowRank (rank 0 stands for a zero block)
+    dense: list  # of _Dense
+    model: CostModel
+
+
+def _scale_power(s0: float) -> float:
+    """A power of two near ``sqrt(s0)`` (1 for a zero spectrum)."""
+    if not s0 > 0.0:
+        return 1.0
+    return float(2.0 ** np.round(0.5 * np.log2(s0)))
+
+
+def lowrank_leaf(pos, r0, r1, c0, c1, u0: np.ndarray, s: np.ndarray, vt0: np.ndarray, tails: np.ndarray) -> _LowRank:
+    """A low-rank leaf from its leading singular triplets (``len(s)`` is the planned rank)."""
+    c = _scale_power(float(s[0])) if len(s) else 1.0
+    return _LowRank(r0, r1, c0, c1, u0 * (s / c), vt0 * c, tails[: len(s) + 1].copy(), pos)
+
+
+def dense_leaf(pos, r0, r1, c0, c1, part: np.ndarray) -> _Dense:
+    return _Dense(r0, r1, c0, c1, float(np.einsum("ij,ij->", part, part)), pos)
+
+
+def _format_errors(arrays: list[np.ndarray], f: Format, model: CostModel, axis: int) -> list[np.ndarray]:
+    """Squared error of storing each array in ``f``, summed along ``axis`` (0: per column, 1: per row).
+
+    Arrays with the same number of rows are quantized side by side: groups run down the rows of
+    each column, so placing columns next to each other changes nothing.
+    """
+    out = [None] * len(arrays)
+    by_rows: dict[int, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_rows.setdefault(a.shape[0], []).append(i)
+    for idx in by_rows.values():
+        joined = np.hstack([arrays[i] for i in idx])
+        stored = store(joined, f.storage, dtype=model.dtype, group=f.group, scale_dtype=model.scale_dtype)
+        if stored is None:
+            for i in idx:
+                out[i] = np.full(arrays[i].shape[1 - axis], np.inf)
+            continue
+        diff = joined - stored.dequantized().astype(np.float64)
+        sq = diff * diff
+        start = 0
+        for i in idx:
+            width = arrays[i].shape[1]
+            out[i] = sq[:, start : start + width].sum(axis=axis)
+            start += width
+    return out
+
+
+def prepare_leaves(lowrank: list[_LowRank], dense: list[tuple[_Dense, np.ndarray]], model: CostModel, table: DenseErrorTable) -> LeafSet:
+    """Measure the error of every format on every leaf (see the module docstring)."""
+    nf = len(model.formats)
+    withrank = [leaf for leaf in lowrank if leaf.u.shape[1]]
+    for leaf in lowrank:
+        k = leaf.u.shape[1]
+        leaf.eu, leaf.ev = np.zeros((k, nf)), np.zeros((k, nf))
+    for fi, f in enumerate(model.formats):
+        u_err = _format_errors([leaf.u for leaf in withrank], f, model, axis=0)
+        v_err = _format_errors([leaf.v for leaf in withrank], f, model, axis=1)
+        for leaf, eu, ev in zip(withrank, u_err, v_err):
+            c2 = float(leaf.v[0] @ leaf.v[0])  # c^2: the rows of V have norm c
+            s_over_c2 = (leaf.u * leaf.u).sum(axis=0)
+            leaf.eu[:, fi] = c2 * eu
+            leaf.ev[:, fi] = s_over_c2 * ev
+    small = [(leaf, part) for leaf, part in dense if part.size <= _EXACT_DENSE_AREA]
+    large = [(leaf, part) for leaf, part in dense if part.size > _EXACT_DENSE_AREA]
+    for leaf, _ in dense:
+        leaf.err = np.zeros(nf)
+    for fi, f in enumerate(model.formats):
+        if f.storage == Storage.FLOAT:
+            continue
+        errs = _format_errors([part for _, part in small], f, model, axis=0)
+        for (leaf, _), e in zip(small, errs):
+            leaf.err[fi] = float(e.sum())
+    if large:
+        est = table.errors(*(np.array([getattr(leaf, a) for leaf, _ in large]) for a in ("r0", "r1", "c0", "c1")))
+        for (leaf, _), e in zip(large, est):
+            leaf.err[:] = e
+    return LeafSet(lowrank, [leaf for leaf, _ in dense], model)
+
+
+# --------------------------------------------------------------------------- allocation
+
+# Leaves are grouped by rank into buckets of these upper bounds, padded within a bucket.
+_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+ONE_TIER = False  # restrict every low-rank leaf to one storage per factor (for comparisons)
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """Low-rank leaves of rank at most ``K``, with the static costs of every tier ``[a, b)``.
+
+    Arrays are ``(leaves, K + 1, K + 1, F)`` over (start ``a``, end ``b``, format ``f``).
+    """
+
+    index: np.ndarray  # (Lb,) positions in LeafSet.lowrank
+    ranks: np.ndarray  # (Lb,)
+    tails: np.ndarray  # (Lb, K + 1), inf beyond a leaf's rank
+    ub: np.ndarray  # bytes of U[:, a:b] in format f (payload and scales)
+    vb: np.ndarray  # bytes of V[a:b] in format f
+    ue: np.ndarray  # squared error added by storing U[:, a:b] in format f
+    ve: np.ndarray
+
+
+def _buckets(leaves: LeafSet) -> list[_Bucket]:
+    model = leaves.model
+    nf = len(model.formats)
+    ranks = np.array([leaf.u.shape[1] for leaf in leaves.lowrank], dtype=np.int64)
+    out, low = [], 0
+    for high in _BUCKETS:
+        idx = np.flatnonzero((ranks > low) & (ranks <= high))
+        low = high
+        if not len(idx):
+            continue
+        size = int(ranks[idx].max())
+        a = np.arange(size + 1)
+        length = (a[None, :] - a[:, None]).astype(np.float64)  # b - a
+        valid = length > 0
+        rows = np.array([leaves.lowrank[i].r1 - leaves.lowrank[i].r0 for i in idx])
+        cols = np.array([leaves.lowrank[i].c1 - leaves.lowrank[i].c0 for i in idx])
+        ub = model.column_bytes(rows)[:, None, None, :] * length[None, :, :, None]
+        vb = np.stack([model.dense_bytes(length.ravel(), np.full(length.size, c)).reshape(size + 1, size + 1, nf) for c in cols])
+        ue = np.empty((len(idx), size + 1, size + 1, nf))
+        ve = np.empty_like(ue)
+        tails = np.full((len(idx), size + 1), np.inf)
+        for j, i in enumerate(idx):
+            leaf = leaves.lowrank[i]
+            k = leaf.u.shape[1]
+            pu = np.zeros((size + 1, nf))
+            pv = np.zeros((size + 1, nf))
+            pu[1 : k + 1] = np.cumsum(leaf.eu, axis=0)
+            pv[1 : k + 1] = np.cumsum(leaf.ev, axis=0)
+            pu[k + 1 :], pv[k + 1 :] = pu[k], pv[k]
+            ue[j] = pu[None, :, :] - pu[:, None, :]
+            ve[j] = pv[None, :, :] - pv[:, None, :]
+            tails[j, : k + 1] = leaf.tails[: k + 1]
+        invalid = ~valid
+        if ONE_TIER:
+            invalid = invalid | (a[:, None] > 0)
+        for arr in (ub, vb):
+            arr[:, invalid] = np.inf
+        out.append(_Bucket(idx, ranks[idx], tails, ub, vb, ue, ve))
+    return out
+
+
+def _tier_costs(bucket: _Bucket, lam: float, overhead: float):
+    """Best format of ``U`` and ``V`` for every tier at price ``lam``: cost, bytes, error, formats."""
+    with np.errstate(invalid="ignore"):
+        cu = bucket.ub + lam * bucket.ue
+        cv = bucket.vb + lam * bucket.ve
+    iu = np.argmin(np.where(np.isnan(cu), np.inf, cu), axis=-1)
+    iv = np.argmin(np.where(np.isnan(cv), np.inf, cv), axis=-1)
+    pick = lambda arr, i: np.take_along_axis(arr, i[..., None], axis=-1)[..., 0]  # noqa: E731
+    nbytes = pick(bucket.ub, iu) + pick(bucket.vb, iv) + overhead
+    err = pick(bucket.ue, iu) + pick(bucket.ve, iv)
+    with np.errstate(invalid="ignore"):
+        cost = nbytes + lam * err
+    return np.where(np.isnan(cost), np.inf, cost), nbytes, err, iu, iv
+
+
+def _split(bucket: _Bucket, lam: float, overhead: float):
+    """Optimal tiers of every rank prefix (dynamic programming over the tier ends).
+
+    Returns ``(cost, bytes, err, start, iu, iv)``: for each leaf and rank ``b`` the least
+    ``bytes + lam * err`` of storing its first ``b`` vectors as consecutive tiers, the start of
+    the last tier, and the formats of every tier ``[a, b)``.
+    """
+    cost_t, bytes_t, err_t, iu, iv = _tier_costs(bucket, lam, overhead)
+    count, size = bucket.tails.shape[0], bucket.tails.shape[1] - 1
+    cost = np.full((count, size + 1), np.inf)
+    nbytes = np.zeros((count, size + 1))
+    err = np.zeros((count, size + 1))
+    start = np.zeros((count, size + 1), dtype=np.int64)
+    cost[:, 0] = 0.0
+    rows = np.arange(count)
+    for b in range(1, size + 1):
+        cand = cost[:, :b] + cost_t[:, :b, b]
+        a = np.argmin(cand, axis=1)
+        cost[:, b] = cand[rows, a]
+        nbytes[:, b] = nbytes[rows, a] + bytes_t[rows, a, b]
+        err[:, b] = err[rows, a] + err_t[rows, a, b]
+        start[:, b] = a
+    return cost, nbytes, err, start, iu, iv
+
+
+@dataclass(eq=False)
+class _Decision:
+    """One choice for every leaf: rank (and price, which fixes the tiers) per low-rank leaf,
+    format (``F`` = zero) per dense leaf."""
+
+    rank: np.ndarray  # (L,)
+    lam: np.ndarray  # (L,)
+    lowrank_bytes: np.ndarray
+    lowrank_err: np.ndarray
+    dense_option: np.ndarray  # (D,)
+    dense_bytes: np.ndarray
+    dense_err: np.ndarray
+
+    @property
+    def nbytes(self) -> float:
+        return float(self.lowrank_bytes.sum() + self.dense_bytes.sum())
+
+    @property
+    def err2(self) -> float:
+        return float(self.lowrank_err.sum() + self.dense_err.sum())
+
+    def copy(self) -> "_Decision":
+        return _Decision(*(np.array(getattr(self, f), copy=True) for f in self.__dataclass_fields__))
+
+
+def _decide(leaves: LeafSet, buckets: list[_Bucket], dense_bytes: np.ndarray, dense_err: np.ndarray, lam: float) -> _Decision:
+    overhead = leaves.model.overhead
+    count = len(leaves.lowrank)
+    rank = np.zeros(count, dtype=np.int64)
+    lr_bytes = np.full(count, overhead)
+    lr_err = np.array([float(leaf.tails[0]) for leaf in leaves.lowrank])
+    for bucket in buckets:
+        cost, nbytes, err, _, _, _ = _split(bucket, lam, overhead)
+        size = cost.shape[1] - 1
+        ks = np.arange(size + 1)[None, :]
+        with np.errstate(invalid="ignore"):
+            total = cost + lam * bucket.tails
+        total[:, 0] = overhead + lam * bucket.tails[:, 0]
+        total = np.where(np.isnan(total) | (ks > bucket.ranks[:, None]), np.inf, total)
+        k = np.argmin(total, axis=1)
+        rows = np.arange(len(k))
+        rank[bucket.index] = k
+        lr_bytes[bucket.index] = np.where(k == 0, overhead, nbytes[rows, k])
+        lr_err[bucket.index] = np.where(k == 0, bucket.tails[:, 0], err[rows, k] + bucket.tails[rows, k])
+    with np.errstate(over="ignore", invalid="ignore"):
+        dcost = dense_bytes + lam * dense_err
+    dpick = np.argmin(dcost, axis=1) if len(dcost) else np.zeros(0, dtype=np.int64)
+    drows = np.arange(len(dpick))
+    return _Decision(rank, np.full(count, lam), lr_bytes, lr_err, dpick, dense_bytes[drows, dpick], dense_err[drows, dpick])
+
+
+def _dense_options(leaves: LeafSet) -> tuple[np.ndarray, np.ndarray]:
+    """``(D, F + 1)`` bytes and errors of the dense leaves' formats, the last column "zero"."""
+    model = leaves.model
+    if not leaves.dense:
+        return np.zeros((0, len(model.formats) + 1)), np.zeros((0, len(model.formats) + 1))
+    rows = np.array([leaf.r1 - leaf.r0 for leaf in leaves.dense])
+    cols = np.array([leaf.c1 - leaf.c0 for leaf in leaves.dense])
+    nbytes = np.hstack([model.dense_bytes(rows, cols), np.zeros((len(rows), 1))]) + model.overhead
+    err = np.vstack([np.append(leaf.err, leaf.fro2) for leaf in leaves.dense])
+    return nbytes, err
+
+
+def choose_storage(leaves: LeafSet, budget2: float) -> _Decision | None:
+    """The cheapest choice (bytes) whose estimated squared error fits ``budget2``, or None."""
+    buckets = _buckets(leaves)
+    dense_bytes, dense_err = _dense_options(leaves)
+    decide = lambda lam: _decide(leaves, buckets, dense_bytes, dense_err, lam)  # noqa: E731
+    best = decide(1e300)
+    if not best.err2 <= budget2:
+        return None
+    total = sum(float(leaf.tails[0]) for leaf in leaves.lowrank) + sum(leaf.fro2 for leaf in leaves.dense)
+    lo, hi = 1e-6 / max(total, 1e-300), 1.0 / max(budget2, 1e-300)
+    trial = decide(hi)
+    while trial.err2 > budget2 and hi < 1e300:
+        lo, hi = hi, hi * 1e3
+        trial = decide(hi)
+    if trial.err2 <= budget2:
+        best = trial
+    else:
+        lo = hi
+    cheap = decide(lo)
+    for _ in range(_BISECTION_STEPS):
+        if hi / lo < 1 + 1e-4:
+            break
+        mid = np.sqrt(lo * hi)
+        trial = decide(mid)
+        if trial.err2 <= budget2:
+            hi, best = mid, trial
+        else:
+            lo, cheap = mid, trial
+    return _spend_leftover(best, cheap, budget2 - best.err2)
+
+
+def _spend_leftover(best: _Decision, cheap: _Decision, leftover: float) -> _Decision:
+    """Take the cheaper solution's choice on the leaves where it saves most bytes per error."""
+    out = best.copy()
+    moves = []
+    for kind, saved, added in (
+        ("lowrank", best.lowrank_bytes - cheap.lowrank_bytes, cheap.lowrank_err - best.lowrank_err),
+        ("dense", best.dense_bytes - cheap.dense_bytes, cheap.dense_err - best.dense_err),
+    ):
+        for i in np.flatnonzero(saved > 0):
+            moves.append((saved[i] / max(added[i], 1e-300), kind, int(i), float(max(added[i], 0.0))))
+    moves.sort(key=lambda t: -t[0])
+    for _, kind, i, added in moves:
+        if added > leftover:
+            continue
+        leftover -= added
+        if kind == "lowrank":
+            out.rank[i], out.lam[i] = cheap.rank[i], cheap.lam[i]
+            out.lowrank_bytes[i], out.lowrank_err[i] = cheap.lowrank_bytes[i], cheap.lowrank_err[i]
+        else:
+            out.dense_option[i] = cheap.dense_option[i]
+            out.dense_bytes[i], out.dense_err[i] = cheap.dense_bytes[i], cheap.dense_err[i]
+    return out
+
+
+# --------------------------------------------------------------------------- materialize
+
+
+def _leaf_tiers(bucket: _Bucket, row: int, lam: float, rank: int, overhead: float) -> list[tuple[int, int, int, int]]:
+    """Tiers ``(a, b, format of U, format of V)`` of one leaf's first ``rank`` vectors at ``lam``."""
+    one = _Bucket(*(getattr(bucket, f)[row : row + 1] for f in bucket.__dataclass_fields__))
+    _, _, _, start, iu, iv = _split(one, lam, overhead)
+    tiers, b = [], rank
+    while b > 0:
+        a = int(start[0, b])
+        tiers.append((a, b, int(iu[0, a, b]), int(iv[0, a, b])))
+        b = a
+    return tiers[::-1]
+
+
+def _store_or_exact(a: np.ndarray, f: Format, model: CostModel):
+    stored = store(a, f.storage, dtype=model.dtype, group=f.group, scale_dtype=model.scale_dtype)
+    return stored if stored is not None else store(a, Storage.FLOAT, dtype=model.dtype)
+
+
+def materialize(leaves: LeafSet, decision: _Decision, wp: np.ndarray) -> tuple[list[Block], float]:
+    """Store every leaf as decided; return the blocks and their exact total squared error."""
+    model = leaves.model
+    where = {}
+    for bucket in _buckets(leaves):
+        for row, i in enumerate(bucket.index):
+            where[int(i)] = (bucket, row)
+    placed, err2 = [], 0.0
+    for i, leaf in enumerate(leaves.lowrank):
+        part = wp[leaf.r0 : leaf.r1, leaf.c0 : leaf.c1]
+        k = int(decision.rank[i])
+        if k == 0:
+            placed.append((leaf.pos, Block(BlockKind.ZERO, leaf.r0, leaf.r1, leaf.c0, leaf.c1)))
+            err2 += float(leaf.tails[0])
+            continue
+        bucket, row = where[i]
+        arrays = []
+        for a, b, fu, fv in _leaf_tiers(bucket, row, float(decision.lam[i]), k, model.overhead):
+            arrays.append(_store_or_exact(leaf.u[:, a:b], model.formats[fu], model))
+            arrays.append(_store_or_exact(leaf.v[a:b], model.formats[fv], model))
+        block = Block(BlockKind.LOWRANK, leaf.r0, leaf.r1, leaf.c0, leaf.c1, storage=tuple(arrays))
+        residual = part - block.u.astype(np.float64) @ block.vt.astype(np.float64)
+        err2 += _sum_squares(residual)
+        placed.append((leaf.pos, block))
+    for j, leaf in enumerate(leaves.dense):
+        part = wp[leaf.r0 : leaf.r1, leaf.c0 : leaf.c1]
+        fi = int(decision.dense_option[j])
+        if fi == len(model.formats):
+            placed.append((leaf.pos, Block(BlockKind.ZERO, leaf.r0, leaf.r1, leaf.c0, leaf.c1)))
+            err2 += leaf.fro2
+            continue
+        block = Block(BlockKind.DENSE, leaf.r0, leaf.r1, leaf.c0, leaf.c1, storage=(_store_or_exact(part, model.formats[fi], model),))
+        err2 += _sum_squares(part - block.dense.astype(np.float64))
+        placed.append((leaf.pos, block))
+    placed.sort(key=lambda item: item[0])
+    return [block for _, block in placed], err2
+
+
+def _sum_squares(a: np.ndarray) -> float:
+    value = float(np.einsum("ij,ij->", a, a))
+    return value if np.isfinite(value) else np.inf
