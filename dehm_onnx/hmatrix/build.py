@@ -41,6 +41,7 @@ from .lowrank import Spectrum, exact_spectra, randomized_spectrum, tail_energy
 __all__ = ["compress", "DEFAULT_LEAF_SIZE", "DEFAULT_BLOCK_OVERHEAD"]
 
 DEFAULT_LEAF_SIZE = 32
+DEFAULT_MIN_LEAF = 4
 # Bytes counted per layout row: about one row of a packed layout (v1 has 7 int64 columns).
 DEFAULT_BLOCK_OVERHEAD = 64
 # Blocks at most this small (in min(rows, cols)) get an exact SVD, larger ones a randomized
@@ -85,6 +86,7 @@ class _Level:
     c1: np.ndarray
     child_start: np.ndarray  # index of the first child in the next level, -1 for leaves
     child_end: np.ndarray  # one past the last child in the next level, -1 for leaves
+    parent: np.ndarray  # index of the parent in the previous level (-1 for the root)
     tails: np.ndarray | None = None  # (blocks, kmax+1) squared error of rank k, inf if unknown
     spectra: list | None = None
 
@@ -112,22 +114,23 @@ def _block_tree(m: int, n: int, leaf_size: int) -> list[_Level]:
     """
     row_leaf = min(leaf_size, -(-m // 8))
     col_leaf = min(leaf_size, -(-n // 8))
-    blocks = [(0, m, 0, n)]
+    blocks, parents = [(0, m, 0, n)], [-1]
     levels = []
     while blocks:
-        child_range, nxt = [], []
-        for r0, r1, c0, c1 in blocks:
+        child_range, nxt, nxt_parents = [], [], []
+        for i, (r0, r1, c0, c1) in enumerate(blocks):
             rs, cs = _children(r0, r1, row_leaf), _children(c0, c1, col_leaf)
             if len(rs) == 1 and len(cs) == 1:
                 child_range.append((-1, -1))
                 continue
             start = len(nxt)
             nxt += [(a, b, c, d) for a, b in rs for c, d in cs]
+            nxt_parents += [i] * (len(nxt) - start)
             child_range.append((start, len(nxt)))
         arr = np.array(blocks, dtype=np.int64)
         ranges = np.array(child_range, dtype=np.int64)
-        levels.append(_Level(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], ranges[:, 0], ranges[:, 1]))
-        blocks = nxt
+        levels.append(_Level(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], ranges[:, 0], ranges[:, 1], np.array(parents, dtype=np.int64)))
+        blocks, parents = nxt, nxt_parents
     return levels
 
 
@@ -155,6 +158,75 @@ def _subtree_estimate(level: _Level, below: np.ndarray | None, budget2: float, t
     if below is not None and has.any():
         own[has] = np.minimum(own[has], np.add.reduceat(below, level.child_start[has]))
     return own
+
+
+def _split_small(r0: int, r1: int, c0: int, c1: int, min_leaf: int) -> list[tuple[int, int, int, int]]:
+    """Children of a block below the uniform leaf size: bisect each side longer than ``min_leaf``."""
+    rs = _children(r0, r1, min_leaf)
+    cs = _children(c0, c1, min_leaf)
+    return [(a, b, c, d) for a, b in rs for c, d in cs]
+
+
+def _grow_small_blocks(levels: list[_Level], w: np.ndarray, budget2: float, min_leaf: int, overhead_params: float) -> None:
+    """Split the tree's leaves further, down to ``min_leaf``, where the children look cheaper.
+
+    Leaves are small, so the spectra of their children are exact. A leaf whose fair-share
+    estimate (``_fair_share_params``) needs more than rank 2 gets children; they are kept when
+    their estimates plus ``overhead_params`` for each non-zero child undercut the parent's, and the same is tried
+    on the kept ones. Smooth blocks stop at once, unstructured ones after one trial level;
+    banded blocks (filterbanks) and blocks on a kernel's diagonal go down to small leaves.
+    Kept children are appended to the next level (contiguous per parent).
+    """
+    total = w.shape[0] * w.shape[1]
+    depth = 0
+    while depth < len(levels):
+        level = levels[depth]
+        depth += 1
+        own = _fair_share_params(level, budget2, total)
+        leaf = level.child_start < 0
+        splittable = (level.rows > min_leaf) | (level.cols > min_leaf)
+        candidates = np.flatnonzero(leaf & splittable & (own > 2 * (level.rows + level.cols)))
+        if not len(candidates):
+            continue
+        blocks, parent = [], []
+        for i in candidates.tolist():
+            kids = _split_small(int(level.r0[i]), int(level.r1[i]), int(level.c0[i]), int(level.c1[i]), min_leaf)
+            blocks += kids
+            parent += [i] * len(kids)
+        arr = np.array(blocks, dtype=np.int64)
+        none = np.full(len(arr), -1, dtype=np.int64)
+        trial = _Level(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], none, none.copy(), np.array(parent))
+        _fill_spectra(trial, w, budget2, None, True, None)
+        kids = _fair_share_params(trial, budget2, total)
+        kids_cost = np.bincount(trial.parent, weights=kids + overhead_params * (kids > 0), minlength=len(own))
+        keep_parent = np.zeros(len(own), dtype=bool)
+        keep_parent[candidates] = kids_cost[candidates] < own[candidates] + overhead_params
+        if keep_parent.any():
+            _append_children(levels, depth, level, trial, keep_parent)
+
+
+def _append_children(levels: list[_Level], depth: int, parent_level: _Level, trial: _Level, keep_parent: np.ndarray) -> None:
+    """Append the children of the kept parents (rows of ``trial``) to ``levels[depth]``."""
+    kept = keep_parent[trial.parent]
+    if depth == len(levels):
+        empty = np.zeros(0, dtype=np.int64)
+        levels.append(_Level(empty, empty, empty, empty, empty, empty, empty, np.zeros((0, 1)), []))
+    child = levels[depth]
+    offset = len(child.r0)
+    parents = trial.parent[kept]  # ascending, contiguous per parent
+    ids = np.flatnonzero(keep_parent)
+    starts = offset + np.searchsorted(parents, ids)
+    parent_level.child_start[ids] = starts
+    parent_level.child_end[ids] = np.append(starts[1:], offset + len(parents))
+    width = max(child.tails.shape[1], trial.tails.shape[1])
+    pad = lambda t: np.hstack([t, np.full((len(t), width - t.shape[1]), np.inf)])  # noqa: E731
+    child.tails = np.vstack([pad(child.tails), pad(trial.tails[kept])])
+    child.spectra = list(child.spectra) + [sp for sp, k in zip(trial.spectra, kept) if k]
+    for name in ("r0", "r1", "c0", "c1", "parent"):
+        setattr(child, name, np.concatenate([getattr(child, name), getattr(trial, name)[kept]]))
+    minus = np.full(int(kept.sum()), -1, dtype=np.int64)
+    child.child_start = np.concatenate([child.child_start, minus])
+    child.child_end = np.concatenate([child.child_end, minus])
 
 
 def _fill_spectra(level: _Level, w: np.ndarray, budget2: float, rng: np.random.Generator, all_exact: bool, below_estimate) -> None:
@@ -208,10 +280,11 @@ def _fill_spectra(level: _Level, w: np.ndarray, budget2: float, rng: np.random.G
 _PLAN_VT_ROWS = 8
 
 
-def _attach_costs(level: _Level, model: CostModel, table: DenseErrorTable | None) -> None:
+def _attach_costs(level: _Level, w: np.ndarray, model: CostModel, table: DenseErrorTable | None) -> None:
     """Bytes and error estimates of every format for the blocks of a level (price-independent)."""
-    level.col_env = _Envelope(model.column_bytes(level.rows), model.rho)
-    level.row_env = _Envelope(model.row_bytes(level.cols, _PLAN_VT_ROWS), model.rho)
+    level.rho_u, level.rho_v = _calibrated_rho(level, w, model)
+    level.col_env = _Envelope(model.column_bytes(level.rows), level.rho_u)
+    level.row_env = _Envelope(model.row_bytes(level.cols, _PLAN_VT_ROWS), level.rho_v)
     level.dense_bytes = model.dense_bytes(level.rows, level.cols) + model.overhead
     if table is None:
         level.dense_err = np.zeros_like(level.dense_bytes)
@@ -220,6 +293,47 @@ def _attach_costs(level: _Level, model: CostModel, table: DenseErrorTable | None
     t = level.tails
     known = np.isfinite(t[:, 1:])
     level.energy = np.where(known, t[:, :-1] - np.where(known, t[:, 1:], 0.0), 0.0)
+
+
+# Blocks per level whose factors calibrate the planning error model, and the vectors used.
+_CALIBRATION_BLOCKS = 12
+_CALIBRATION_RANK = 8
+
+
+def _calibrated_rho(level: _Level, w: np.ndarray, model: CostModel) -> tuple[np.ndarray, np.ndarray]:
+    """The model's ``rho_f`` for ``U`` and ``V``, scaled to what this level's factors show.
+
+    Singular vectors of smooth or sparse blocks quantize far better than Gaussian data (often
+    5-20x less squared error), so the planner would over-protect them. A few blocks of the level
+    (evenly spread over those with a spectrum) are factored and stored in every format; the
+    ratio of measured to modelled error rescales ``rho_f``.
+    """
+    if model.float_only:
+        return model.rho, model.rho
+    known = [i for i in range(len(level.r0)) if level.spectra[i] is not None and level.tails[i, 0] > 0]
+    if not known:
+        return model.rho, model.rho
+    picks = sorted({known[int(j)] for j in np.linspace(0, len(known) - 1, min(_CALIBRATION_BLOCKS, len(known)))})
+    leaves, energy = [], 0.0
+    for i in picks:
+        spectrum = level.spectra[i]
+        rank = int(min(_CALIBRATION_RANK, np.count_nonzero(spectrum.s > 0), _useful_rank(int(level.rows[i]), int(level.cols[i]))))
+        if rank < 1:
+            continue
+        part = w[level.r0[i] : level.r1[i], level.c0[i] : level.c1[i]]
+        u0, sv, vt0 = _triplets(spectrum, part, rank)
+        leaves.append(refine.lowrank_leaf(0, int(level.r0[i]), int(level.r1[i]), int(level.c0[i]), int(level.c1[i]), u0, sv, vt0, level.tails[i]))
+        energy += float(np.sum(sv**2))
+    if not leaves or energy <= 0.0:
+        return model.rho, model.rho
+    measured = refine.prepare_leaves(leaves, [], model, None)
+    out = []
+    for side in ("eu", "ev"):
+        total = sum(getattr(leaf, side).sum(axis=0) for leaf in measured.lowrank)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.clip(total / (energy * model.rho), 0.01, 4.0)
+        out.append(np.where(np.isfinite(total), model.rho * np.where(np.isfinite(ratio), ratio, 1.0), np.inf))
+    return out[0], out[1]
 
 
 class _Envelope:
@@ -286,13 +400,13 @@ def _vector_costs(lv: _Level, model: CostModel, lam: float) -> tuple[np.ndarray,
     """
     if model.float_only:
         nbytes = np.broadcast_to(lv.col_env.nbytes + lv.row_env.nbytes, lv.energy.shape)
-        err = 2.0 * model.rho[0] * lv.energy
+        err = (lv.rho_u[0] + lv.rho_v[0]) * lv.energy
         return nbytes + lam * err, nbytes, err
     x = lam * lv.energy
     iu, iv = lv.col_env.choose(x), lv.row_env.choose(x)
     rows = np.arange(len(iu))[:, None]
     nbytes = lv.col_env.nbytes[rows, iu] + lv.row_env.nbytes[rows, iv]
-    err = lv.energy * (model.rho[iu] + model.rho[iv])
+    err = lv.energy * (lv.rho_u[iu] + lv.rho_v[iv])
     return nbytes + lam * err, nbytes, err
 
 
@@ -304,10 +418,12 @@ def _choose(levels: list[_Level], lam: float, model: CostModel) -> _Choice:
         lv = levels[depth]
         vcost, vbytes, verr = _vector_costs(lv, model, lam)
         zero = np.zeros((len(lv.r0), 1))
-        cum_bytes = np.hstack([zero, np.cumsum(vbytes, axis=1)]) + model.overhead
+        layout = np.full(lv.tails.shape[1], model.overhead)
+        layout[0] = 0.0  # a zero block stores nothing
+        cum_bytes = np.hstack([zero, np.cumsum(vbytes, axis=1)]) + layout
         cum_err = np.hstack([zero, np.cumsum(verr, axis=1)]) + lv.tails
         with np.errstate(invalid="ignore"):
-            lowrank_cost = np.hstack([zero, np.cumsum(vcost, axis=1)]) + model.overhead + lam * lv.tails
+            lowrank_cost = np.hstack([zero, np.cumsum(vcost, axis=1)]) + layout + lam * lv.tails
         k = np.argmin(np.where(np.isnan(lowrank_cost), np.inf, lowrank_cost), axis=1)
         rows_idx = np.arange(len(k))
         lr_cost = lowrank_cost[rows_idx, k]
@@ -322,13 +438,14 @@ def _choose(levels: list[_Level], lam: float, model: CostModel) -> _Choice:
         kind = np.where(use_dense, _DENSE, _LOWRANK)
         has = lv.child_start >= 0
         if has.any():
-            starts = lv.child_start[has]
-            sub_cost = np.add.reduceat(below_cost, starts)
+            below = levels[depth + 1].parent
+            sums = lambda values: np.bincount(below, weights=values, minlength=len(lv.r0))[has]  # noqa: E731
+            sub_cost = sums(below_cost)
             better = sub_cost < cost[has] * (1 - 1e-12)
             pick = np.flatnonzero(has)[better]
             cost[pick] = sub_cost[better]
-            nbytes[pick] = np.add.reduceat(below_bytes, starts)[better]
-            err[pick] = np.add.reduceat(below_err, starts)[better]
+            nbytes[pick] = sums(below_bytes)[better]
+            err[pick] = sums(below_err)[better]
             kind[pick] = _SUB
         kinds[depth], ranks[depth] = kind, k
         below_cost, below_bytes, below_err = cost, nbytes, err
@@ -397,9 +514,22 @@ def _leaf_set(levels, leaves, w64, model: CostModel, table) -> refine.LeafSet:
             empty_u, empty_v = np.zeros((r1 - r0, 0)), np.zeros((0, c1 - c0))
             lowrank.append(refine.lowrank_leaf(pos, r0, r1, c0, c1, empty_u, np.zeros(0), empty_v, tails))
             continue
-        u0, s, vt0 = _triplets(lv.spectra[leaf.index], part, leaf.rank)
+        u0, s, vt0 = _triplets(lv.spectra[leaf.index], part, _refine_rank(leaf.rank, tails, model))
         lowrank.append(refine.lowrank_leaf(pos, r0, r1, c0, c1, u0, s, vt0, tails))
     return refine.prepare_leaves(lowrank, dense, model, table)
+
+
+def _refine_rank(rank: int, tails: np.ndarray, model: CostModel) -> int:
+    """Rank offered to the storage step: the planned one, plus headroom when storage is coarse.
+
+    Quantized factors may pay for a few more singular vectors than the float plan kept (their
+    rounding takes budget that the extra vectors give back), so the storage step may pick any
+    rank up to about a quarter more where the spectrum is known.
+    """
+    if model.float_only:
+        return rank
+    known = int(np.count_nonzero(np.isfinite(tails))) - 1
+    return max(rank, min(known, rank + max(2, rank // 4)))
 
 
 def _triplets(spectrum: Spectrum, part: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -421,11 +551,11 @@ class _Candidate:
 
 def _layout_nbytes(blocks: list[Block], overhead: int, row_perm, col_perm) -> int:
     index = sum(p.size for p in (row_perm, col_perm) if p is not None)
-    rows = sum(b.layout_rows for b in blocks)
+    rows = sum(b.layout_rows for b in blocks)  # zero blocks take none
     return sum(b.nbytes for b in blocks) + overhead * rows + INDEX_NBYTES * index
 
 
-def _compress_in_order(wp, model: CostModel, budget2, leaf_size, rng, row_perm, col_perm) -> _Candidate:
+def _compress_in_order(wp, model: CostModel, budget2, leaf_size, min_leaf, rng, row_perm, col_perm) -> _Candidate:
     """Compress ``wp`` (float64 W, already in the order ``row_perm``/``col_perm``) within ``budget2``."""
     unchanged = _Candidate(None, 0.0, float(wp.size * model.dtype.itemsize), None, None)
     levels = _block_tree(*wp.shape, leaf_size)
@@ -434,9 +564,10 @@ def _compress_in_order(wp, model: CostModel, budget2, leaf_size, rng, row_perm, 
     for level in reversed(levels):
         _fill_spectra(level, wp, budget2, rng, all_exact, estimate)
         estimate = _subtree_estimate(level, estimate, budget2, wp.size)
+    _grow_small_blocks(levels, wp, budget2, min(min_leaf, leaf_size), model.overhead / model.dtype.itemsize)
     table = None if model.float_only else DenseErrorTable(wp, model)
     for level in levels:
-        _attach_costs(level, model, table)
+        _attach_costs(level, wp, model, table)
     # The plan rests on estimates; the storage step measures. If even the most accurate storage
     # of the planned leaves breaks the budget, plan again with less of it.
     for shrink in (1.0, 0.5, 0.25, 0.1, 0.01):
@@ -449,7 +580,7 @@ def _compress_in_order(wp, model: CostModel, budget2, leaf_size, rng, row_perm, 
             decision = refine.choose_storage(leaves, target)
             if decision is None:
                 break
-            blocks, err2 = refine.materialize(leaves, decision, wp)
+            blocks, err2 = refine.materialize(leaves, decision, wp, budget2)
             if err2 <= budget2:
                 nbytes = _layout_nbytes(blocks, int(model.overhead), row_perm, col_perm)
                 if nbytes < unchanged.nbytes:
@@ -465,6 +596,7 @@ def compress(
     *,
     seed: int = 0,
     leaf_size: int = DEFAULT_LEAF_SIZE,
+    min_leaf: int = DEFAULT_MIN_LEAF,
     permute="auto",
     precision: str = "float",
     group="auto",
@@ -477,7 +609,9 @@ def compress(
         w: 2-D float16/32/64 array. Computation is in float64.
         tol: relative Frobenius tolerance in (0, 1).
         seed: seed of every random choice (range finders, PCA); equal seeds give equal results.
-        leaf_size: blocks are not split below this many rows/columns.
+        leaf_size: the block tree bisects every block down to this many rows/columns.
+        min_leaf: below ``leaf_size``, blocks are split further, down to this size, only
+            where their children look cheaper (banded weights, a kernel's diagonal).
         permute: ``False`` keeps the natural order; ``True`` reorders rows and columns by
             recursive PCA bisection; ``"auto"`` tries both and keeps the smaller in bytes
             (a permutation costs 8 bytes an index).
@@ -487,8 +621,8 @@ def compress(
             (each array picks its own).
         scale_dtype: dtype of the integer scales; default the weight's dtype (onnxruntime's
             MatMulNBits fusion wants the activation dtype).
-        block_overhead: bytes counted per layout row (per zero/dense block and per low-rank
-            tier) when comparing choices; ``HMatrix.nbytes`` counts it too.
+        block_overhead: bytes counted per layout row (per dense block and per low-rank tier;
+            zero blocks store nothing) when comparing choices; ``HMatrix.nbytes`` counts it too.
 
     Returns:
         An HMatrix whose ``certified_error`` bounds ``||W - W_H||_F`` for the dequantized stored
@@ -497,12 +631,14 @@ def compress(
 
     Raises:
         InvalidWeightError: not 2-D, not float16/32/64, empty, or NaN/Inf entries.
-        ConfigError: tol outside (0, 1), bad leaf_size, permute, precision, group,
+        ConfigError: tol outside (0, 1), bad leaf_size, min_leaf, permute, precision, group,
             scale_dtype or block_overhead.
     """
     w = _check_inputs(w, tol)
     if not isinstance(leaf_size, (int, np.integer)) or leaf_size < 1:
         raise ConfigError(f"leaf_size must be a positive integer, got {leaf_size!r}")
+    if not isinstance(min_leaf, (int, np.integer)) or min_leaf < 1:
+        raise ConfigError(f"min_leaf must be a positive integer, got {min_leaf!r}")
     if permute not in (True, False, "auto"):
         raise ConfigError(f"permute must be True, False or 'auto', got {permute!r}")
     if isinstance(block_overhead, bool) or not isinstance(block_overhead, (int, np.integer)) or block_overhead < 0:
@@ -520,7 +656,7 @@ def compress(
     candidates = []
     can_permute = max(m, n) > leaf_size
     if permute in (False, "auto") or not can_permute:
-        candidates.append(_compress_in_order(w64, model, budget2, leaf_size, rng, None, None))
+        candidates.append(_compress_in_order(w64, model, budget2, leaf_size, min_leaf, rng, None, None))
     del w64  # the permuted pass makes its own copy
     # A layer whose natural order already compresses well has meaningful order; reordering
     # pays off where the natural order shows little structure (arbitrary neuron order).
@@ -532,7 +668,7 @@ def compress(
         row_perm = pca_order(points, leaf_size, rng)
         col_perm = pca_order(points.T, leaf_size, rng)
         wp = w[np.ix_(row_perm, col_perm)].astype(np.float64)
-        candidates.append(_compress_in_order(wp, model, budget2, leaf_size, rng, row_perm, col_perm))
+        candidates.append(_compress_in_order(wp, model, budget2, leaf_size, min_leaf, rng, row_perm, col_perm))
     best = min(candidates, key=lambda c: c.nbytes)
     if best.blocks is None:
         best.blocks = [Block(BlockKind.DENSE, 0, m, 0, n, dense=w.copy())]

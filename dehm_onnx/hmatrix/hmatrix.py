@@ -19,7 +19,8 @@ certified error was measured on. They have the dtype the dequantized values live
 weight's dtype by default; float16 for an FP16 array).
 
 Bytes (``HMatrix.nbytes``) = payload + scales of every array + ``block_overhead`` bytes per
-layout row (one row per zero or dense block and per tier of a low-rank block) + 8 bytes per
+layout row (one row per dense block and per tier of a low-rank block; a zero block stores
+nothing, so a layout need not list it: the product starts from zero) + 8 bytes per
 permutation index. The weight left as it was (one dense FLOAT block, no permutation) counts as
 exactly its dense bytes.
 """
@@ -117,7 +118,9 @@ class Block:
 
     @property
     def layout_rows(self) -> int:
-        """Rows this block takes in a layout: one per tier, one for zero and dense blocks."""
+        """Rows this block takes in a layout: one per tier, one for a dense block, none for zero."""
+        if self.kind == BlockKind.ZERO:
+            return 0
         return max(1, len(self.tiers))
 
     @property
@@ -220,7 +223,7 @@ class HMatrix:
 
     @property
     def layout_nbytes(self) -> int:
-        """``block_overhead`` bytes per layout row (per zero/dense block and per low-rank tier)."""
+        """``block_overhead`` bytes per layout row (per dense block and per low-rank tier)."""
         return self.block_overhead * sum(b.layout_rows for b in self.blocks)
 
     @property

@@ -36,6 +36,8 @@ __all__ = ["LeafSet", "prepare_leaves", "choose_storage", "materialize"]
 
 _EXACT_DENSE_AREA = 2**16
 _BISECTION_STEPS = 60
+_POLISH_TRIES = 256
+_REFITS_PER_LEAF = 4
 
 
 @dataclass(eq=False)
@@ -281,7 +283,7 @@ def _decide(leaves: LeafSet, buckets: list[_Bucket], dense_bytes: np.ndarray, de
     overhead = leaves.model.overhead
     count = len(leaves.lowrank)
     rank = np.zeros(count, dtype=np.int64)
-    lr_bytes = np.full(count, overhead)
+    lr_bytes = np.zeros(count)
     lr_err = np.array([float(leaf.tails[0]) for leaf in leaves.lowrank])
     for bucket in buckets:
         cost, nbytes, err, _, _, _ = _split(bucket, lam, overhead)
@@ -289,12 +291,12 @@ def _decide(leaves: LeafSet, buckets: list[_Bucket], dense_bytes: np.ndarray, de
         ks = np.arange(size + 1)[None, :]
         with np.errstate(invalid="ignore"):
             total = cost + lam * bucket.tails
-        total[:, 0] = overhead + lam * bucket.tails[:, 0]
+        total[:, 0] = lam * bucket.tails[:, 0]  # a zero block stores nothing
         total = np.where(np.isnan(total) | (ks > bucket.ranks[:, None]), np.inf, total)
         k = np.argmin(total, axis=1)
         rows = np.arange(len(k))
         rank[bucket.index] = k
-        lr_bytes[bucket.index] = np.where(k == 0, overhead, nbytes[rows, k])
+        lr_bytes[bucket.index] = np.where(k == 0, 0.0, nbytes[rows, k])
         lr_err[bucket.index] = np.where(k == 0, bucket.tails[:, 0], err[rows, k] + bucket.tails[rows, k])
     with np.errstate(over="ignore", invalid="ignore"):
         dcost = dense_bytes + lam * dense_err
@@ -310,7 +312,7 @@ def _dense_options(leaves: LeafSet) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, len(model.formats) + 1)), np.zeros((0, len(model.formats) + 1))
     rows = np.array([leaf.r1 - leaf.r0 for leaf in leaves.dense])
     cols = np.array([leaf.c1 - leaf.c0 for leaf in leaves.dense])
-    nbytes = np.hstack([model.dense_bytes(rows, cols), np.zeros((len(rows), 1))]) + model.overhead
+    nbytes = np.hstack([model.dense_bytes(rows, cols) + model.overhead, np.zeros((len(rows), 1))])
     err = np.vstack([np.append(leaf.err, leaf.fro2) for leaf in leaves.dense])
     return nbytes, err
 
@@ -390,42 +392,171 @@ def _store_or_exact(a: np.ndarray, f: Format, model: CostModel):
     return stored if stored is not None else store(a, Storage.FLOAT, dtype=model.dtype)
 
 
-def materialize(leaves: LeafSet, decision: _Decision, wp: np.ndarray) -> tuple[list[Block], float]:
-    """Store every leaf as decided; return the blocks and their exact total squared error."""
-    model = leaves.model
-    where = {}
-    for bucket in _buckets(leaves):
-        for row, i in enumerate(bucket.index):
-            where[int(i)] = (bucket, row)
-    placed, err2 = [], 0.0
-    for i, leaf in enumerate(leaves.lowrank):
-        part = wp[leaf.r0 : leaf.r1, leaf.c0 : leaf.c1]
-        k = int(decision.rank[i])
-        if k == 0:
-            placed.append((leaf.pos, Block(BlockKind.ZERO, leaf.r0, leaf.r1, leaf.c0, leaf.c1)))
-            err2 += float(leaf.tails[0])
-            continue
-        bucket, row = where[i]
+class _Former:
+    """Forms the stored block of one leaf for a given choice, with its exact squared error."""
+
+    def __init__(self, leaves: LeafSet, wp: np.ndarray):
+        self.leaves, self.wp, self.model = leaves, wp, leaves.model
+        self.where = {}
+        for bucket in _buckets(leaves):
+            for row, i in enumerate(bucket.index):
+                self.where[int(i)] = (bucket, row)
+
+    def tiers(self, i: int, rank: int, lam: float) -> list[tuple[int, int, int, int]]:
+        if rank == 0:
+            return []
+        bucket, row = self.where[i]
+        return _leaf_tiers(bucket, row, lam, rank, self.model.overhead)
+
+    def lowrank(self, i: int, tiers: list[tuple[int, int, int, int]]) -> tuple[Block, float]:
+        leaf = self.leaves.lowrank[i]
+        if not tiers:
+            return Block(BlockKind.ZERO, leaf.r0, leaf.r1, leaf.c0, leaf.c1), float(leaf.tails[0])
         arrays = []
-        for a, b, fu, fv in _leaf_tiers(bucket, row, float(decision.lam[i]), k, model.overhead):
-            arrays.append(_store_or_exact(leaf.u[:, a:b], model.formats[fu], model))
-            arrays.append(_store_or_exact(leaf.v[a:b], model.formats[fv], model))
+        for a, b, fu, fv in tiers:
+            arrays.append(_store_or_exact(leaf.u[:, a:b], self.model.formats[fu], self.model))
+            arrays.append(_store_or_exact(leaf.v[a:b], self.model.formats[fv], self.model))
         block = Block(BlockKind.LOWRANK, leaf.r0, leaf.r1, leaf.c0, leaf.c1, storage=tuple(arrays))
-        residual = part - block.u.astype(np.float64) @ block.vt.astype(np.float64)
-        err2 += _sum_squares(residual)
-        placed.append((leaf.pos, block))
-    for j, leaf in enumerate(leaves.dense):
-        part = wp[leaf.r0 : leaf.r1, leaf.c0 : leaf.c1]
-        fi = int(decision.dense_option[j])
-        if fi == len(model.formats):
-            placed.append((leaf.pos, Block(BlockKind.ZERO, leaf.r0, leaf.r1, leaf.c0, leaf.c1)))
-            err2 += leaf.fro2
-            continue
-        block = Block(BlockKind.DENSE, leaf.r0, leaf.r1, leaf.c0, leaf.c1, storage=(_store_or_exact(part, model.formats[fi], model),))
-        err2 += _sum_squares(part - block.dense.astype(np.float64))
-        placed.append((leaf.pos, block))
+        part = self.wp[leaf.r0 : leaf.r1, leaf.c0 : leaf.c1]
+        return block, _sum_squares(part - block.u.astype(np.float64) @ block.vt.astype(np.float64))
+
+    def dense(self, j: int, option: int) -> tuple[Block, float]:
+        leaf = self.leaves.dense[j]
+        if option == len(self.model.formats):
+            return Block(BlockKind.ZERO, leaf.r0, leaf.r1, leaf.c0, leaf.c1), leaf.fro2
+        part = self.wp[leaf.r0 : leaf.r1, leaf.c0 : leaf.c1]
+        stored = _store_or_exact(part, self.model.formats[option], self.model)
+        block = Block(BlockKind.DENSE, leaf.r0, leaf.r1, leaf.c0, leaf.c1, storage=(stored,))
+        return block, _sum_squares(part - block.dense.astype(np.float64))
+
+    def nbytes(self, block: Block) -> float:
+        return block.nbytes + self.model.overhead * block.layout_rows
+
+
+def materialize(leaves: LeafSet, decision: _Decision, wp: np.ndarray, budget2: float | None = None) -> tuple[list[Block], float]:
+    """Store every leaf as decided; return the blocks (tree order) and their exact squared error.
+
+    With ``budget2``, budget the estimates left unspent is then spent with exact measurements
+    (``_polish``).
+    """
+    former = _Former(leaves, wp)
+    tiers = [former.tiers(i, int(decision.rank[i]), float(decision.lam[i])) for i in range(len(leaves.lowrank))]
+    lowrank = [former.lowrank(i, t) for i, t in enumerate(tiers)]
+    dense = [former.dense(j, int(decision.dense_option[j])) for j in range(len(leaves.dense))]
+    err2 = sum(e for _, e in lowrank) + sum(e for _, e in dense)
+    if budget2 is not None and err2 < budget2:
+        err2 = _polish(former, decision, tiers, lowrank, dense, budget2 - err2, err2)
+    placed = [(leaf.pos, b) for leaf, (b, _) in zip(leaves.lowrank, lowrank)]
+    placed += [(leaf.pos, b) for leaf, (b, _) in zip(leaves.dense, dense)]
     placed.sort(key=lambda item: item[0])
     return [block for _, block in placed], err2
+
+
+def _polish(former: _Former, decision: _Decision, tiers: list, lowrank: list, dense: list, leftover: float, err2: float) -> float:
+    """Spend the measured leftover on cheaper choices, each measured before it is kept.
+
+    Candidates: what the allocation gives a leaf at lower prices (``lam / 2**(t/2)``: fewer
+    vectors, coarser tiers), and every single change of one array's format (the price sweep
+    only reaches the convex hull of a leaf's choices; a choice just inside it may still fit).
+    They are tried by estimated bytes saved per error added, at most ``_POLISH_TRIES``; one is
+    kept when the stored block is smaller and its measured extra error fits the leftover.
+    """
+    leaves, model = former.leaves, former.model
+    buckets = _buckets(leaves)
+    dense_bytes, dense_err = _dense_options(leaves)
+    lam = float(decision.lam.max()) if len(decision.lam) else 1.0
+    candidates, seen = [], set()
+    for t in range(1, 17):
+        cheaper = _decide(leaves, buckets, dense_bytes, dense_err, lam * 2.0 ** (-t / 2))
+        for i in np.flatnonzero(cheaper.lowrank_bytes < decision.lowrank_bytes).tolist():
+            option = tuple(former.tiers(i, int(cheaper.rank[i]), float(cheaper.lam[i])))
+            if ("lowrank", i, option) not in seen:
+                seen.add(("lowrank", i, option))
+                saved = decision.lowrank_bytes[i] - cheaper.lowrank_bytes[i]
+                added = cheaper.lowrank_err[i] - decision.lowrank_err[i]
+                candidates.append((saved / max(added, 1e-300), "lowrank", i, list(option)))
+        for j in np.flatnonzero(cheaper.dense_bytes < decision.dense_bytes).tolist():
+            if ("dense", j, int(cheaper.dense_option[j])) not in seen:
+                seen.add(("dense", j, int(cheaper.dense_option[j])))
+                saved = decision.dense_bytes[j] - cheaper.dense_bytes[j]
+                added = cheaper.dense_err[j] - decision.dense_err[j]
+                candidates.append((saved / max(added, 1e-300), "dense", j, int(cheaper.dense_option[j])))
+    candidates += _format_moves(former, tiers, decision, dense_bytes, dense_err)
+    candidates += _refits(former, decision, leftover)
+    candidates.sort(key=lambda c: -c[0])
+    for _, kind, i, choice in candidates[:_POLISH_TRIES]:
+        current = lowrank[i] if kind == "lowrank" else dense[i]
+        trial = former.lowrank(i, choice) if kind == "lowrank" else former.dense(i, choice)
+        added = trial[1] - current[1]
+        if former.nbytes(trial[0]) < former.nbytes(current[0]) and added <= leftover:
+            leftover -= added
+            err2 += added
+            if kind == "lowrank":
+                lowrank[i] = trial
+            else:
+                dense[i] = trial
+    return err2
+
+
+def _refits(former: _Former, decision: _Decision, leftover: float) -> list:
+    """For each low-rank leaf, the cheapest single tiers (rank, format of U, format of V) whose
+    estimated error fits the leaf's own error plus the leftover (with 2 % slack: the estimate
+    is unbiased but not exact, and a move is measured before it is kept)."""
+    model = former.model
+    out = []
+    for i, leaf in enumerate(former.leaves.lowrank):
+        k = leaf.u.shape[1]
+        if not k:
+            continue
+        rows, cols = leaf.r1 - leaf.r0, leaf.c1 - leaf.c0
+        ks = np.arange(k + 1)
+        zero = np.zeros((1, len(model.formats)))
+        cu = np.vstack([zero, np.cumsum(leaf.eu, axis=0)])  # (k + 1, F)
+        cv = np.vstack([zero, np.cumsum(leaf.ev, axis=0)])
+        err = leaf.tails[: k + 1, None, None] + cu[:, :, None] + cv[:, None, :]
+        ub = model.column_bytes(np.array([rows]))[0][None, :] * ks[:, None]
+        vb = model.dense_bytes(ks, np.full(k + 1, cols))
+        nbytes = model.overhead + ub[:, :, None] + vb[:, None, :]
+        nbytes[0] = 0.0
+        allowance = (decision.lowrank_err[i] + leftover) * 1.02
+        with np.errstate(invalid="ignore"):
+            fits = np.where(err <= allowance, nbytes, np.inf)
+        flat = fits.ravel()
+        for idx in np.argsort(flat, kind="stable")[:_REFITS_PER_LEAF]:
+            if not flat[idx] < decision.lowrank_bytes[i]:
+                break
+            rank, fu, fv = (int(x) for x in np.unravel_index(idx, fits.shape))
+            saved = decision.lowrank_bytes[i] - flat[idx]
+            added = err[rank, fu, fv] - decision.lowrank_err[i]
+            out.append((saved / max(added, 1e-300), "lowrank", i, [(0, rank, fu, fv)] if rank else []))
+    return out
+
+
+def _format_moves(former: _Former, tiers: list, decision: _Decision, dense_bytes, dense_err) -> list:
+    """Every change of one array's format (one tier's ``U`` or ``V``, or a dense block)."""
+    model = former.model
+    out = []
+    for i, leaf_tiers in enumerate(tiers):
+        leaf = former.leaves.lowrank[i]
+        rows, cols = leaf.r1 - leaf.r0, leaf.c1 - leaf.c0
+        for t, (a, b, fu, fv) in enumerate(leaf_tiers):
+            ubytes = model.column_bytes(np.array([rows]))[0] * (b - a)
+            vbytes = model.dense_bytes(np.array([b - a]), np.array([cols]))[0]
+            uerr, verr = leaf.eu[a:b].sum(axis=0), leaf.ev[a:b].sum(axis=0)
+            for f in range(len(model.formats)):
+                for side, nbytes, err, now in (("u", ubytes, uerr, fu), ("v", vbytes, verr, fv)):
+                    saved, added = nbytes[now] - nbytes[f], err[f] - err[now]
+                    if f == now or not saved > 0 or not np.isfinite(added):
+                        continue
+                    option = list(leaf_tiers)
+                    option[t] = (a, b, f, fv) if side == "u" else (a, b, fu, f)
+                    out.append((saved / max(added, 1e-300), "lowrank", i, option))
+    for j, option in enumerate(decision.dense_option.tolist()):
+        for f in range(dense_bytes.shape[1]):
+            saved, added = dense_bytes[j, option] - dense_bytes[j, f], dense_err[j, f] - dense_err[j, option]
+            if f != option and saved > 0 and np.isfinite(added):
+                out.append((saved / max(added, 1e-300), "dense", j, f))
+    return out
 
 
 def _sum_squares(a: np.ndarray) -> float:
