@@ -49,12 +49,14 @@ DEFAULT_BLOCK_OVERHEAD = 64
 _EXACT_MAX_SIDE = 64
 _EXACT_FLOPS = 2**27
 _STACK_ELEMENTS = 2**22
-# permute="auto" tries a PCA reordering only when the natural order stores more than this.
+# permute="auto" tries a PCA reordering only when the natural order stores more than this
+# fraction of the dense values.
 _PERMUTE_IF_RATIO_ABOVE = 0.5
 # Relative safety margins for floating-point summation of the certified error.
 _CERT_MARGIN = 1e-9
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 _LOWRANK, _DENSE, _SUB = 0, 1, 2
+_MAX_PRICE = 1e15
 
 
 def _check_inputs(w, tol) -> np.ndarray:
@@ -401,13 +403,35 @@ def _vector_costs(lv: _Level, model: CostModel, lam: float) -> tuple[np.ndarray,
     if model.float_only:
         nbytes = np.broadcast_to(lv.col_env.nbytes + lv.row_env.nbytes, lv.energy.shape)
         err = (lv.rho_u[0] + lv.rho_v[0]) * lv.energy
-        return nbytes + lam * err, nbytes, err
-    x = lam * lv.energy
+        with np.errstate(over="ignore"):
+            return nbytes + lam * err, nbytes, err
+    with np.errstate(over="ignore"):
+        x = lam * lv.energy
     iu, iv = lv.col_env.choose(x), lv.row_env.choose(x)
     rows = np.arange(len(iu))[:, None]
     nbytes = lv.col_env.nbytes[rows, iu] + lv.row_env.nbytes[rows, iv]
     err = lv.energy * (lv.rho_u[iu] + lv.rho_v[iv])
-    return nbytes + lam * err, nbytes, err
+    with np.errstate(over="ignore", invalid="ignore"):
+        return nbytes + lam * err, nbytes, err
+
+
+def _rank_costs(lv: _Level, model: CostModel, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(blocks, kmax + 1)`` bytes and estimated squared error of each block at rank ``k``.
+
+    With the weight's dtype as the only storage these do not depend on the price and are
+    computed once per level.
+    """
+    if model.float_only and getattr(lv, "fixed_costs", None) is not None:
+        return lv.fixed_costs
+    _, vbytes, verr = _vector_costs(lv, model, lam)
+    zero = np.zeros((len(lv.r0), 1))
+    layout = np.full(lv.tails.shape[1], model.overhead)
+    layout[0] = 0.0  # a zero block stores nothing
+    with np.errstate(invalid="ignore"):
+        out = (np.hstack([zero, np.cumsum(vbytes, axis=1)]) + layout, np.hstack([zero, np.cumsum(verr, axis=1)]) + lv.tails)
+    if model.float_only:
+        lv.fixed_costs = out
+    return out
 
 
 def _choose(levels: list[_Level], lam: float, model: CostModel) -> _Choice:
@@ -416,14 +440,9 @@ def _choose(levels: list[_Level], lam: float, model: CostModel) -> _Choice:
     below_cost = below_bytes = below_err = None
     for depth in range(len(levels) - 1, -1, -1):
         lv = levels[depth]
-        vcost, vbytes, verr = _vector_costs(lv, model, lam)
-        zero = np.zeros((len(lv.r0), 1))
-        layout = np.full(lv.tails.shape[1], model.overhead)
-        layout[0] = 0.0  # a zero block stores nothing
-        cum_bytes = np.hstack([zero, np.cumsum(vbytes, axis=1)]) + layout
-        cum_err = np.hstack([zero, np.cumsum(verr, axis=1)]) + lv.tails
-        with np.errstate(invalid="ignore"):
-            lowrank_cost = np.hstack([zero, np.cumsum(vcost, axis=1)]) + layout + lam * lv.tails
+        cum_bytes, cum_err = _rank_costs(lv, model, lam)
+        with np.errstate(over="ignore", invalid="ignore"):
+            lowrank_cost = cum_bytes + lam * cum_err
         k = np.argmin(np.where(np.isnan(lowrank_cost), np.inf, lowrank_cost), axis=1)
         rows_idx = np.arange(len(k))
         lr_cost = lowrank_cost[rows_idx, k]
@@ -457,7 +476,8 @@ def _allocate(levels: list[_Level], budget2: float, model: CostModel) -> _Choice
     total2 = sum(float(lv.tails[0, 0]) for lv in levels[:1])
     lo, hi = 1e-6 / total2, 1.0 / budget2
     best = _choose(levels, hi, model)
-    while best.err2 > budget2 and hi < 1e300:
+    # Prices stay below one byte per 1e-15 of the budget, so bytes + lam * error never overflows.
+    while best.err2 > budget2 and hi < _MAX_PRICE / budget2:
         lo, hi = hi, hi * 1e3
         best = _choose(levels, hi, model)
     if best.err2 > budget2:
@@ -547,6 +567,13 @@ class _Candidate:
     nbytes: float
     row_perm: np.ndarray | None
     col_perm: np.ndarray | None
+
+    @property
+    def params(self) -> int:
+        """Stored values (the whole weight for the unchanged candidate)."""
+        if self.blocks is None:
+            return 1 << 62
+        return sum(b.params for b in self.blocks)
 
 
 def _layout_nbytes(blocks: list[Block], overhead: int, row_perm, col_perm) -> int:
@@ -660,8 +687,8 @@ def compress(
     del w64  # the permuted pass makes its own copy
     # A layer whose natural order already compresses well has meaningful order; reordering
     # pays off where the natural order shows little structure (arbitrary neuron order).
-    dense_nbytes = m * n * w.dtype.itemsize
-    natural_poor = not candidates or candidates[0].nbytes > _PERMUTE_IF_RATIO_ABOVE * dense_nbytes
+    # Counted in stored values, not bytes: integer storage alone shrinks any weight 4-8x.
+    natural_poor = not candidates or candidates[0].params > _PERMUTE_IF_RATIO_ABOVE * m * n
     if (permute is True or (permute == "auto" and natural_poor)) and can_permute:
         # The ordering needs no float64 accuracy; float32 halves its working copies.
         points = w.astype(np.float32, copy=False)

@@ -37,6 +37,8 @@ __all__ = ["LeafSet", "prepare_leaves", "choose_storage", "materialize"]
 _EXACT_DENSE_AREA = 2**16
 _BISECTION_STEPS = 60
 _POLISH_TRIES = 256
+_POLISH_PRICES = 10
+_MAX_PRICE = 1e15
 _REFITS_PER_LEAF = 4
 
 
@@ -202,9 +204,12 @@ def _buckets(leaves: LeafSet) -> list[_Bucket]:
             pu[1 : k + 1] = np.cumsum(leaf.eu, axis=0)
             pv[1 : k + 1] = np.cumsum(leaf.ev, axis=0)
             pu[k + 1 :], pv[k + 1 :] = pu[k], pv[k]
-            ue[j] = pu[None, :, :] - pu[:, None, :]
-            ve[j] = pv[None, :, :] - pv[:, None, :]
+            with np.errstate(invalid="ignore"):  # inf - inf: a format that cannot store the leaf
+                ue[j] = pu[None, :, :] - pu[:, None, :]
+                ve[j] = pv[None, :, :] - pv[:, None, :]
             tails[j, : k + 1] = leaf.tails[: k + 1]
+        ue[np.isnan(ue)] = np.inf
+        ve[np.isnan(ve)] = np.inf
         invalid = ~valid
         if ONE_TIER:
             invalid = invalid | (a[:, None] > 0)
@@ -216,7 +221,7 @@ def _buckets(leaves: LeafSet) -> list[_Bucket]:
 
 def _tier_costs(bucket: _Bucket, lam: float, overhead: float):
     """Best format of ``U`` and ``V`` for every tier at price ``lam``: cost, bytes, error, formats."""
-    with np.errstate(invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         cu = bucket.ub + lam * bucket.ue
         cv = bucket.vb + lam * bucket.ve
     iu = np.argmin(np.where(np.isnan(cu), np.inf, cu), axis=-1)
@@ -224,7 +229,7 @@ def _tier_costs(bucket: _Bucket, lam: float, overhead: float):
     pick = lambda arr, i: np.take_along_axis(arr, i[..., None], axis=-1)[..., 0]  # noqa: E731
     nbytes = pick(bucket.ub, iu) + pick(bucket.vb, iv) + overhead
     err = pick(bucket.ue, iu) + pick(bucket.ve, iv)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         cost = nbytes + lam * err
     return np.where(np.isnan(cost), np.inf, cost), nbytes, err, iu, iv
 
@@ -238,6 +243,14 @@ def _split(bucket: _Bucket, lam: float, overhead: float):
     """
     cost_t, bytes_t, err_t, iu, iv = _tier_costs(bucket, lam, overhead)
     count, size = bucket.tails.shape[0], bucket.tails.shape[1] - 1
+    if bucket.ub.shape[-1] == 1 or ONE_TIER:
+        # One storage per factor: a second tier could only add its layout row.
+        start = np.zeros((count, size + 1), dtype=np.int64)
+        cost = cost_t[:, 0, :].copy()
+        cost[:, 0] = 0.0
+        nbytes, err = bytes_t[:, 0, :].copy(), err_t[:, 0, :].copy()
+        nbytes[:, 0] = err[:, 0] = 0.0
+        return cost, nbytes, err, start, iu, iv
     cost = np.full((count, size + 1), np.inf)
     nbytes = np.zeros((count, size + 1))
     err = np.zeros((count, size + 1))
@@ -256,16 +269,22 @@ def _split(bucket: _Bucket, lam: float, overhead: float):
 
 @dataclass(eq=False)
 class _Decision:
-    """One choice for every leaf: rank (and price, which fixes the tiers) per low-rank leaf,
-    format (``F`` = zero) per dense leaf."""
+    """One choice for every leaf: rank and tiers per low-rank leaf, format per dense leaf.
+
+    ``dense_option`` is a format index, or ``F`` for "zero". The tiers of low-rank leaf ``i``
+    come from the dynamic programme of its bucket (``dp``, kept from ``_decide``) unless
+    ``chosen`` holds them.
+    """
 
     rank: np.ndarray  # (L,)
-    lam: np.ndarray  # (L,)
     lowrank_bytes: np.ndarray
     lowrank_err: np.ndarray
     dense_option: np.ndarray  # (D,)
     dense_bytes: np.ndarray
     dense_err: np.ndarray
+    dp: dict  # leaf index -> (start, iu, iv, row) of its bucket at the decision's price
+    chosen: dict  # leaf index -> explicit tiers
+    price: float = 1.0  # the price on squared error the choice was made at
 
     @property
     def nbytes(self) -> float:
@@ -276,7 +295,23 @@ class _Decision:
         return float(self.lowrank_err.sum() + self.dense_err.sum())
 
     def copy(self) -> "_Decision":
-        return _Decision(*(np.array(getattr(self, f), copy=True) for f in self.__dataclass_fields__))
+        arrays = (np.array(getattr(self, f), copy=True) for f in list(self.__dataclass_fields__)[:6])
+        return _Decision(*arrays, dict(self.dp), dict(self.chosen), self.price)
+
+    def tiers(self, i: int) -> list[tuple[int, int, int, int]]:
+        """Tiers ``(a, b, format of U, format of V)`` of low-rank leaf ``i`` (empty: zero block)."""
+        if i in self.chosen:
+            return self.chosen[i]
+        rank = int(self.rank[i])
+        if rank == 0:
+            return []
+        start, iu, iv, row = self.dp[i]
+        out, b = [], rank
+        while b > 0:
+            a = int(start[row, b])
+            out.append((a, b, int(iu[row, a, b]), int(iv[row, a, b])))
+            b = a
+        return out[::-1]
 
 
 def _decide(leaves: LeafSet, buckets: list[_Bucket], dense_bytes: np.ndarray, dense_err: np.ndarray, lam: float) -> _Decision:
@@ -285,24 +320,27 @@ def _decide(leaves: LeafSet, buckets: list[_Bucket], dense_bytes: np.ndarray, de
     rank = np.zeros(count, dtype=np.int64)
     lr_bytes = np.zeros(count)
     lr_err = np.array([float(leaf.tails[0]) for leaf in leaves.lowrank])
+    dp = {}
     for bucket in buckets:
-        cost, nbytes, err, _, _, _ = _split(bucket, lam, overhead)
+        cost, nbytes, err, start, iu, iv = _split(bucket, lam, overhead)
         size = cost.shape[1] - 1
         ks = np.arange(size + 1)[None, :]
-        with np.errstate(invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             total = cost + lam * bucket.tails
-        total[:, 0] = lam * bucket.tails[:, 0]  # a zero block stores nothing
+            total[:, 0] = lam * bucket.tails[:, 0]  # a zero block stores nothing
         total = np.where(np.isnan(total) | (ks > bucket.ranks[:, None]), np.inf, total)
         k = np.argmin(total, axis=1)
         rows = np.arange(len(k))
         rank[bucket.index] = k
         lr_bytes[bucket.index] = np.where(k == 0, 0.0, nbytes[rows, k])
         lr_err[bucket.index] = np.where(k == 0, bucket.tails[:, 0], err[rows, k] + bucket.tails[rows, k])
+        for row, i in enumerate(bucket.index.tolist()):
+            dp[i] = (start, iu, iv, row)
     with np.errstate(over="ignore", invalid="ignore"):
         dcost = dense_bytes + lam * dense_err
     dpick = np.argmin(dcost, axis=1) if len(dcost) else np.zeros(0, dtype=np.int64)
     drows = np.arange(len(dpick))
-    return _Decision(rank, np.full(count, lam), lr_bytes, lr_err, dpick, dense_bytes[drows, dpick], dense_err[drows, dpick])
+    return _Decision(rank, lr_bytes, lr_err, dpick, dense_bytes[drows, dpick], dense_err[drows, dpick], dp, {}, lam)
 
 
 def _dense_options(leaves: LeafSet) -> tuple[np.ndarray, np.ndarray]:
@@ -322,13 +360,14 @@ def choose_storage(leaves: LeafSet, budget2: float) -> _Decision | None:
     buckets = _buckets(leaves)
     dense_bytes, dense_err = _dense_options(leaves)
     decide = lambda lam: _decide(leaves, buckets, dense_bytes, dense_err, lam)  # noqa: E731
-    best = decide(1e300)
+    # The most accurate choice: one byte is worth less than 1e-15 of the budget.
+    best = decide(_MAX_PRICE / budget2)
     if not best.err2 <= budget2:
         return None
     total = sum(float(leaf.tails[0]) for leaf in leaves.lowrank) + sum(leaf.fro2 for leaf in leaves.dense)
     lo, hi = 1e-6 / max(total, 1e-300), 1.0 / max(budget2, 1e-300)
     trial = decide(hi)
-    while trial.err2 > budget2 and hi < 1e300:
+    while trial.err2 > budget2 and hi < _MAX_PRICE / budget2:
         lo, hi = hi, hi * 1e3
         trial = decide(hi)
     if trial.err2 <= budget2:
@@ -337,7 +376,7 @@ def choose_storage(leaves: LeafSet, budget2: float) -> _Decision | None:
         lo = hi
     cheap = decide(lo)
     for _ in range(_BISECTION_STEPS):
-        if hi / lo < 1 + 1e-4:
+        if hi / lo < 1 + 1e-3:
             break
         mid = np.sqrt(lo * hi)
         trial = decide(mid)
@@ -364,7 +403,7 @@ def _spend_leftover(best: _Decision, cheap: _Decision, leftover: float) -> _Deci
             continue
         leftover -= added
         if kind == "lowrank":
-            out.rank[i], out.lam[i] = cheap.rank[i], cheap.lam[i]
+            out.rank[i], out.chosen[i] = cheap.rank[i], cheap.tiers(i)
             out.lowrank_bytes[i], out.lowrank_err[i] = cheap.lowrank_bytes[i], cheap.lowrank_err[i]
         else:
             out.dense_option[i] = cheap.dense_option[i]
@@ -373,18 +412,6 @@ def _spend_leftover(best: _Decision, cheap: _Decision, leftover: float) -> _Deci
 
 
 # --------------------------------------------------------------------------- materialize
-
-
-def _leaf_tiers(bucket: _Bucket, row: int, lam: float, rank: int, overhead: float) -> list[tuple[int, int, int, int]]:
-    """Tiers ``(a, b, format of U, format of V)`` of one leaf's first ``rank`` vectors at ``lam``."""
-    one = _Bucket(*(getattr(bucket, f)[row : row + 1] for f in bucket.__dataclass_fields__))
-    _, _, _, start, iu, iv = _split(one, lam, overhead)
-    tiers, b = [], rank
-    while b > 0:
-        a = int(start[0, b])
-        tiers.append((a, b, int(iu[0, a, b]), int(iv[0, a, b])))
-        b = a
-    return tiers[::-1]
 
 
 def _store_or_exact(a: np.ndarray, f: Format, model: CostModel):
@@ -397,16 +424,6 @@ class _Former:
 
     def __init__(self, leaves: LeafSet, wp: np.ndarray):
         self.leaves, self.wp, self.model = leaves, wp, leaves.model
-        self.where = {}
-        for bucket in _buckets(leaves):
-            for row, i in enumerate(bucket.index):
-                self.where[int(i)] = (bucket, row)
-
-    def tiers(self, i: int, rank: int, lam: float) -> list[tuple[int, int, int, int]]:
-        if rank == 0:
-            return []
-        bucket, row = self.where[i]
-        return _leaf_tiers(bucket, row, lam, rank, self.model.overhead)
 
     def lowrank(self, i: int, tiers: list[tuple[int, int, int, int]]) -> tuple[Block, float]:
         leaf = self.leaves.lowrank[i]
@@ -437,22 +454,22 @@ def materialize(leaves: LeafSet, decision: _Decision, wp: np.ndarray, budget2: f
     """Store every leaf as decided; return the blocks (tree order) and their exact squared error.
 
     With ``budget2``, budget the estimates left unspent is then spent with exact measurements
-    (``_polish``).
+    (``_polish``, which sweeps prices below the decision's).
     """
     former = _Former(leaves, wp)
-    tiers = [former.tiers(i, int(decision.rank[i]), float(decision.lam[i])) for i in range(len(leaves.lowrank))]
+    tiers = [decision.tiers(i) for i in range(len(leaves.lowrank))]
     lowrank = [former.lowrank(i, t) for i, t in enumerate(tiers)]
     dense = [former.dense(j, int(decision.dense_option[j])) for j in range(len(leaves.dense))]
     err2 = sum(e for _, e in lowrank) + sum(e for _, e in dense)
     if budget2 is not None and err2 < budget2:
-        err2 = _polish(former, decision, tiers, lowrank, dense, budget2 - err2, err2)
+        err2 = _polish(former, decision, decision.price, tiers, lowrank, dense, budget2 - err2, err2)
     placed = [(leaf.pos, b) for leaf, (b, _) in zip(leaves.lowrank, lowrank)]
     placed += [(leaf.pos, b) for leaf, (b, _) in zip(leaves.dense, dense)]
     placed.sort(key=lambda item: item[0])
     return [block for _, block in placed], err2
 
 
-def _polish(former: _Former, decision: _Decision, tiers: list, lowrank: list, dense: list, leftover: float, err2: float) -> float:
+def _polish(former: _Former, decision: _Decision, lam: float, tiers: list, lowrank: list, dense: list, leftover: float, err2: float) -> float:
     """Spend the measured leftover on cheaper choices, each measured before it is kept.
 
     Candidates: what the allocation gives a leaf at lower prices (``lam / 2**(t/2)``: fewer
@@ -464,12 +481,11 @@ def _polish(former: _Former, decision: _Decision, tiers: list, lowrank: list, de
     leaves, model = former.leaves, former.model
     buckets = _buckets(leaves)
     dense_bytes, dense_err = _dense_options(leaves)
-    lam = float(decision.lam.max()) if len(decision.lam) else 1.0
     candidates, seen = [], set()
-    for t in range(1, 17):
+    for t in range(1, _POLISH_PRICES + 1):
         cheaper = _decide(leaves, buckets, dense_bytes, dense_err, lam * 2.0 ** (-t / 2))
         for i in np.flatnonzero(cheaper.lowrank_bytes < decision.lowrank_bytes).tolist():
-            option = tuple(former.tiers(i, int(cheaper.rank[i]), float(cheaper.lam[i])))
+            option = tuple(cheaper.tiers(i))
             if ("lowrank", i, option) not in seen:
                 seen.add(("lowrank", i, option))
                 saved = decision.lowrank_bytes[i] - cheaper.lowrank_bytes[i]
@@ -513,13 +529,14 @@ def _refits(former: _Former, decision: _Decision, leftover: float) -> list:
         zero = np.zeros((1, len(model.formats)))
         cu = np.vstack([zero, np.cumsum(leaf.eu, axis=0)])  # (k + 1, F)
         cv = np.vstack([zero, np.cumsum(leaf.ev, axis=0)])
-        err = leaf.tails[: k + 1, None, None] + cu[:, :, None] + cv[:, None, :]
+        with np.errstate(invalid="ignore"):
+            err = leaf.tails[: k + 1, None, None] + cu[:, :, None] + cv[:, None, :]
         ub = model.column_bytes(np.array([rows]))[0][None, :] * ks[:, None]
         vb = model.dense_bytes(ks, np.full(k + 1, cols))
         nbytes = model.overhead + ub[:, :, None] + vb[:, None, :]
         nbytes[0] = 0.0
         allowance = (decision.lowrank_err[i] + leftover) * 1.02
-        with np.errstate(invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             fits = np.where(err <= allowance, nbytes, np.inf)
         flat = fits.ravel()
         for idx in np.argsort(flat, kind="stable")[:_REFITS_PER_LEAF]:
@@ -545,7 +562,8 @@ def _format_moves(former: _Former, tiers: list, decision: _Decision, dense_bytes
             uerr, verr = leaf.eu[a:b].sum(axis=0), leaf.ev[a:b].sum(axis=0)
             for f in range(len(model.formats)):
                 for side, nbytes, err, now in (("u", ubytes, uerr, fu), ("v", vbytes, verr, fv)):
-                    saved, added = nbytes[now] - nbytes[f], err[f] - err[now]
+                    with np.errstate(invalid="ignore"):
+                        saved, added = nbytes[now] - nbytes[f], err[f] - err[now]
                     if f == now or not saved > 0 or not np.isfinite(added):
                         continue
                     option = list(leaf_tiers)
@@ -553,7 +571,8 @@ def _format_moves(former: _Former, tiers: list, decision: _Decision, dense_bytes
                     out.append((saved / max(added, 1e-300), "lowrank", i, option))
     for j, option in enumerate(decision.dense_option.tolist()):
         for f in range(dense_bytes.shape[1]):
-            saved, added = dense_bytes[j, option] - dense_bytes[j, f], dense_err[j, f] - dense_err[j, option]
+            with np.errstate(invalid="ignore"):
+                saved, added = dense_bytes[j, option] - dense_bytes[j, f], dense_err[j, f] - dense_err[j, option]
             if f != option and saved > 0 and np.isfinite(added):
                 out.append((saved / max(added, 1e-300), "dense", j, f))
     return out

@@ -41,8 +41,9 @@ about 12 %; for int8 it gains nothing measurable, so int8 does not search).
 
 Bad values never give a silently wrong array: a group whose scale rounds to 0 in the scale
 dtype (all zeros, or so small that it underflows) stores zeros and its true error is what is
-measured; a scale or a float16 value that overflows to infinity makes the storage unusable for
-that array (``store`` returns ``None``) and the engine keeps it in another storage.
+measured; a scale, a dequantized value or a float16 value that overflows to infinity makes the
+storage unusable for that array (``store`` returns ``None``) and the engine keeps it in another
+storage.
 """
 
 from __future__ import annotations
@@ -278,7 +279,10 @@ def store(a: np.ndarray, storage: Storage, *, dtype, group: int = 0, scale_dtype
     result = quantize_groupwise(a, storage, group, np.dtype(scale_dtype or dtype))
     if result is None:
         return None
-    return StoredArray(storage, result[0], result[1], group)
+    stored = StoredArray(storage, result[0], result[1], group)
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(stored.dequantized()).all()
+    return stored if finite else None  # q * scale overflowed the scale dtype
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

@@ -127,24 +127,32 @@ def dense_format_bytes(w: np.ndarray, tol: float, overhead: int, scale_dtype) ->
 def svd_format_bytes(w: np.ndarray, tol: float, overhead: int, scale_dtype, formats=UNIFORM_FORMATS) -> dict[str, int]:
     """Bytes of the cheapest global truncated SVD ``(U S) Vt`` with both factors in one format.
 
-    For each format, the rank grows from the smallest one whose truncation alone fits until
-    the error of the stored factors meets ``tol`` (at most 24 more).
+    For each format, the smallest rank (from the smallest one whose truncation alone fits, up
+    to 24 more) at which the error of the stored factors meets ``tol``, found by bisection.
     """
     w64 = w.astype(np.float64)
     budget = tol * np.linalg.norm(w64)
     u, s, vt = np.linalg.svd(w64, full_matrices=False)
     tails = np.sqrt(np.maximum(np.sum(s**2) - np.concatenate(([0.0], np.cumsum(s**2))), 0.0))
-    first = int(np.argmax(tails <= budget))
+    first = max(int(np.argmax(tails <= budget)), 1)
+    last = min(first + 24, len(s))
+
+    def stored_bytes(k, fmt):
+        a = _stored(u[:, :k] * s[:k], fmt, w.dtype, scale_dtype)
+        b = _stored(vt[:k], fmt, w.dtype, scale_dtype)
+        if a is None or b is None or np.linalg.norm(w64 - a[0] @ b[0]) > budget:
+            return None
+        return a[1] + b[1] + overhead
+
     out = {}
     for fmt in formats:
-        for k in range(max(first, 1), min(first + 25, len(s)) + 1):
-            a = _stored(u[:, :k] * s[:k], fmt, w.dtype, scale_dtype)
-            b = _stored(vt[:k], fmt, w.dtype, scale_dtype)
-            if a is None or b is None:
-                break
-            if np.linalg.norm(w64 - a[0] @ b[0]) <= budget:
-                out[f"svd {fmt[0]}/g{fmt[1]}"] = a[1] + b[1] + overhead
-                break
+        if stored_bytes(last, fmt) is None:
+            continue
+        lo, hi = first - 1, last  # stored_bytes(hi) fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if stored_bytes(mid, fmt) is not None else (mid, hi)
+        out[f"svd {fmt[0]}/g{fmt[1]}"] = stored_bytes(hi, fmt)
     return out
 
 

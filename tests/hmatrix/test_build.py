@@ -108,19 +108,23 @@ def test_compress_any_float_dtype_with_integers(dtype, precision):
     assert hm.nbytes <= hm.dense_nbytes
 
 
-def test_compress_scales_that_would_overflow_keep_arrays_float():
-    # float16 scales cannot hold amax / 7 of values near 1e6: integer storage is impossible.
-    w = (SUITE["exp1d_320"] * 1e6).astype(np.float32)
-    hm = compress(w, 1e-2, precision="int4", scale_dtype=np.float16)
-    assert not any(a.storage.is_int for b in hm.blocks for a in b.storage)
-    assert _true_error(w, hm) <= hm.certified_error <= 1e-2 * hm.norm
+def test_compress_scales_that_would_overflow_keep_the_weight_float():
+    # Float16 scales cannot hold amax / 7 of entries near 1e6, nor float16 the entries: an
+    # unstructured weight has no storage left but its own.
+    w = (SUITE["gaussian_256"] * 1e6).astype(np.float32)
+    hm = compress(w, 0.1, precision="int4", scale_dtype=np.float16)
+    assert hm.is_unchanged and hm.certified_error == 0.0
+    # With float32 scales the same weight is stored in integers.
+    assert any(a.storage.is_int for b in compress(w, 0.1, precision="int4").blocks for a in b.storage)
 
 
-def test_compress_scales_that_underflow_stay_within_the_bound():
-    w = (SUITE["exp1d_320"] * 1e-9).astype(np.float32)
-    hm = compress(w, 1e-2, precision="int4", scale_dtype=np.float16)
-    assert np.isfinite(hm.to_dense()).all()
-    assert _true_error(w, hm) <= hm.certified_error <= 1e-2 * hm.norm
+@pytest.mark.parametrize("scale", [1e-30, 1e-9, 1e6, 1e30])
+def test_compress_extreme_magnitudes_stay_within_the_bound(scale):
+    w = (SUITE["exp1d_320"] * scale).astype(np.float32)
+    for scale_dtype in (np.float16, np.float32):
+        hm = compress(w, 1e-2, precision="int4", scale_dtype=scale_dtype)
+        assert np.isfinite(hm.to_dense()).all()
+        assert _true_error(w, hm) <= hm.certified_error <= 1e-2 * hm.norm
 
 
 def test_compress_mel_filterbank_adapts_its_leaves():
