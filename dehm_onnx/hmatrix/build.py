@@ -42,6 +42,8 @@ __all__ = ["compress", "DEFAULT_LEAF_SIZE", "DEFAULT_BLOCK_OVERHEAD"]
 
 DEFAULT_LEAF_SIZE = 32
 DEFAULT_MIN_LEAF = 4
+# Leaves tried for smaller children before all of a level's candidates are.
+_GROW_SAMPLE = 32
 # Bytes counted per layout row: about one row of a packed layout (v1 has 7 int64 columns).
 DEFAULT_BLOCK_OVERHEAD = 64
 # Blocks at most this small (in min(rows, cols)) get an exact SVD, larger ones a randomized
@@ -174,8 +176,9 @@ def _grow_small_blocks(levels: list[_Level], w: np.ndarray, budget2: float, min_
 
     Leaves are small, so the spectra of their children are exact. A leaf whose fair-share
     estimate (``_fair_share_params``) needs more than rank 2 gets children; they are kept when
-    their estimates plus ``overhead_params`` for each non-zero child undercut the parent's, and the same is tried
-    on the kept ones. Smooth blocks stop at once, unstructured ones after one trial level;
+    their estimates plus ``overhead_params`` per non-zero child undercut the parent's, and the
+    same is tried on the kept ones. A level first tries an evenly spread sample of its candidates and goes
+    on only if some of them pay. Smooth blocks stop at once, unstructured ones after a sample;
     banded blocks (filterbanks) and blocks on a kernel's diagonal go down to small leaves.
     Kept children are appended to the next level (contiguous per parent).
     """
@@ -190,21 +193,38 @@ def _grow_small_blocks(levels: list[_Level], w: np.ndarray, budget2: float, min_
         candidates = np.flatnonzero(leaf & splittable & (own > 2 * (level.rows + level.cols)))
         if not len(candidates):
             continue
-        blocks, parent = [], []
-        for i in candidates.tolist():
-            kids = _split_small(int(level.r0[i]), int(level.r1[i]), int(level.c0[i]), int(level.c1[i]), min_leaf)
-            blocks += kids
-            parent += [i] * len(kids)
-        arr = np.array(blocks, dtype=np.int64)
-        none = np.full(len(arr), -1, dtype=np.int64)
-        trial = _Level(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], none, none.copy(), np.array(parent))
-        _fill_spectra(trial, w, budget2, None, True, None)
-        kids = _fair_share_params(trial, budget2, total)
-        kids_cost = np.bincount(trial.parent, weights=kids + overhead_params * (kids > 0), minlength=len(own))
-        keep_parent = np.zeros(len(own), dtype=bool)
-        keep_parent[candidates] = kids_cost[candidates] < own[candidates] + overhead_params
-        if keep_parent.any():
-            _append_children(levels, depth, level, trial, keep_parent)
+        sample = candidates[_spread(len(candidates), _GROW_SAMPLE)]
+        found = _try_children(level, sample, own, w, budget2, min_leaf, overhead_params)
+        if found is None:
+            continue  # children of an evenly spread sample never paid: unstructured blocks
+        if len(candidates) > len(sample):
+            found = _try_children(level, candidates, own, w, budget2, min_leaf, overhead_params)
+        if found is not None:
+            _append_children(levels, depth, level, *found)
+
+
+def _spread(count: int, most: int) -> np.ndarray:
+    """Up to ``most`` indices evenly spread over ``range(count)``."""
+    return np.unique(np.linspace(0, count - 1, min(count, most)).astype(np.int64))
+
+
+def _try_children(level: _Level, candidates: np.ndarray, own: np.ndarray, w: np.ndarray, budget2: float, min_leaf: int, overhead_params: float):
+    """The children of ``candidates`` with exact spectra, and which parents they pay for (or None)."""
+    total = w.shape[0] * w.shape[1]
+    blocks, parent = [], []
+    for i in candidates.tolist():
+        kids = _split_small(int(level.r0[i]), int(level.r1[i]), int(level.c0[i]), int(level.c1[i]), min_leaf)
+        blocks += kids
+        parent += [i] * len(kids)
+    arr = np.array(blocks, dtype=np.int64)
+    none = np.full(len(arr), -1, dtype=np.int64)
+    trial = _Level(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], none, none.copy(), np.array(parent))
+    _fill_spectra(trial, w, budget2, None, True, None)
+    kids = _fair_share_params(trial, budget2, total)
+    kids_cost = np.bincount(trial.parent, weights=kids + overhead_params * (kids > 0), minlength=len(own))
+    keep_parent = np.zeros(len(own), dtype=bool)
+    keep_parent[candidates] = kids_cost[candidates] < own[candidates] + overhead_params
+    return (trial, keep_parent) if keep_parent.any() else None
 
 
 def _append_children(levels: list[_Level], depth: int, parent_level: _Level, trial: _Level, keep_parent: np.ndarray) -> None:
@@ -298,8 +318,8 @@ def _attach_costs(level: _Level, w: np.ndarray, model: CostModel, table: DenseEr
 
 
 # Blocks per level whose factors calibrate the planning error model, and the vectors used.
-_CALIBRATION_BLOCKS = 12
-_CALIBRATION_RANK = 8
+_CALIBRATION_BLOCKS = 8
+_CALIBRATION_RANK = 6
 
 
 def _calibrated_rho(level: _Level, w: np.ndarray, model: CostModel) -> tuple[np.ndarray, np.ndarray]:
@@ -421,8 +441,8 @@ def _rank_costs(lv: _Level, model: CostModel, lam: float) -> tuple[np.ndarray, n
     With the weight's dtype as the only storage these do not depend on the price and are
     computed once per level.
     """
-    if model.float_only and getattr(lv, "fixed_costs", None) is not None:
-        return lv.fixed_costs
+    if model.float_only and getattr(lv, "fixed_costs", None) is not None and lv.fixed_costs[0] is model:
+        return lv.fixed_costs[1]
     _, vbytes, verr = _vector_costs(lv, model, lam)
     zero = np.zeros((len(lv.r0), 1))
     layout = np.full(lv.tails.shape[1], model.overhead)
@@ -430,7 +450,7 @@ def _rank_costs(lv: _Level, model: CostModel, lam: float) -> tuple[np.ndarray, n
     with np.errstate(invalid="ignore"):
         out = (np.hstack([zero, np.cumsum(vbytes, axis=1)]) + layout, np.hstack([zero, np.cumsum(verr, axis=1)]) + lv.tails)
     if model.float_only:
-        lv.fixed_costs = out
+        lv.fixed_costs = (model, out)
     return out
 
 
@@ -593,14 +613,27 @@ def _compress_in_order(wp, model: CostModel, budget2, leaf_size, min_leaf, rng, 
         estimate = _subtree_estimate(level, estimate, budget2, wp.size)
     _grow_small_blocks(levels, wp, budget2, min(min_leaf, leaf_size), model.overhead / model.dtype.itemsize)
     table = None if model.float_only else DenseErrorTable(wp, model)
+    best = _plan_and_store(levels, wp, model, table, budget2, row_perm, col_perm)
+    if (best is None or best.nbytes >= unchanged.nbytes) and model.overhead > 0:
+        # The price bisection only reaches the convex hull of (bytes, error); counting layout
+        # rows can leave nothing on it between "unchanged" and a plan that breaks the budget
+        # (e.g. a 3 % saving spread over 27 blocks). Planned without them, such a plan is
+        # found; it is kept if it is still smaller once its layout is counted.
+        best = _plan_and_store(levels, wp, model.without_overhead(), table, budget2, row_perm, col_perm, int(model.overhead))
+    return best if best is not None and best.nbytes < unchanged.nbytes else unchanged
+
+
+def _plan_and_store(levels, wp, model: CostModel, table, budget2, row_perm, col_perm, overhead=None) -> _Candidate | None:
+    """Plan the structure, choose the storage, store and measure; None if nothing fits."""
     for level in levels:
         _attach_costs(level, wp, model, table)
+    overhead = int(model.overhead) if overhead is None else overhead
     # The plan rests on estimates; the storage step measures. If even the most accurate storage
     # of the planned leaves breaks the budget, plan again with less of it.
     for shrink in (1.0, 0.5, 0.25, 0.1, 0.01):
         choice = _allocate(levels, budget2 * shrink, model)
         if choice.err2 > budget2 * shrink:
-            break
+            return None
         leaves = _leaf_set(levels, _leaves(levels, choice), wp, model, table)
         target = budget2
         for _ in range(4):
@@ -609,12 +642,10 @@ def _compress_in_order(wp, model: CostModel, budget2, leaf_size, min_leaf, rng, 
                 break
             blocks, err2 = refine.materialize(leaves, decision, wp, budget2)
             if err2 <= budget2:
-                nbytes = _layout_nbytes(blocks, int(model.overhead), row_perm, col_perm)
-                if nbytes < unchanged.nbytes:
-                    return _Candidate(blocks, err2, nbytes, row_perm, col_perm)
-                return unchanged
+                nbytes = _layout_nbytes(blocks, overhead, row_perm, col_perm)
+                return _Candidate(blocks, err2, nbytes, row_perm, col_perm)
             target *= max(0.25, min(0.98, budget2 / err2))
-    return unchanged
+    return None
 
 
 def compress(

@@ -111,6 +111,10 @@ class CostModel:
         self.rho = np.array([self._rho(f) for f in formats], dtype=np.float64)
         self.float_only = len(formats) == 1
 
+    def without_overhead(self) -> "CostModel":
+        """The same model with no bytes per layout row."""
+        return CostModel(self.formats, self.dtype, self.scale_dtype, 0)
+
     def _bits(self, f: Format) -> float:
         return {Storage.FLOAT: 8.0 * self.dtype.itemsize, Storage.FP16: 16.0, Storage.INT8: 8.0, Storage.INT4: 4.0}[f.storage]
 

@@ -37,6 +37,8 @@ __all__ = ["LeafSet", "prepare_leaves", "choose_storage", "materialize"]
 _EXACT_DENSE_AREA = 2**16
 _BISECTION_STEPS = 60
 _POLISH_TRIES = 256
+_POLISH_AREA = 2
+_POLISH_MIN_TRIES = 8
 _POLISH_PRICES = 10
 _MAX_PRICE = 1e15
 _REFITS_PER_LEAF = 4
@@ -475,8 +477,10 @@ def _polish(former: _Former, decision: _Decision, lam: float, tiers: list, lowra
     Candidates: what the allocation gives a leaf at lower prices (``lam / 2**(t/2)``: fewer
     vectors, coarser tiers), and every single change of one array's format (the price sweep
     only reaches the convex hull of a leaf's choices; a choice just inside it may still fit).
-    They are tried by estimated bytes saved per error added, at most ``_POLISH_TRIES``; one is
-    kept when the stored block is smaller and its measured extra error fits the leftover.
+    They are tried by estimated bytes saved per error added, at most ``_POLISH_TRIES``, and
+    beyond the first ``_POLISH_MIN_TRIES`` only while the blocks tried hold at most
+    ``_POLISH_AREA`` times the weight's entries; one is kept when the stored block is smaller
+    and its measured extra error fits the leftover.
     """
     leaves, model = former.leaves, former.model
     buckets = _buckets(leaves)
@@ -500,7 +504,12 @@ def _polish(former: _Former, decision: _Decision, lam: float, tiers: list, lowra
     candidates += _format_moves(former, tiers, decision, dense_bytes, dense_err)
     candidates += _refits(former, decision, leftover)
     candidates.sort(key=lambda c: -c[0])
-    for _, kind, i, choice in candidates[:_POLISH_TRIES]:
+    area = _POLISH_AREA * former.wp.size
+    for tries, (_, kind, i, choice) in enumerate(candidates[:_POLISH_TRIES]):
+        leaf = leaves.lowrank[i] if kind == "lowrank" else leaves.dense[i]
+        area -= (leaf.r1 - leaf.r0) * (leaf.c1 - leaf.c0)
+        if area < 0 and tries >= _POLISH_MIN_TRIES:
+            break
         current = lowrank[i] if kind == "lowrank" else dense[i]
         trial = former.lowrank(i, choice) if kind == "lowrank" else former.dense(i, choice)
         added = trial[1] - current[1]

@@ -227,32 +227,39 @@ def quantize_groupwise(a: np.ndarray, storage: Storage, group: int, scale_dtype)
     x = _group_view(a.astype(work, copy=False), group)
     amax = np.abs(x).max(axis=1).astype(np.float64) if x.size else np.zeros((x.shape[0], cols))
     candidates = INT4_CLIP if storage == Storage.INT4 else (1.0,)
-    best_q = best_scales = best_err = None
+    scales = best_err = None
     for c in candidates:
         with np.errstate(over="ignore"):
-            scales = (amax * (c / high)).astype(scale_dtype)
-        if not np.isfinite(scales).all():
+            trial = (amax * (c / high)).astype(scale_dtype)
+        if not np.isfinite(trial).all():
             if c == 1.0:
                 return None
             continue
-        # A zero scale (an all-zero group, or one that underflows) divides into 0: q = 0.
-        divisor = np.where(scales > 0, scales, np.inf).astype(work)[:, None, :]
-        q = np.clip(np.rint(x / divisor), low, high)
         if len(candidates) == 1:
-            best_q, best_scales = q, scales
+            scales = trial
             break
-        deq = (q * scales.astype(work)[:, None, :]).astype(scale_dtype).astype(work, copy=False)
-        diff = x - deq
-        err = np.einsum("gij,gij->gj", diff, diff)
+        q = _integers(x, trial, low, high, work)
+        deq = (q * trial.astype(work)[:, None, :]).astype(scale_dtype).astype(work, copy=False)
+        deq -= x
+        err = np.einsum("gij,gij->gj", deq, deq)
         if best_err is None:
-            best_q, best_scales, best_err = q, scales, err
-            continue
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scales = np.where(better, scales, best_scales)
-        best_q = np.where(better[:, None, :], q, best_q)
-    q = best_q.reshape(-1, cols)[:rows].astype(np.int8)
-    return q, best_scales.astype(scale_dtype)
+            scales, best_err = trial, err
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            scales = np.where(better, trial, scales)
+    q = _integers(x, scales, low, high, work).reshape(-1, cols)[:rows].astype(np.int8)
+    return q, scales.astype(scale_dtype)
+
+
+def _integers(x: np.ndarray, scales: np.ndarray, low: int, high: int, work) -> np.ndarray:
+    """``clip(rint(x / scale))`` per group; a zero scale (an all-zero group, or one that
+    underflows) gives 0."""
+    divisor = np.where(scales > 0, scales.astype(work), np.inf).astype(work)
+    with np.errstate(over="ignore"):  # a subnormal scale: the quotient saturates and is clipped
+        q = x / divisor[:, None, :]
+    np.rint(q, out=q)
+    return np.clip(q, low, high, out=q)
 
 
 def store(a: np.ndarray, storage: Storage, *, dtype, group: int = 0, scale_dtype=None) -> StoredArray | None:

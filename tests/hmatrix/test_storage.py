@@ -194,3 +194,21 @@ def test_quantized_values_are_what_dequantize_linear_gives(rows, cols, storage, 
     inside = np.abs(a) <= high * step
     bound = np.where(inside, step / 2, np.abs(a) - high * step) + 2.0**-10 * np.abs(a)
     assert np.all(np.abs(a - deq.astype(np.float64)) <= bound * (1 + 1e-9) + 1e-300)
+
+
+@pytest.mark.parametrize("value", [1e-45, 1e-40, 1e-38, 3e38])
+@pytest.mark.parametrize("storage", INTS)
+@pytest.mark.parametrize("scale_dtype", [np.float16, np.float32])
+def test_extreme_magnitudes_give_valid_integers_or_no_storage(value, storage, scale_dtype):
+    # Regression: a subnormal scale once made 1/scale overflow and the integers NaN.
+    a = np.full((16, 3), value, dtype=np.float32)
+    a[3, 1] = -value
+    stored = store(a, storage, dtype=np.float32, group=16, scale_dtype=scale_dtype)
+    if stored is None:
+        assert scale_dtype == np.float16 and value > 1e30
+        return
+    low, high = INT_RANGE[storage]
+    assert low <= stored.values.min() and stored.values.max() <= high
+    deq = stored.dequantized().astype(np.float64)
+    assert np.isfinite(deq).all()
+    assert np.all(np.abs(deq - a) <= np.abs(a.astype(np.float64)) + 1e-300)
