@@ -1,27 +1,43 @@
-"""compress(): adaptive H-matrix construction with a global, certified error budget.
+"""compress(): adaptive H-matrix construction in few bytes, with a global, certified error budget.
 
-Given ``W`` (m x n) and ``tol``, find a tiling of (a row/column permutation of) ``W`` into
-zero, dense and low-rank leaves that stores few parameters while
+Given ``W`` (m x n), ``tol`` and the storages allowed (``precision``), find a tiling of (a
+row/column permutation of) ``W`` into zero, dense and low-rank leaves, and a storage for every
+array (``storage.py``: the weight's dtype, float16, int8 or int4 with groupwise scales), that
+takes few bytes (payload + scales + a layout row per stored block or tier) while
 
     ||W - W_H||_F <= tol * ||W||_F,
 
-a bound that is checked on the stored (rounded) factors before the result is returned.
+a bound measured on the stored, dequantized values before the result is returned.
 
-Algorithm ("dynamic error-bounded" refinement, arXiv:2409.07028, made global):
+Algorithm ("dynamic error-bounded" refinement, arXiv:2409.07028, made global and extended to
+storage precision):
 
 1. Cluster trees over rows and columns by bisection (optionally after a PCA reordering);
-   the block tree pairs them, down to ``leaf_size``.
+   the block tree pairs them, down to ``leaf_size``. Leaves are then split further, down to
+   ``min_leaf``, where their children look cheaper (banded filterbanks, a kernel's diagonal).
 2. Every block of the tree gets its singular spectrum: exact (batched LAPACK) for small
    blocks, a randomized range finder of growing width for large ones, so the cost grows
    about as ``m * n`` times the ranks involved.
-3. The error budget is spent globally. For a price ``lam`` of squared error, each block takes
-   the cheapest of: zero, low-rank of rank k, dense, or its children, by
-   ``params + lam * error^2`` (a bottom-up pass over the tree). Bisection on ``lam`` finds the
-   smallest parameter count whose total squared error fits in ``tol^2 ||W||_F^2``; i.e. the
-   singular values that are dropped are those that cost the least error per parameter saved,
-   wherever they lie. The leftover budget is then spent greedily on further drops.
-4. The factors are formed, rounded to the weight's dtype, and the error of the stored form is
-   measured block by block in float64 and summed: that sum is the certified error.
+3. Planning: the error budget is spent globally. For a price ``lam`` of squared error, each
+   block takes the cheapest of zero, low-rank of rank k, dense, or its children, by
+   ``bytes + lam * error`` (a bottom-up pass over the tree). A low-rank block's singular
+   vector ``j`` costs, for its ``U`` column and its ``Vt`` row separately, the cheapest format
+   by ``bytes_f + lam * rho_f * sigma_j^2`` (``costs.py``; ``rho_f`` calibrated on a few blocks
+   of each level), so the storage may change along the rank; a dense block takes its cheapest
+   format with the weight's own measured quantization error (``costs.DenseErrorTable``).
+   Bisection on ``lam`` finds the fewest bytes whose estimated squared error fits
+   ``tol^2 ||W||_F^2``.
+4. Storage (``refine.py``): on the planned leaves only, errors of every format are measured on
+   the actual factors and blocks; a second price bisection picks each leaf's rank, its tiers
+   (consecutive singular vectors sharing one storage, by dynamic programming with a layout row
+   per tier) and each dense leaf's format; the arrays are stored and every block's error is
+   measured in float64 on the dequantized values, and the budget still unspent is spent on
+   cheaper choices that are each measured before they are kept. The sum of the measured
+   errors is the certified error; if it breaks the budget, the storage step (then the plan)
+   runs again with less of it.
+
+With ``precision="float"`` the only storage is the weight's dtype and this is the engine of
+before, counting bytes (values times itemsize plus layout rows) instead of values.
 """
 
 from __future__ import annotations
@@ -302,9 +318,11 @@ def _fill_spectra(level: _Level, w: np.ndarray, budget2: float, rng: np.random.G
 _PLAN_VT_ROWS = 8
 
 
-def _attach_costs(level: _Level, w: np.ndarray, model: CostModel, table: DenseErrorTable | None) -> None:
-    """Bytes and error estimates of every format for the blocks of a level (price-independent)."""
-    level.rho_u, level.rho_v = _calibrated_rho(level, w, model)
+def _attach_costs(level: _Level, model: CostModel, table: DenseErrorTable | None) -> None:
+    """Bytes and error estimates of every format for the blocks of a level (price-independent).
+
+    ``level.rho_u``/``rho_v`` must be set (``_calibrate``).
+    """
     level.col_env = _Envelope(model.column_bytes(level.rows), level.rho_u)
     level.row_env = _Envelope(model.row_bytes(level.cols, _PLAN_VT_ROWS), level.rho_v)
     level.dense_bytes = model.dense_bytes(level.rows, level.cols) + model.overhead
@@ -322,40 +340,44 @@ _CALIBRATION_BLOCKS = 8
 _CALIBRATION_RANK = 6
 
 
-def _calibrated_rho(level: _Level, w: np.ndarray, model: CostModel) -> tuple[np.ndarray, np.ndarray]:
-    """The model's ``rho_f`` for ``U`` and ``V``, scaled to what this level's factors show.
+def _calibrate(levels: list[_Level], w: np.ndarray, model: CostModel) -> None:
+    """Set each level's ``rho_u``/``rho_v``: the model's ``rho_f`` scaled to what its factors show.
 
     Singular vectors of smooth or sparse blocks quantize far better than Gaussian data (often
-    5-20x less squared error), so the planner would over-protect them. A few blocks of the level
-    (evenly spread over those with a spectrum) are factored and stored in every format; the
-    ratio of measured to modelled error rescales ``rho_f``.
+    5-20x less squared error), so the planner would over-protect them. A few blocks of each
+    level (evenly spread over those with a spectrum) are factored and stored in every format
+    (all levels in one batch); the ratio of measured to modelled error rescales ``rho_f``.
     """
-    if model.float_only:
-        return model.rho, model.rho
-    known = [i for i in range(len(level.r0)) if level.spectra[i] is not None and level.tails[i, 0] > 0]
-    if not known:
-        return model.rho, model.rho
-    picks = sorted({known[int(j)] for j in np.linspace(0, len(known) - 1, min(_CALIBRATION_BLOCKS, len(known)))})
-    leaves, energy = [], 0.0
-    for i in picks:
-        spectrum = level.spectra[i]
-        rank = int(min(_CALIBRATION_RANK, np.count_nonzero(spectrum.s > 0), _useful_rank(int(level.rows[i]), int(level.cols[i]))))
-        if rank < 1:
+    samples = []  # (level, leaf, energy)
+    for level in levels:
+        level.rho_u = level.rho_v = model.rho
+        if model.float_only:
             continue
-        part = w[level.r0[i] : level.r1[i], level.c0[i] : level.c1[i]]
-        u0, sv, vt0 = _triplets(spectrum, part, rank)
-        leaves.append(refine.lowrank_leaf(0, int(level.r0[i]), int(level.r1[i]), int(level.c0[i]), int(level.c1[i]), u0, sv, vt0, level.tails[i]))
-        energy += float(np.sum(sv**2))
-    if not leaves or energy <= 0.0:
-        return model.rho, model.rho
-    measured = refine.prepare_leaves(leaves, [], model, None)
-    out = []
-    for side in ("eu", "ev"):
-        total = sum(getattr(leaf, side).sum(axis=0) for leaf in measured.lowrank)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.clip(total / (energy * model.rho), 0.01, 4.0)
-        out.append(np.where(np.isfinite(total), model.rho * np.where(np.isfinite(ratio), ratio, 1.0), np.inf))
-    return out[0], out[1]
+        known = [i for i in range(len(level.r0)) if level.spectra[i] is not None and level.tails[i, 0] > 0]
+        for j in _spread(len(known), _CALIBRATION_BLOCKS).tolist():
+            i = known[j]
+            spectrum = level.spectra[i]
+            rank = int(min(_CALIBRATION_RANK, np.count_nonzero(spectrum.s > 0), _useful_rank(int(level.rows[i]), int(level.cols[i]))))
+            if rank < 1:
+                continue
+            r0, r1, c0, c1 = (int(a[i]) for a in (level.r0, level.r1, level.c0, level.c1))
+            u0, sv, vt0 = _triplets(spectrum, w[r0:r1, c0:c1], rank)
+            samples.append((level, refine.lowrank_leaf(0, r0, r1, c0, c1, u0, sv, vt0, level.tails[i]), float(np.sum(sv**2))))
+    if not samples:
+        return
+    refine.prepare_leaves([leaf for _, leaf, _ in samples], [], model, None)
+    for level in levels:
+        mine = [(leaf, e) for lv, leaf, e in samples if lv is level]
+        energy = sum(e for _, e in mine)
+        if not mine or energy <= 0.0:
+            continue
+        rho = []
+        for side in ("eu", "ev"):
+            total = sum(getattr(leaf, side).sum(axis=0) for leaf, _ in mine)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = np.clip(total / (energy * model.rho), 0.01, 4.0)
+            rho.append(np.where(np.isfinite(total), model.rho * np.where(np.isfinite(ratio), ratio, 1.0), np.inf))
+        level.rho_u, level.rho_v = rho
 
 
 class _Envelope:
@@ -613,6 +635,7 @@ def _compress_in_order(wp, model: CostModel, budget2, leaf_size, min_leaf, rng, 
         estimate = _subtree_estimate(level, estimate, budget2, wp.size)
     _grow_small_blocks(levels, wp, budget2, min(min_leaf, leaf_size), model.overhead / model.dtype.itemsize)
     table = None if model.float_only else DenseErrorTable(wp, model)
+    _calibrate(levels, wp, model)
     best = _plan_and_store(levels, wp, model, table, budget2, row_perm, col_perm)
     if (best is None or best.nbytes >= unchanged.nbytes) and model.overhead > 0:
         # The price bisection only reaches the convex hull of (bytes, error); counting layout
@@ -626,7 +649,7 @@ def _compress_in_order(wp, model: CostModel, budget2, leaf_size, min_leaf, rng, 
 def _plan_and_store(levels, wp, model: CostModel, table, budget2, row_perm, col_perm, overhead=None) -> _Candidate | None:
     """Plan the structure, choose the storage, store and measure; None if nothing fits."""
     for level in levels:
-        _attach_costs(level, wp, model, table)
+        _attach_costs(level, model, table)
     overhead = int(model.overhead) if overhead is None else overhead
     # The plan rests on estimates; the storage step measures. If even the most accurate storage
     # of the planned leaves breaks the budget, plan again with less of it.

@@ -98,15 +98,21 @@ def dense_leaf(pos, r0, r1, c0, c1, part: np.ndarray) -> _Dense:
 def _format_errors(arrays: list[np.ndarray], f: Format, model: CostModel, axis: int) -> list[np.ndarray]:
     """Squared error of storing each array in ``f``, summed along ``axis`` (0: per column, 1: per row).
 
-    Arrays with the same number of rows are quantized side by side: groups run down the rows of
-    each column, so placing columns next to each other changes nothing.
+    Arrays are quantized side by side, zero-padded at the bottom to a common number of rows
+    (the next power of two): groups run down the rows of each column from row 0, so neither
+    neighbouring columns nor trailing zero rows change how an array's own rows are stored.
     """
     out = [None] * len(arrays)
     by_rows: dict[int, list[int]] = {}
     for i, a in enumerate(arrays):
-        by_rows.setdefault(a.shape[0], []).append(i)
-    for idx in by_rows.values():
-        joined = np.hstack([arrays[i] for i in idx])
+        by_rows.setdefault(1 << max(0, int(a.shape[0] - 1).bit_length()), []).append(i)
+    for rows, idx in by_rows.items():
+        joined = np.zeros((rows, sum(arrays[i].shape[1] for i in idx)))
+        start = 0
+        for i in idx:
+            a = arrays[i]
+            joined[: a.shape[0], start : start + a.shape[1]] = a
+            start += a.shape[1]
         stored = store(joined, f.storage, dtype=model.dtype, group=f.group, scale_dtype=model.scale_dtype)
         if stored is None:
             for i in idx:
@@ -116,8 +122,8 @@ def _format_errors(arrays: list[np.ndarray], f: Format, model: CostModel, axis: 
         sq = diff * diff
         start = 0
         for i in idx:
-            width = arrays[i].shape[1]
-            out[i] = sq[:, start : start + width].sum(axis=axis)
+            height, width = arrays[i].shape
+            out[i] = sq[:height, start : start + width].sum(axis=axis)
             start += width
     return out
 

@@ -46,7 +46,7 @@ dtypes = st.sampled_from([np.float16, np.float32, np.float64])
 tols = st.floats(1e-6, 0.5).map(lambda t: float(t))
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(w=matrices, dtype=dtypes, tol=tols, permute=st.sampled_from([False, True, "auto"]))
 def test_certified_bound_holds_for_stored_factors(w, dtype, tol, permute):
     w = w.astype(dtype)
@@ -61,13 +61,13 @@ def test_certified_bound_holds_for_stored_factors(w, dtype, tol, permute):
 small_matrices = st.builds(
     lambda kind, m, n, seed: _structured(kind, m, n, np.random.default_rng(seed)),
     st.sampled_from(["kernel", "exp", "lowrank", "banded", "blocksparse", "gaussian"]),
-    st.integers(1, 96),
-    st.integers(1, 96),
+    st.integers(1, 72),
+    st.integers(1, 72),
     st.integers(0, 2**32 - 1),
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     w=small_matrices,
     dtype=dtypes,
