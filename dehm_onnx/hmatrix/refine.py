@@ -12,14 +12,16 @@ The planner (``build.py``) fixes the leaves (their ranges, kinds and largest ran
    correlation with the rounding are second order). Both are measured by quantizing the actual
    factors in every allowed format. Dense leaves get the exact error of each format (or, above
    ``_EXACT_DENSE_AREA`` entries, the planner's estimate).
-2. A price ``lam`` on squared error: each singular vector takes the format minimising
-   ``bytes + lam * error`` for ``U`` and for ``V`` (so the storage may change along the rank:
-   *tiers*), each leaf the rank ``k' <= k`` and each dense leaf the format minimising
-   ``bytes + lam * error``; bisection on ``lam`` meets the budget and the leftover is spent
-   greedily on the leaves whose cheaper choice costs the least error per byte saved.
+2. A price ``lam`` on squared error: each leaf takes the rank ``k' <= k`` and the split of its
+   first ``k'`` singular vectors into *tiers* (consecutive vectors sharing one format for ``U``
+   and one for ``V``) minimising ``bytes + lam * error`` - dynamic programming over the tier
+   ends, each tier paying its layout row and, in integers, its own ``Vt`` scales - and each
+   dense leaf its format; bisection on ``lam`` meets the budget and the leftover goes to the
+   leaves whose cheaper choice costs the least error per byte saved.
 3. The chosen arrays are stored; the squared error of every block is measured in float64 on the
-   dequantized values (``Block.u @ Block.vt``, ``Block.dense``) and summed. The caller retries
-   with a smaller budget if the sum exceeds it.
+   dequantized values (``Block.u @ Block.vt``, ``Block.dense``) and summed. Budget still left
+   is spent on cheaper choices, each measured before it is kept (``_polish``). The caller
+   retries with a smaller budget if the sum exceeds it.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def prepare_leaves(lowrank: list[_LowRank], dense: list[tuple[_Dense, np.ndarray
         errs = _format_errors([part for _, part in small], f, model, axis=0)
         for (leaf, _), e in zip(small, errs):
             leaf.err[fi] = float(e.sum())
-    if large:
+    if large and table is not None:  # without a table every format is FLOAT: exact
         est = table.errors(*(np.array([getattr(leaf, a) for leaf, _ in large]) for a in ("r0", "r1", "c0", "c1")))
         for (leaf, _), e in zip(large, est):
             leaf.err[:] = e

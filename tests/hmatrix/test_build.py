@@ -234,3 +234,11 @@ def test_compress_rejects_bad_input(w, tol, error, match):
 def test_compress_rejects_bad_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         compress(np.ones((4, 4)), 0.1, **kwargs)
+
+
+def test_compress_float_large_dense_leaf():
+    # Regression: a dense leaf above the exact-measurement area once needed the quantized
+    # error table, which float-only compression does not build.
+    w = np.random.default_rng(7).standard_normal((300, 400)).astype(np.float32)
+    hm = compress(w, 0.01)
+    assert hm.is_unchanged and hm.nbytes == hm.dense_nbytes
