@@ -68,7 +68,8 @@ def test_dequantize_uint8_per_tensor_with_zero_point(rng):
     ]
     model = make_model(nodes, [("x", np.float32, [3, M])], [("y", np.float32, [3, N])],
                        [("wq", q), ("scale", np.array(scale)), ("zero", np.array(128, np.uint8))])
-    _optimize_and_check(model, "w", "dequantize uint8 per-tensor", rng)
+    # Per-tensor 8-bit noise is about 3e-3 of the weight: a tighter tol would have to keep it.
+    _optimize_and_check(model, "w", "dequantize uint8 per-tensor", rng, tol=5e-2)
 
 
 @pytest.mark.parametrize("data_type, lo, hi", [(TensorProto.INT4, -8, 7), (TensorProto.UINT4, 0, 15)])
@@ -92,7 +93,9 @@ def test_dequantize_4bit_blocked(rng, data_type, lo, hi):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     onnx.checker.check_model(model)
     name = "int4" if lo < 0 else "uint4"
-    _optimize_and_check(model, "w", f"dequantize {name} blocked", rng)
+    # 4-bit noise is a few percent of the weight; the H-matrix is certified against the noisy
+    # float weight, so only a tol above that noise leaves structure to exploit.
+    _optimize_and_check(model, "w", f"dequantize {name} blocked", rng, tol=0.2)
 
 
 def test_cast_of_int8_times_scale(rng):
