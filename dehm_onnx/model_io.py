@@ -52,6 +52,7 @@ __all__ = [
     "from_proto",
     "data_files",
     "source_files",
+    "stored_tensors",
     "validate_external_data",
     "load_model",
     "load_checked",
@@ -392,6 +393,14 @@ def _slots(model: ir.Model) -> list[_Slot]:
             if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
                 slots.append(_Slot(node=node, attr=attr.name))
     return slots
+
+
+def stored_tensors(model) -> list:
+    """Every tensor a model stores (``ir`` tensors; a ``ModelProto`` is read, not copied):
+    initializers and tensor attributes of all graphs and model-local functions."""
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    return [s.tensor for s in _slots(model)]
 
 
 def _external_slots(model: ir.Model) -> list[_Slot]:

@@ -41,23 +41,6 @@ LATENCY_THREADS = 2
 _MIN_TIMED_SECONDS = 2e-3
 
 
-def _tensors(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node):
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.TENSOR:
-            yield attr.t
-        elif attr.type == onnx.AttributeProto.GRAPH:
-            yield from _tensors(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for g in attr.graphs:
-                yield from _tensors(g)
-
-
 def _nbits_weights(model: onnx.ModelProto) -> dict:
     """Packed MatMulNBits weight name -> values per stored element."""
     out = {}
@@ -70,25 +53,19 @@ def _nbits_weights(model: onnx.ModelProto) -> dict:
 
 def stored_params(model: onnx.ModelProto) -> int:
     """Scalars stored in the model's constants (see the module docstring)."""
+    from ..model_io import stored_tensors
+
     packed = _nbits_weights(model)
-    tensors = list(_tensors(model.graph))
-    for function in model.functions:
-        for node in function.node:
-            tensors.extend(_node_tensors(node))
-    return sum(int(np.prod(t.dims, dtype=np.int64)) * packed.get(t.name, 1) for t in tensors)
+    return sum(int(np.prod(t.shape.numpy(), dtype=np.int64)) * packed.get(t.name, 1) for t in stored_tensors(model))
 
 
 def file_bytes(path: Path) -> int:
     """Bytes on disk of the model file and the external data files it names."""
+    from ..model_io import data_files
+
     path = Path(path)
-    total = path.stat().st_size
     model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in _tensors(model.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                locations.add(entry.value)
-    return total + sum((path.parent / loc).stat().st_size for loc in locations)
+    return path.stat().st_size + sum(f.stat().st_size for f in data_files(model, path.parent))
 
 
 def layer_records(model: onnx.ModelProto) -> list:
