@@ -12,7 +12,7 @@ A hostile model can point those anywhere, so before any byte is read ``validate_
 requires, for every external tensor of every graph and function:
 
 - ``location`` is relative, has no ``..`` component, and resolves (symlinks followed) to a
-  regular file inside the model's folder;
+  regular file inside the model's folder, with no other hard link (as onnx-ir requires);
 - ``offset`` and ``length`` are non-negative integers with ``offset + length <= file size``,
   and ``length`` equals the size implied by the tensor's dims and type.
 
@@ -181,6 +181,12 @@ def _resolve(tensor: onnx.TensorProto, folder: Path) -> tuple[Path, int, int]:
     info = target.stat()
     if not stat.S_ISREG(info.st_mode):
         raise InvalidModelError(f"tensor {name!r}: external data location {location!r} is not a regular file")
+    if info.st_nlink > 1:
+        # onnx-ir refuses to read such a file (a hard link can bring any file of the disk into
+        # the folder); refusing it here says so before anything is read, on every path.
+        raise InvalidModelError(
+            f"tensor {name!r}: external data file {location!r} has {info.st_nlink} hard links; use a copy of it"
+        )
     size = info.st_size
     if offset > size:
         raise InvalidModelError(f"tensor {name!r}: external data offset {offset} is beyond the end of {location!r} ({size} bytes)")

@@ -217,6 +217,11 @@ def _columns(rows) -> list:
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _model(model_or_path):
+    """A ModelProto as given (the caller holds it, checked); a path read by ``model_io.load_model``."""
+    return model_or_path if hasattr(model_or_path, "graph") else load_model(model_or_path)
+
+
 def _unchanged(orig, opt) -> bool:
     """True when the optimized model has no dehm metadata and the same graph as the original."""
     return not has_layers(opt) and orig.graph.SerializeToString() == opt.graph.SerializeToString()
@@ -445,7 +450,7 @@ def verify(
     """
     from .calibration import DEFAULT_NUM_SAMPLES
 
-    orig_model, opt_model = load_model(orig), load_model(opt)
+    orig_model, opt_model = _model(orig), _model(opt)
     if layers is not None:
         records = list(layers)
     elif _unchanged(orig_model, opt_model):

@@ -150,3 +150,10 @@ def test_light_proto_passes_the_checker_without_reading_data(saved):
     lazy, _ = external.load_lazy(path)
     onnx.checker.check_model(external.light_proto(lazy))
     assert all(isinstance(v.const_value, onnx_ir.ExternalTensor) for v in lazy.graph.initializers.values())
+
+
+def test_validate_refuses_a_data_file_with_another_hard_link(saved, tmp_path):
+    path, _ = saved
+    os.link(path.parent / "model.onnx.data", tmp_path / "elsewhere.data")
+    with pytest.raises(InvalidModelError, match="hard links"):
+        _validate(path)
