@@ -14,6 +14,12 @@ tensor the weight's ``WeightSource`` computes (an initializer, a Constant, or a 
 cast / reshape / transpose chain of one); the chain's nodes and stored tensors are removed
 when nothing else reads them.
 
+Clamp step: when X is provably nonnegative (``graph/nonneg.py``), W has no negative entry,
+``α >= 0`` and there is no bias (or a nonnegative one with ``β >= 0``), the original layer's
+output is ``>= 0`` everywhere; a ``Relu`` then follows the emitted product. Clamping a value
+whose true result is ``>= 0`` can only reduce its error, and a downstream ``Log``/``Sqrt``
+never sees the small negative values a compressed W can produce (main graph only).
+
 Each candidate goes through scan -> check -> compress -> emit -> splice -> record.
 ``_splice`` is the only function that changes the model. A weight used by several
 candidates is compressed once (per orientation) and its factors are stored once; a weight
@@ -45,6 +51,7 @@ from .emit import EMITTERS, Emission
 from .emit_function import fit_function_to_model
 from .emit_ops import initializer
 from .inline import inline_weight_functions
+from .nonneg import nonnegative_values
 from .scan import Candidate, scan
 
 __all__ = ["CompressWeightsPass", "CompressResult", "Compressor", "Selection", "select_candidates"]
@@ -107,6 +114,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         self.progress = progress
         self.compressor = compressor or compress_layers
         self._written: list[ir.Value] = []
+        self._nonneg: set[str] = set()
 
     def requires(self, model: ir.Model) -> None:
         """No name is written twice: new names are made unique against the existing ones, and
@@ -139,6 +147,9 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         self._written = []
         selection = select_candidates(model, self.config)
         compressed = self._compress_groups(selection)
+        # Signs are read from the model as it was, before any layer is spliced.
+        live = len(selection.skips) < len(selection.candidates)
+        self._nonneg = nonnegative_values(model) if live else set()
         names = _all_names(model)
         records: dict[int, LayerRecord] = {}
         emitted: dict[tuple, list[ir.Value]] = {}
@@ -219,11 +230,23 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         pre = _pre_nodes(cand, prefix)
         x = pre[-1].outputs[0] if pre else cand.x
         emission = self.emitter(hm, x, prefix, dtype)
-        post, local = _post_nodes(cand, emission.output, prefix, dtype)
+        post, local = _post_nodes(cand, emission.output, prefix, dtype, clamp=self._clamps(cand))
         nodes = pre + list(emission.nodes) + post
         _tag(nodes, cand, hm, tol)
         output = post[-1].outputs[0] if post else emission.output
         return Emission(nodes, list(emission.initializers), output, list(emission.functions)), local
+
+    def _clamps(self, cand: Candidate) -> bool:
+        """Whether the layer's true output is provably ``>= 0`` (see the module docstring)."""
+        if cand.graph_path != "main" or cand.alpha < 0 or cand.x_name not in self._nonneg:
+            return False
+        if cand.c is not None and not (cand.beta >= 0 and cand.c_name in self._nonneg):
+            return False
+        weight = cand.weight
+        clamp = bool(weight.size == 0 or float(np.min(weight)) >= 0.0)
+        if clamp:
+            logger.info("layer %r: input and weight are nonnegative; its output is clamped at 0", cand.name)
+        return clamp
 
     def _compressed_record(self, cand: Candidate, hm, tol: float, node_count: int) -> LayerRecord:
         return _record(
@@ -266,8 +289,8 @@ def _pre_nodes(cand: Candidate, prefix: str) -> list[ir.Node]:
     return [node]
 
 
-def _post_nodes(cand: Candidate, current: ir.Value, prefix: str, dtype) -> tuple[list[ir.Node], list[ir.Value]]:
-    """What follows ``x @ W_H``, in order: transpose back, scale by alpha, add beta*C."""
+def _post_nodes(cand: Candidate, current: ir.Value, prefix: str, dtype, clamp: bool = False) -> tuple[list[ir.Node], list[ir.Value]]:
+    """What follows ``x @ W_H``, in order: transpose back, scale by alpha, add beta*C, clamp at 0."""
     nodes: list[ir.Node] = []
     scalars: list[ir.Value] = []
     if cand.trans_y:
@@ -285,6 +308,9 @@ def _post_nodes(cand: Candidate, current: ir.Value, prefix: str, dtype) -> tuple
             nodes.append(ir.node("Mul", [cand.c, scalars[-1]], name=f"{prefix}/mul_beta", outputs=[ir.Value(name=f"{prefix}/beta_c")]))
             bias = nodes[-1].outputs[0]
         nodes.append(ir.node("Add", [current, bias], name=f"{prefix}/add_bias", outputs=[ir.Value(name=f"{prefix}/bias_out")]))
+        current = nodes[-1].outputs[0]
+    if clamp:
+        nodes.append(ir.node("Relu", [current], name=f"{prefix}/clamp", outputs=[ir.Value(name=f"{prefix}/clamp_out")]))
     return nodes, scalars
 
 
