@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..config import DEFAULT_NUM_SAMPLES
 from ..errors import ConfigError
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "resolve_calibration",
 ]
 
-DEFAULT_NUM_SAMPLES = 16
 DEFAULT_BATCH_DIM = 1
 DEFAULT_DYNAMIC_DIM = 64
 DEFAULT_INT_RANGE = (0, 9)

@@ -102,12 +102,9 @@ def tighter_tol(w: np.ndarray, stats, tol: float, tol_out: float, measured: floa
 
 
 def _weights_by_layer(model) -> dict:
-    from ..graph.scan import activation_ranks, scan
+    from ..graph.scan import scan
 
-    found = scan(model)
-    if any(c.needs_x_rank for c in found.candidates):
-        found = scan(model, activation_ranks(model))
-    return {c.name: c for c in found.candidates}
+    return {c.name: c for c in scan(model).candidates}
 
 
 def _set_tol_out(report, tol_out: float, per_layer: dict) -> None:
@@ -117,7 +114,7 @@ def _set_tol_out(report, tol_out: float, per_layer: dict) -> None:
 
 def _write_layers_metadata(model, report) -> None:
     """Make the model's ``dehm.layers`` match the final records (their tol_out may differ per layer)."""
-    from .check import LAYERS_KEY
+    from ..report import LAYERS_KEY
 
     value = json.dumps([r.metadata_entry() for r in report.compressed])
     for prop in model.metadata_props:
@@ -233,7 +230,7 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
         allocation = _allocate(original, calib, config, rewrite)
         config = allocation.config
         optimized, report = rewrite(original, config, allocation.layer_tols)
-    tol_out = config.tol_out if config.tol_out is not None else config.tol
+    tol_out = config.layer_tol_out
     # Under max_model_error each layer's output bound is its allocated tol, unless tol_out was given.
     tol_outs = dict(allocation.layer_tols) if allocation and config.tol_out is None else {}
     layer_tols, dense, steps = dict(tol_outs), {}, []
