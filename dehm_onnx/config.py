@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ __all__ = [
     "DEFAULT_NUM_SAMPLES",
     "EMIT_ALIASES",
     "EMIT_MODES",
+    "PRECISIONS",
+    "FUSED_INT_ACTIVATION_ERROR",
     "OptimizeConfig",
     "add_config_arguments",
     "config_from_args",
@@ -36,7 +39,18 @@ __all__ = [
 
 # How a compressed layer can be written; ``dehm_onnx.graph.emit.EMITTERS`` has one emitter
 # per name (a test keeps the two equal). The first runs on every onnxruntime provider.
-EMIT_MODES = ("ops", "function", "custom")
+EMIT_MODES = ("ops", "function", "custom", "auto")
+# Storages a compressed layer may use, each allowing the ones before it plus a cheaper one
+# (``dehm_onnx.hmatrix.compress``'s ``precision``); ``auto`` allows all of them.
+PRECISIONS = ("auto", "float", "fp16", "int8", "int4")
+# onnxruntime's MatMulNBits kernel (what DequantizeLinear -> MatMul becomes) quantizes the
+# activations to 8 bits at its default accuracy level: 4e-3 to 5.3e-3 relative output error
+# whatever the weight (measured, docs/custom_op.md); this allows for a little more. With
+# precision "auto", integer arrays are written for that kernel only in layers where
+# hypot(certified weight error, this) <= FUSED_INT_MARGIN * tol_out; elsewhere they are
+# dequantized when the session is created (exact, float speed).
+FUSED_INT_ACTIVATION_ERROR = 6e-3
+FUSED_INT_MARGIN = 0.9
 # Older names still accepted: ``subgraph`` was the name of ``ops`` (standard ops), and
 # "subgraph" otherwise means an If/Loop/Scan body.
 EMIT_ALIASES = {"subgraph": "ops"}
@@ -60,12 +74,22 @@ class OptimizeConfig:
         },
     )
     emit: str = field(
-        default="function",
+        default="auto",
         metadata={
-            "help": "how a compressed layer is written: 'ops' = standard ONNX ops ('subgraph' is an old "
-            "name for it), 'function' = HMatMul node with a standard-op function body, 'custom' = HMatMul "
-            "node for the compiled kernel",
+            "help": "how a compressed layer is written: 'auto' = the cost model's choice per layer, "
+            "'ops' = standard ONNX ops ('subgraph' is an old name for it), 'function' = HMatMulV2 node "
+            "with a standard-op function body, 'custom' = HMatMul node for the compiled kernel",
             "choices": _emit_choices,
+        },
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "storages of the compressed arrays: 'float' = the weight's dtype only, 'fp16', 'int8', "
+            "'int4' = each also allows the ones before it (integers on onnxruntime's quantized kernel, "
+            "which quantizes activations to 8 bits); 'auto' = all of them, integers on that kernel only "
+            "where the output bound tol_out leaves room for its error",
+            "choices": lambda: list(PRECISIONS),
         },
     )
     min_size: int = field(
@@ -78,8 +102,8 @@ class OptimizeConfig:
     max_ratio: float = field(
         default=1.0,
         metadata={
-            "help": "leave a weight dense unless its compressed form stores at most this fraction of "
-            "its parameters, in (0, 1]; 1 = any saving, though a small saving can make a layer slower",
+            "help": "leave a weight dense unless its compressed form takes at most this fraction of "
+            "its bytes, in (0, 1]; 1 = any saving, though a small saving can make a layer slower",
             "metavar": "R",
         },
     )
@@ -174,6 +198,16 @@ class OptimizeConfig:
         },
     )
 
+    def fuses_integers(self, tol_out: float, rel_certified_error: float) -> bool:
+        """Whether a layer's integer arrays are written for onnxruntime's quantized kernel
+        (8-bit activations) rather than dequantized at load: always with ``precision`` int8 or
+        int4; with ``auto`` when the kernel's activation error leaves the output bound room."""
+        if self.precision in ("int8", "int4"):
+            return True
+        if self.precision != "auto":
+            return False
+        return math.hypot(rel_certified_error, FUSED_INT_ACTIVATION_ERROR) <= FUSED_INT_MARGIN * tol_out
+
     @property
     def layer_tol_out(self) -> float:
         """Each compressed layer's output bound: ``tol_out``, or ``tol`` when none is given.
@@ -208,6 +242,8 @@ class OptimizeConfig:
         self._validate_verification()
         if self.emit not in EMIT_MODES:
             raise ConfigError(f"emit must be one of {list(EMIT_MODES)}, got {self.emit!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
     def _validate_verification(self) -> None:
         for name in ("tol_out", "max_model_error"):

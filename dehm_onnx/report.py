@@ -76,10 +76,16 @@ class LayerRecord:
         rel_certified_error: relative ``||W - W_H||_F / ||W||_F`` certified by construction
             (``HMatrix.certified_error`` is the absolute one).
         params, dense_params: stored scalars after / before.
+        bytes_before, bytes_after: bytes of the weight as stored in the input (its tensor and
+            the constants its source chain reads) / of the tensors the compressed layer stores
+            (a shared weight's are counted at its first user, 0 at the others).
+        precision: the blocks by kind and storage, e.g. ``lr float+fp16 x283, dense fp16 x256``.
         blocks: block count per kind (``zero``/``dense``/``lowrank``).
         max_rank: largest rank of a low-rank block.
         permuted: whether a row or column permutation is used.
         emit: emission mode actually written (``ops`` where HMatMul cannot take the dtype).
+        family: the nodes written: ``batched`` (stacked factors, few nodes), ``blocks`` (a
+            product per block) or the node of the ``function``/``custom`` modes.
         nodes: number of ONNX nodes that replace the layer.
         measured_error: relative output error measured on calibration data, if verified.
     """
@@ -102,10 +108,14 @@ class LayerRecord:
     rel_certified_error: float | None = None
     params: int | None = None
     dense_params: int | None = None
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    precision: str | None = None
     blocks: dict[str, int] = field(default_factory=dict)
     max_rank: int = 0
     permuted: bool = False
     emit: str | None = None
+    family: str | None = None
     nodes: int = 0
     measured_error: float | None = None
 
@@ -116,6 +126,13 @@ class LayerRecord:
             return None
         return self.params / self.dense_params
 
+    @property
+    def byte_ratio(self) -> float | None:
+        """Bytes after / before (``None`` when not compressed or unknown)."""
+        if not self.compressed or not self.bytes_before or self.bytes_after is None:
+            return None
+        return self.bytes_after / self.bytes_before
+
     def metadata_entry(self) -> dict:
         """The ``dehm.layers`` entry of a compressed layer."""
         assert self.compressed, f"Bug: layer {self.name!r} was not compressed"
@@ -125,6 +142,7 @@ class LayerRecord:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["ratio"] = self.ratio
+        out["byte_ratio"] = self.byte_ratio
         return out
 
 
@@ -165,6 +183,16 @@ class Report:
     def params_after(self) -> int:
         return sum(r.params if r.compressed else _dense_count(r) for r in _unique_weights(self.layers))
 
+    @property
+    def weight_bytes_before(self) -> int:
+        """Bytes of the compressed layers' weights as stored in the input (each weight once)."""
+        return sum(r.bytes_before or 0 for r in _unique_weights(self.compressed))
+
+    @property
+    def weight_bytes_after(self) -> int:
+        """Bytes the compressed layers store instead."""
+        return sum(r.bytes_after or 0 for r in self.compressed)
+
     def to_dict(self) -> dict:
         return {
             "version": self.version,
@@ -176,6 +204,8 @@ class Report:
                 "skipped": len(self.skipped),
                 "params_before": self.params_before,
                 "params_after": self.params_after,
+                "weight_bytes_before": self.weight_bytes_before,
+                "weight_bytes_after": self.weight_bytes_after,
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
             },
@@ -191,7 +221,7 @@ class Report:
 
     def to_table(self) -> str:
         """A fixed-width table, one row per layer, then the totals."""
-        header = ("layer", "op", "shape", "blocks z/d/lr", "rank", "perm", "params", "ratio", "cert.err", "status")
+        header = ("layer", "op", "shape", "blocks z/d/lr", "rank", "perm", "bytes", "ratio", "precision", "cert.err", "status")
         rows = [header] + [_row(r) for r in self.layers]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -206,14 +236,15 @@ class Report:
         return "\n".join(lines)
 
     def _totals_line(self) -> str:
-        before, after = self.params_before, self.params_after
+        before, after = self.weight_bytes_before, self.weight_bytes_after
         ratio = f" ({after / before:.3f}x)" if before else ""
         text = (
             f"{len(self.compressed)} of {len(self.layers)} layers compressed at tol={_num(self.tol)}; "
-            f"weight params {before} -> {after}{ratio}"
+            f"their weight bytes {before} -> {after}{ratio}"
         )
         if self.bytes_before is not None and self.bytes_after is not None:
-            text += f"; model bytes {self.bytes_before} -> {self.bytes_after}"
+            file_ratio = f" ({self.bytes_after / self.bytes_before:.3f}x)" if self.bytes_before else ""
+            text += f"; file bytes {self.bytes_before} -> {self.bytes_after}{file_ratio}"
         return text
 
 
@@ -264,6 +295,7 @@ def _row(r: LayerRecord) -> tuple[str, ...]:
     if r.compressed:
         b = r.blocks
         blocks = f"{b.get('zero', 0)}/{b.get('dense', 0)}/{b.get('lowrank', 0)}"
+        ratio = r.byte_ratio
         return (
             r.name,
             r.op,
@@ -271,12 +303,20 @@ def _row(r: LayerRecord) -> tuple[str, ...]:
             blocks,
             str(r.max_rank),
             "yes" if r.permuted else "no",
-            f"{r.dense_params}->{r.params}",
-            f"{r.ratio:.3f}",
+            f"{r.bytes_before}->{r.bytes_after}",
+            "-" if ratio is None else f"{ratio:.3f}",
+            r.precision or "-",
             _num(r.rel_certified_error),
-            f"compressed ({r.emit}, {r.nodes} node{'' if r.nodes == 1 else 's'})",
+            f"compressed ({_mode(r)}, {r.nodes} node{'' if r.nodes == 1 else 's'})",
         )
-    return (r.name, r.op, shape, "-", "-", "-", str(_dense_count(r)), "-", "-", f"skipped: {r.reason}")
+    before = "-" if r.bytes_before is None else str(r.bytes_before)
+    return (r.name, r.op, shape, "-", "-", "-", before, "-", "-", "-", f"skipped: {r.reason}")
+
+
+def _mode(r: LayerRecord) -> str:
+    if r.family in ("batched", "blocks"):
+        return f"{r.emit} {r.family}"
+    return str(r.emit)
 
 
 def _metadata(model) -> dict[str, str]:

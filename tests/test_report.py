@@ -11,12 +11,13 @@ def _report():
     done = LayerRecord(
         name="fc1", op="MatMul", output="h", weight="w1", shape=[256, 128], compressed=True, tol=1e-3,
         rel_certified_error=5e-4, params=4000, dense_params=32768, blocks={"zero": 2, "dense": 1, "lowrank": 3},
-        max_rank=7, permuted=True, emit="subgraph", nodes=12,
+        max_rank=7, permuted=True, emit="ops", family="batched", nodes=12, bytes_before=131072, bytes_after=16000,
+        precision="lr fp16 x3, dense int8 x1",
     )
-    shared = LayerRecord(**{**done.__dict__, "name": "fc1_again", "output": "h2"})
+    shared = LayerRecord(**{**done.__dict__, "name": "fc1_again", "output": "h2", "bytes_after": 0})
     skipped = LayerRecord(
         name="fc2", op="Gemm", output="y", weight="w2", shape=[128, 64], skip_reason="NOT_SMALLER",
-        reason="compressed form would store 9000 >= 8192 parameters at tol 0.001", dense_params=8192,
+        reason="compressed form would take 36000 >= 32768 bytes at tol 0.001", dense_params=8192, bytes_before=32768,
     )
     return Report(layers=[done, shared, skipped], tol=1e-3, emit="subgraph", bytes_before=200_000, bytes_after=60_000)
 
@@ -30,13 +31,18 @@ def test_report_totals_count_shared_weights_once():
 def test_report_table_has_one_row_per_layer_and_totals():
     lines = _report().to_table().splitlines()
     assert lines[0].split()[:3] == ["layer", "op", "shape"]
-    assert any(line.startswith("fc1 ") and "2/1/3" in line and "0.122" in line for line in lines)
-    assert any(line.startswith("fc2 ") and "skipped: compressed form would store" in line for line in lines)
-    assert lines[-1].startswith("2 of 3 layers compressed") and "200000 -> 60000" in lines[-1]
+    row = next(line for line in lines if line.startswith("fc1 "))
+    assert "2/1/3" in row and "131072->16000" in row and "0.122" in row and "lr fp16 x3, dense int8 x1" in row
+    assert "compressed (ops batched, 12 nodes)" in row
+    assert any(line.startswith("fc2 ") and "skipped: compressed form would take" in line for line in lines)
+    # A shared weight counts once before; its second user stores nothing new.
+    assert lines[-1].startswith("2 of 3 layers compressed") and "131072 -> 16000" in lines[-1]
+    assert "file bytes 200000 -> 60000 (0.300x)" in lines[-1]
 
 
 def test_report_json_round_trip():
     data = json.loads(_report().to_json())
     assert data["totals"]["compressed"] == 2 and data["totals"]["params_after"] == 12192
     assert data["layers"][0]["ratio"] == 4000 / 32768 and data["layers"][2]["ratio"] is None
+    assert data["layers"][0]["byte_ratio"] == 16000 / 131072 and data["totals"]["weight_bytes_before"] == 131072
     assert data["layers"][2]["skip_reason"] == "NOT_SMALLER"

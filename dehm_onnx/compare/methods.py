@@ -120,7 +120,8 @@ def svd_hmatrix(w: np.ndarray, tol: float) -> HMatrix | Skip:
     cap = (m * n - 1) // (m + n)  # the largest rank with rank * (m + n) < m * n
     factors = truncated_svd(w, tol, max_rank=cap)
     if factors is None:
-        return Skip.of(SkipReason.NOT_SMALLER, params=(cap + 1) * (m + n), dense=m * n, tol=tol)
+        itemsize = np.dtype(w.dtype).itemsize
+        return Skip.of(SkipReason.NOT_SMALLER, nbytes=(cap + 1) * (m + n) * itemsize, stored=m * n * itemsize, tol=tol)
     block = Block(BlockKind.LOWRANK, 0, m, 0, n, u=factors.u, vt=factors.vt)
     norm = float(np.linalg.norm(w.astype(np.float64)))
     return HMatrix((m, n), np.dtype(w.dtype), (block,), norm, factors.rel_error * norm, tol)
@@ -137,7 +138,8 @@ def svd_compressor(tasks, jobs: int = 1, on_done=None) -> list[LayerResult]:
         w = w.T if task.transpose else w
         try:
             hm = svd_hmatrix(w, task.tol)
-            skip = hm if isinstance(hm, Skip) else check_gain(hm, task.tol)
+            stored = task.stored_nbytes if task.stored_nbytes is not None else int(w.nbytes)
+            skip = hm if isinstance(hm, Skip) else check_gain(hm.nbytes, stored, task.tol)
         except (InvalidWeightError, CompressionError, np.linalg.LinAlgError) as e:
             skip = Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e))
         results.append(LayerResult(None if skip else hm, skip, int(w.size)))

@@ -39,7 +39,12 @@ AUTO_MIN_ELEMENTS = 1 << 20
 
 @dataclass(frozen=True)
 class LayerTask:
-    """One weight to compress: ``compress(W, tol, seed=seed)`` with ``W = source`` (or its transpose)."""
+    """One weight to compress: ``compress(W, tol, seed=seed, precision=..., block_overhead=...)``
+    with ``W = source`` (or its transpose).
+
+    ``stored_nbytes`` is what the weight takes in the model as stored (its tensor and the
+    constants computing it); the compressed form must take fewer bytes (``check_gain``).
+    """
 
     name: str
     source: np.ndarray | WeightSlice | WeightRecipe
@@ -47,6 +52,9 @@ class LayerTask:
     tol: float
     seed: int
     max_ratio: float = 1.0
+    precision: str = "float"
+    block_overhead: int = 64
+    stored_nbytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,10 +94,11 @@ def run_task(task: LayerTask) -> LayerResult:
             return LayerResult(None, Skip.of(SkipReason.NON_FINITE, weight=task.name, count=bad), dense)
         matrix = w.T if task.transpose else w
         try:
-            hm = compress(matrix, task.tol, seed=task.seed)
+            hm = compress(matrix, task.tol, seed=task.seed, precision=task.precision, block_overhead=task.block_overhead)
         except (CompressionError, InvalidWeightError) as e:
             return LayerResult(None, Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e)), dense)
-        skip = check_gain(hm, task.tol, task.max_ratio)
+        stored = task.stored_nbytes if task.stored_nbytes is not None else hm.dense_nbytes
+        skip = check_gain(hm.nbytes, stored, task.tol, task.max_ratio)
         # A layer that stays dense is not sent back: its blocks can be as large as W.
         return LayerResult(None if skip else hm, skip, dense)
     finally:

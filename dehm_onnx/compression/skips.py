@@ -25,8 +25,8 @@ class SkipReason(enum.Enum):
     TOO_SMALL = "min(rows, cols) = {size} < min_size {min_size}"
     NON_FINITE = "weight {weight!r} has {count} NaN/Inf entries"
     SHARED_WEIGHT = "weight {weight!r} is also used by {users}, which stay(s) dense"
-    NOT_SMALLER = "compressed form would store {params} >= {dense} parameters at tol {tol:g}"
-    LITTLE_GAIN = "compressed form would store {params} of {dense} parameters ({ratio:.3f} > max_ratio {max_ratio:g})"
+    NOT_SMALLER = "compressed form would take {nbytes} >= {stored} bytes at tol {tol:g}"
+    LITTLE_GAIN = "compressed form would take {nbytes} of {stored} bytes ({ratio:.3f} > max_ratio {max_ratio:g})"
     COMPRESSION_FAILED = "compression failed: {error}"
 
     def sentence(self, **fields) -> str:
@@ -45,13 +45,13 @@ class Skip:
         return cls(reason, reason.sentence(**fields))
 
 
-def check_gain(hm, tol: float, max_ratio: float = 1.0) -> Skip | None:
-    """Skip unless the compressed form stores fewer parameters than the dense weight, and at
-    most ``max_ratio`` of them."""
-    if hm.params >= hm.dense_params:
-        return Skip.of(SkipReason.NOT_SMALLER, params=hm.params, dense=hm.dense_params, tol=tol)
-    if hm.params > max_ratio * hm.dense_params:
+def check_gain(nbytes: int, stored: int, tol: float, max_ratio: float = 1.0) -> Skip | None:
+    """Skip unless the compressed form takes fewer bytes than the weight as stored (``stored``),
+    and at most ``max_ratio`` of them."""
+    if nbytes >= stored:
+        return Skip.of(SkipReason.NOT_SMALLER, nbytes=int(nbytes), stored=int(stored), tol=tol)
+    if nbytes > max_ratio * stored:
         return Skip.of(
-            SkipReason.LITTLE_GAIN, params=hm.params, dense=hm.dense_params, ratio=hm.ratio, max_ratio=max_ratio
+            SkipReason.LITTLE_GAIN, nbytes=int(nbytes), stored=int(stored), ratio=nbytes / stored, max_ratio=max_ratio
         )
     return None

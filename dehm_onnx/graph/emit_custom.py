@@ -23,12 +23,12 @@ __all__ = ["emit_custom"]
 logger = logging.getLogger(__name__)
 
 
-def emit_custom(hm, x: ir.Value, prefix: str, dtype) -> Emission:
+def emit_custom(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission:
     """Emit ``x @ W_H`` as a single ``HMatMul`` node (the ops emission for unsupported dtypes)."""
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
         logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
-        return emit_ops(hm, x, prefix, dtype)
+        return emit_ops(hm, x, prefix, dtype, context)
     packed = packed_inputs(hm, prefix, dtype)
     node = hmatmul_node(x, prefix, packed)
-    return Emission([node], packed, node.outputs[0])
+    return Emission([node], packed, node.outputs[0], family="custom", inputs=list(packed))

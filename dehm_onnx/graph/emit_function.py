@@ -135,8 +135,10 @@ class _BodyBuilder:
 
 def function_body(hm, prefix: str, dtype, overload: str) -> ir.Function:
     """The model-local function ``ai.dehm.HMatMul`` (this overload) computing ``X @ W_H``."""
+    from .emit_ops import EmitContext, emit_blocks
+
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
-    emission = emit_ops(hm, inputs[0], prefix, dtype)
+    emission = emit_blocks(hm, inputs[0], prefix, dtype, EmitContext(family="blocks"))
     body = _BodyBuilder(_FactorIndex(hm, dtype), inputs[1])
     for value in emission.initializers:
         array = value.const_value.numpy()
@@ -169,7 +171,7 @@ def fit_function_to_model(model: ir.Model, function: ir.Function) -> None:
         model.ir_version = FUNCTION_IR_VERSION
 
 
-def emit_function(hm, x: ir.Value, prefix: str, dtype) -> Emission:
+def emit_function(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission:
     """Emit ``x @ W_H`` as one ``HMatMul`` node plus its model-local function body.
 
     For activation dtypes the op does not support (anything but float32/float16) this
@@ -178,7 +180,25 @@ def emit_function(hm, x: ir.Value, prefix: str, dtype) -> Emission:
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
         logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
-        return emit_ops(hm, x, prefix, dtype)
+        return emit_ops(hm, x, prefix, dtype, context)
     packed = packed_inputs(hm, prefix, dtype)
     node = hmatmul_node(x, prefix, packed, overload=prefix)
-    return Emission([node], packed, node.outputs[0], [function_body(hm, prefix, dtype, prefix)])
+    return Emission([node], packed, node.outputs[0], [function_body(as_float(hm), prefix, dtype, prefix)],
+                    family="function", inputs=list(packed))
+
+
+def as_float(hm):
+    """``hm`` with every array in float (its dequantized values), as packed layout v1 holds it."""
+    import dataclasses
+
+    from ..hmatrix import Block
+
+    blocks = []
+    for b in hm.blocks:
+        if b.kind == BlockKind.DENSE:
+            blocks.append(Block(b.kind, b.r0, b.r1, b.c0, b.c1, dense=b.dense.astype(hm.dtype)))
+        elif b.kind == BlockKind.LOWRANK:
+            blocks.append(Block(b.kind, b.r0, b.r1, b.c0, b.c1, u=b.u.astype(hm.dtype), vt=b.vt.astype(hm.dtype)))
+        else:
+            blocks.append(b)
+    return dataclasses.replace(hm, blocks=tuple(blocks))

@@ -35,6 +35,7 @@ weights otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,19 +45,25 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..compression.parallel import LayerResult, LayerTask, compress_layers
-from ..compression.skips import Skip, SkipReason
+from ..compression.skips import Skip, SkipReason, check_gain
 from ..report import LayerRecord, Report, read_layers, write_layers
 from .checks import check_candidate, check_weight
-from .emit import EMITTERS, Emission
+from .emit import EMITTERS, Emission, EmitContext
 from .emit_function import fit_function_to_model
 from .emit_ops import initializer
 from .inline import inline_weight_functions
 from .nonneg import nonnegative_values
+from .cost import INITIALIZER_BYTES, NODE_BYTES
+from .opset import INT_OPSET, upgrade_opset
 from .scan import Candidate, scan
 
 __all__ = ["CompressWeightsPass", "CompressResult", "Compressor", "Selection", "select_candidates"]
 
 logger = logging.getLogger(__name__)
+
+# Bytes the engine counts per stored block or tier (``compress``'s ``block_overhead``): what
+# the emission adds per block beyond the arrays' values (measured, docs/hmatrix.md).
+BLOCK_OVERHEAD = 64
 
 # compressor(tasks, jobs, on_done) -> results in task order (``compress_layers``'s contract).
 Compressor = Callable[[Sequence[LayerTask], int, Callable[[LayerTask, LayerResult], None] | None], list[LayerResult]]
@@ -145,14 +152,29 @@ class CompressWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> CompressResult:
         """Rewrite ``model`` in place; return it with the report."""
         self._written = []
+        self._notes = []
         selection = select_candidates(model, self.config)
         compressed = self._compress_groups(selection)
+        selection, compressed = self._opset_for_integers(model, selection, compressed)
+        self._opset = model.opset_imports.get("", 0)
         # Signs are read from the model as it was, before any layer is spliced.
         live = len(selection.skips) < len(selection.candidates)
         self._nonneg = nonnegative_values(model) if live else set()
         names = _all_names(model)
         records: dict[int, LayerRecord] = {}
-        emitted: dict[tuple, list[ir.Value]] = {}
+        emitted: dict[tuple, tuple[Emission, list[ir.Value]]] = {}
+        for cand in selection.candidates:
+            if id(cand) in selection.skips or cand.share_key in emitted:
+                continue
+            hm, tol = compressed[cand.share_key]
+            emission, local = self._emit(cand, hm, tol, names)
+            skip = self._byte_check(cand, emission)
+            if skip is None:
+                emitted[cand.share_key] = (emission, local)
+            else:
+                for other in selection.candidates:
+                    if other.share_key == cand.share_key and id(other) not in selection.skips:
+                        selection.skips[id(other)] = skip
         for cand in selection.candidates:
             skip = selection.skips.get(id(cand))
             if skip is not None:
@@ -160,18 +182,20 @@ class CompressWeightsPass(ir.passes.InPlacePass):
                 records[id(cand)] = _skipped_record(cand, skip)
                 continue
             hm, tol = compressed[cand.share_key]
-            emission, local = self._emit(cand, hm, tol, names)
-            shared = emitted.get(cand.share_key)
-            if shared is None:
-                emitted[cand.share_key] = emission.initializers
+            first = emitted.get(cand.share_key)
+            if first is not None and first[0] is not None:
+                emission, local = first
                 factors = emission.initializers
+                emitted[cand.share_key] = (None, emission.initializers)
+                stored_bytes = _emitted_bytes(emission)
             else:
-                _reuse_initializers(emission, shared)
-                factors = []
+                emission, local = self._emit(cand, hm, tol, names)
+                _reuse_initializers(emission, first[1])
+                factors, stored_bytes = [], 0
             _splice(model, cand, emission, factors, local)
             self._written += list(factors) + list(local)
-            records[id(cand)] = self._compressed_record(cand, hm, tol, len(emission.nodes))
-            logger.info("compressed %s %r: %d -> %d params", cand.op, cand.name, hm.dense_params, hm.params)
+            records[id(cand)] = self._compressed_record(cand, hm, tol, emission, stored_bytes)
+            logger.info("compressed %s %r: %d -> %d bytes", cand.op, cand.name, _source_bytes(cand), stored_bytes)
         for group in selection.groups:
             if not any(id(c) in selection.skips for c in group.cands):
                 for cand in group.cands:
@@ -182,11 +206,48 @@ class CompressWeightsPass(ir.passes.InPlacePass):
             emit=self.config.emit,
             version=__version__,
             inlined_functions=selection.inlined,
+            notes=list(self._notes),
         )
         modified = bool(report.compressed) or bool(selection.inlined)
         if report.compressed:
             write_layers(model.metadata_props, read_layers(model) + [r.metadata_entry() for r in report.compressed])
         return CompressResult(model, modified, report)
+
+    def _opset_for_integers(self, model: ir.Model, selection: Selection, compressed: dict):
+        """Raise the model to opset 21 when a compressed layer stores integers and the model is
+        older (int4 tensors and blocked ``DequantizeLinear`` need it). The candidates are found
+        again in the converted model; if the converter fails, or changes any of them, the
+        model stays as it was and integers are written in forms its opset allows (int4 as
+        int8, dequantized at load time), which the report notes."""
+        opset = model.opset_imports.get("", 0)
+        uses_int = any(a.storage.is_int for hm, _ in compressed.values() for b in hm.blocks for a in b.storage)
+        if opset >= INT_OPSET or not uses_int:
+            return selection, compressed
+        reason = upgrade_opset(model, INT_OPSET, keep=lambda upgraded: _same_layers(upgraded, selection, self.config))
+        if reason is not None:
+            logger.warning("%s; integer arrays are written for opset %d", reason, opset)
+            self._notes.append(f"{reason}: int4 arrays stored as int8 and integers dequantized when the session is created")
+            return selection, compressed
+        self._notes.append(f"default-domain opset raised from {opset} to {INT_OPSET} for the integer arrays (onnx version converter)")
+        fresh = select_candidates(model, self.config)
+        fresh.inlined = selection.inlined
+        by_key = {_stable_key(c): c for c in selection.candidates}
+        moved = {}
+        for cand in fresh.candidates:
+            old = by_key[_stable_key(cand)]
+            if id(old) in selection.skips:
+                fresh.skips[id(cand)] = selection.skips[id(old)]
+            elif old.share_key in compressed:
+                moved[cand.share_key] = compressed[old.share_key]
+        return fresh, moved
+
+    def _byte_check(self, cand: Candidate, emission: Emission) -> Skip | None:
+        """Never more bytes than the weight took: the emitted tensors plus the protobuf of the
+        new nodes and initializers (estimated) against the stored tensor, the constants its
+        source chain reads and the node replaced (and at most ``max_ratio`` of them)."""
+        after = _emitted_bytes(emission) + NODE_BYTES * len(emission.nodes) + INITIALIZER_BYTES * len(emission.initializers)
+        before = _source_bytes(cand) + NODE_BYTES + INITIALIZER_BYTES
+        return check_gain(after, before, self._tol(cand), self.config.max_ratio)
 
     def _tol(self, cand: Candidate) -> float:
         return float(self.layer_tols.get(cand.name, self.config.tol))
@@ -229,12 +290,20 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         dtype = cand.source.dtype
         pre = _pre_nodes(cand, prefix)
         x = pre[-1].outputs[0] if pre else cand.x
-        emission = self.emitter(hm, x, prefix, dtype)
-        post, local = _post_nodes(cand, emission.output, prefix, dtype, clamp=self._clamps(cand))
+        context = EmitContext(
+            x_rank=cand.x_rank,
+            opset=self._opset,
+            fuse_int=self.config.fuses_integers(self.config.layer_tol_out, hm.rel_certified_error),
+        )
+        emission = self.emitter(hm, x, prefix, dtype, context)
+        # Sum, not Add, after a product that may feed onnxruntime's quantized kernel: it fuses
+        # MatMul + Add into Gemm first, and a Gemm input is never turned into MatMulNBits.
+        fused = context.fuse_int and any(a.storage.is_int for b in hm.blocks for a in b.storage)
+        post, local = _post_nodes(cand, emission.output, prefix, dtype, clamp=self._clamps(cand), bias_op="Sum" if fused else "Add")
         nodes = pre + list(emission.nodes) + post
         _tag(nodes, cand, hm, tol)
         output = post[-1].outputs[0] if post else emission.output
-        return Emission(nodes, list(emission.initializers), output, list(emission.functions)), local
+        return dataclasses.replace(emission, nodes=nodes, output=output), local
 
     def _clamps(self, cand: Candidate) -> bool:
         """Whether the layer's true output is provably ``>= 0`` (see the module docstring)."""
@@ -248,7 +317,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
             logger.info("layer %r: input and weight are nonnegative; its output is clamped at 0", cand.name)
         return clamp
 
-    def _compressed_record(self, cand: Candidate, hm, tol: float, node_count: int) -> LayerRecord:
+    def _compressed_record(self, cand: Candidate, hm, tol: float, emission: Emission, stored_bytes: int) -> LayerRecord:
         return _record(
             cand,
             shape=list(hm.shape),
@@ -259,19 +328,77 @@ class CompressWeightsPass(ir.passes.InPlacePass):
             rel_certified_error=float(hm.rel_certified_error),
             params=int(hm.params),
             dense_params=int(hm.dense_params),
+            bytes_before=_source_bytes(cand),
+            bytes_after=int(stored_bytes),
+            precision=precision_mix(hm),
             blocks=hm.counts(),
             max_rank=int(hm.max_rank),
             permuted=hm.row_perm is not None or hm.col_perm is not None,
-            emit=_emitted_mode(self.config.emit, cand.source.dtype),
-            nodes=node_count,
+            emit=_emitted_mode(self.config.emit, emission),
+            family=emission.family,
+            nodes=len(emission.nodes),
         )
 
 
-def _emitted_mode(requested: str, dtype) -> str:
-    """The mode actually written: HMatMul takes float32/float16 only, others use ``ops``."""
-    from .emit_function import SUPPORTED_DTYPES
+def _emitted_mode(requested: str, emission: Emission) -> str:
+    """The mode actually written: ``ops`` where the function and custom emitters fell back to
+    standard ops (e.g. for a float64 layer)."""
+    standard = emission.family in ("batched", "blocks")
+    if requested in ("function", "custom") and standard:
+        return "ops"
+    return requested
 
-    return requested if requested == "ops" or np.dtype(dtype) in SUPPORTED_DTYPES else "ops"
+
+def precision_mix(hm) -> str:
+    """Blocks by kind and storage, e.g. ``lr float+fp16 x283, dense fp16 x256``."""
+    parts = []
+    for key, count in hm.precision_counts().items():
+        kind, storages = key.split(" ", 1)
+        parts.append(f"{'lr' if kind == 'lowrank' else kind} {storages} x{count}")
+    return ", ".join(parts) or "-"
+
+
+def _emitted_bytes(emission: Emission) -> int:
+    """Bytes of the weight tensors an emission stores (int4 two to a byte)."""
+    return sum(_tensor_bytes(v) for v in emission.inputs)
+
+
+def _tensor_bytes(value: ir.Value) -> int:
+    tensor = value.const_value
+    return int(tensor.nbytes) if tensor is not None else 0
+
+
+def _source_bytes(cand: Candidate) -> int:
+    """Bytes the weight takes in the model: its stored tensor and the constants its chain reads."""
+    source = cand.source
+    total = _tensor_bytes(source.stored) if source.stored.const_value is not None else _constant_node_bytes(source.stored)
+    for node in source.nodes:
+        for value in list(node.inputs)[1:]:
+            if value is not None and value.const_value is not None:
+                total += _tensor_bytes(value)
+    if total == 0:
+        total = int(np.prod(cand.source.shape)) * np.dtype(cand.source.dtype).itemsize
+    return int(total)
+
+
+def _constant_node_bytes(value: ir.Value) -> int:
+    node = value.producer()
+    if node is None or node.op_type != "Constant":
+        return 0
+    attr = node.attributes.get("value")
+    tensor = attr.value if attr is not None else None
+    return int(tensor.nbytes) if tensor is not None else 0
+
+
+def _stable_key(cand: Candidate) -> tuple:
+    """Identifies a candidate across an opset conversion (names survive it, objects do not)."""
+    return (cand.graph_path, cand.name, cand.weight_name, cand.weight_index, cand.trans_w)
+
+
+def _same_layers(model: ir.Model, selection: Selection, config) -> bool:
+    """Whether ``model`` (converted) has the same candidates as ``selection``."""
+    fresh = select_candidates(model, config)
+    return sorted(map(_stable_key, fresh.candidates)) == sorted(map(_stable_key, selection.candidates))
 
 
 def _transpose(x: ir.Value, name: str, rank: int | None) -> ir.Node:
@@ -289,7 +416,8 @@ def _pre_nodes(cand: Candidate, prefix: str) -> list[ir.Node]:
     return [node]
 
 
-def _post_nodes(cand: Candidate, current: ir.Value, prefix: str, dtype, clamp: bool = False) -> tuple[list[ir.Node], list[ir.Value]]:
+def _post_nodes(cand: Candidate, current: ir.Value, prefix: str, dtype, clamp: bool = False,
+                bias_op: str = "Add") -> tuple[list[ir.Node], list[ir.Value]]:
     """What follows ``x @ W_H``, in order: transpose back, scale by alpha, add beta*C, clamp at 0."""
     nodes: list[ir.Node] = []
     scalars: list[ir.Value] = []
@@ -307,7 +435,7 @@ def _post_nodes(cand: Candidate, current: ir.Value, prefix: str, dtype, clamp: b
             scalars.append(initializer(f"{prefix}/beta", np.asarray(cand.beta, dtype=dtype)))
             nodes.append(ir.node("Mul", [cand.c, scalars[-1]], name=f"{prefix}/mul_beta", outputs=[ir.Value(name=f"{prefix}/beta_c")]))
             bias = nodes[-1].outputs[0]
-        nodes.append(ir.node("Add", [current, bias], name=f"{prefix}/add_bias", outputs=[ir.Value(name=f"{prefix}/bias_out")]))
+        nodes.append(ir.node(bias_op, [current, bias], name=f"{prefix}/add_bias", outputs=[ir.Value(name=f"{prefix}/bias_out")]))
         current = nodes[-1].outputs[0]
     if clamp:
         nodes.append(ir.node("Relu", [current], name=f"{prefix}/clamp", outputs=[ir.Value(name=f"{prefix}/clamp_out")]))
@@ -321,7 +449,17 @@ def _task(cand: Candidate, tol: float, config) -> LayerTask:
     float weight from it) and is memory-mapped by the worker; an in-memory weight travels as
     its array.
     """
-    return LayerTask(cand.weight_name, cand.source.recipe(), cand.trans_w, tol, config.seed, config.max_ratio)
+    return LayerTask(
+        cand.weight_name,
+        cand.source.recipe(),
+        cand.trans_w,
+        tol,
+        config.seed,
+        config.max_ratio,
+        precision=config.precision,
+        block_overhead=BLOCK_OVERHEAD,
+        stored_nbytes=_source_bytes(cand),
+    )
 
 
 def _record(cand: Candidate, **fields) -> LayerRecord:
@@ -346,6 +484,7 @@ def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:
     return _record(
         cand,
         shape=shape,
+        bytes_before=_source_bytes(cand) if cand.source is not None else None,
         compressed=False,
         skip_reason=skip.reason.name,
         reason=skip.sentence,
@@ -415,11 +554,13 @@ def _skip_shared(group: _Group, skips: dict[int, Skip]) -> None:
 
 
 def _tag(nodes: list[ir.Node], cand: Candidate, hm, tol: float) -> None:
-    """Provenance: which node a new node replaces, with which bound."""
+    """Provenance: which node every new node replaces; the layer's last node also carries the
+    bound (its other nodes do not repeat it: on small layers the repeats cost more bytes than
+    the weights)."""
     for node in nodes:
         node.metadata_props["dehm.source_node"] = cand.name
-        node.metadata_props["dehm.tol"] = repr(float(tol))
-        node.metadata_props["dehm.rel_certified_error"] = repr(float(hm.rel_certified_error))
+    nodes[-1].metadata_props["dehm.tol"] = repr(float(tol))
+    nodes[-1].metadata_props["dehm.rel_certified_error"] = repr(float(hm.rel_certified_error))
 
 
 def _all_names(model: ir.Model) -> set[str]:

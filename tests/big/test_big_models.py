@@ -53,7 +53,8 @@ def test_optimize_file_reads_external_weights_lazily_and_writes_out_data(source,
 
     monkeypatch.setattr(onnx_ir.external_data, "load_to_model", no_materialize)
     out = tmp_path / "out.onnx"
-    report = api.optimize_file(path, out, tol=TOL, min_size=8, no_verify=True, jobs=1)
+    # precision float: factors above the 1 KB threshold of the data file (int4 ones are not)
+    report = api.optimize_file(path, out, tol=TOL, min_size=8, no_verify=True, jobs=1, precision="float")
     assert len(report.compressed) == 4
     assert _files(tmp_path) == ["out.onnx", "out.onnx.data"]
     assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before  # input untouched
@@ -63,7 +64,7 @@ def test_optimize_file_reads_external_weights_lazily_and_writes_out_data(source,
     assert locations == {"out.onnx.data"}
     # The lazy path computes exactly what the in-memory API does (whose numerics are tested
     # elsewhere): same nodes, same factors.
-    in_memory, _ = api.optimize(model, tol=TOL, min_size=8, no_verify=True, jobs=1)
+    in_memory, _ = api.optimize(model, tol=TOL, min_size=8, no_verify=True, jobs=1, precision="float")
     written = onnx.load(out)
     assert [n.op_type for n in written.graph.node] == [n.op_type for n in in_memory.graph.node]
     assert weights(written).keys() == weights(in_memory).keys()
@@ -76,7 +77,7 @@ def test_external_constant_node_weights_and_dense_weights_are_handled(tmp_path):
 
     from ._models import kernel_weight
 
-    kept = np.random.default_rng(0).standard_normal((96, 96)).astype(np.float32)  # does not compress
+    kept = np.random.default_rng(0).standard_normal((96, 96)).astype(np.float32)  # does not compress in float
     model = helper.make_model(
         helper.make_graph(
             [
@@ -97,7 +98,7 @@ def test_external_constant_node_weights_and_dense_weights_are_handled(tmp_path):
     onnx.save(copy, path, save_as_external_data=True, location="m.data", size_threshold=0, convert_attribute=True)
     assert len(_external(onnx.load(path, load_external_data=False))) == 2
     out = tmp_path / "out.onnx"
-    report = api.optimize_file(path, out, tol=TOL, min_size=8, no_verify=True, jobs=1)
+    report = api.optimize_file(path, out, tol=TOL, min_size=8, no_verify=True, jobs=1, precision="float")
     assert [r.name for r in report.compressed] == ["fc_const"]
     assert {r.name: r.skip_reason for r in report.layers if not r.compressed} == {"fc_dense": "NOT_SMALLER"}
     np.testing.assert_array_equal(weights(onnx.load(out))["kept"], kept)  # copied to out.onnx.data

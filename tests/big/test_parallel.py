@@ -15,7 +15,7 @@ from dehm_onnx.compression.weights import WeightSlice
 from tests.conftest import low_rank, smooth_kernel
 
 
-def _report_pid(w, tol, *, seed=0):
+def _report_pid(w, tol, *, seed=0, **options):
     raise CompressionError(f"pid={os.getpid()}")
 
 
@@ -68,7 +68,7 @@ def test_single_blas_thread_is_restored_afterwards():
 
 
 def test_a_dead_worker_is_a_compression_error(rng, monkeypatch):
-    def die(w, tol, *, seed=0):
+    def die(w, tol, *, seed=0, **options):
         os._exit(3)
 
     monkeypatch.setattr(parallel, "compress", die)

@@ -11,6 +11,12 @@ from dehm_onnx.graph.scan import activation_ranks, scan
 from tests.conftest import low_rank, make_model, rel_fro, run_model
 
 
+def optimize(model, *args, **options):
+    """``dehm_onnx.optimize`` with the factors in the weight's dtype (``precision="float"``):
+    these tests check the wiring at rounding level, which integer or float16 storage would hide."""
+    return dehm_onnx.optimize(model, *args, **{"precision": "float", **options})
+
+
 def test_scan_constant_node_weight_in_main_graph(rng):
     w = low_rank(rng, 96, 80)
     nodes = [
@@ -21,7 +27,7 @@ def test_scan_constant_node_weight_in_main_graph(rng):
     (cand,) = scan(model).candidates
     assert cand.source.constant_node is not None and cand.source.kind == "constant" and cand.weight.shape == (96, 80)
     model.graph.value_info.append(helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [96, 80]))
-    out, report = dehm_onnx.optimize(model)
+    out, report = optimize(model)
     assert report.layers[0].compressed and "Constant" not in [n.op_type for n in out.graph.node]
     assert "w" not in {v.name for v in out.graph.value_info}  # no description of a removed tensor
     x = rng.standard_normal((2, 96)).astype(np.float32)
@@ -91,7 +97,7 @@ def test_scan_loop_body_reads_outer_initializer(rng):
     )
     node = helper.make_node("Loop", ["trips", "", "h0"], ["h"], name="loop", body=body)
     model = make_model([node], [("trips", np.int64, []), ("h0", np.float32, [2, 64])], [("h", np.float32, [2, 64])], [("w", w / 8)])
-    out, report = dehm_onnx.optimize(model)
+    out, report = optimize(model)
     (record,) = report.layers
     assert record.compressed and record.graph == "main/loop.body"
     onnx.checker.check_model(out, full_check=True)
@@ -109,7 +115,7 @@ def test_scan_body_reads_outer_initializer(rng):
     )
     node = helper.make_node("Scan", ["x"], ["y"], name="scan", body=body, num_scan_inputs=1)
     model = make_model([node], [("x", np.float32, [5, 96])], [("y", np.float32, [5, 64])], [("w", w)])
-    out, report = dehm_onnx.optimize(model)
+    out, report = optimize(model)
     (record,) = report.layers
     assert record.compressed and record.graph == "main/scan.body" and record.weight_graph == "main"
     onnx.checker.check_model(out, full_check=True)

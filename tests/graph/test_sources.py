@@ -17,6 +17,12 @@ import dehm_onnx
 from dehm_onnx.graph.scan import scan
 from tests.conftest import error_bound_abs, make_model, run_model, smooth_kernel
 
+
+def optimize(model, *args, **options):
+    """``dehm_onnx.optimize`` with the factors in the weight's dtype (``precision="float"``):
+    these tests check the wiring at rounding level, which integer or float16 storage would hide."""
+    return dehm_onnx.optimize(model, *args, **{"precision": "float", **options})
+
 M, N = 96, 80
 
 
@@ -28,7 +34,7 @@ def _optimize_and_check(model, weight: str, kind: str, rng, x_shape=(3, M), **op
     """Optimize; the layer is compressed from ``kind`` and its output error is within the bound."""
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = run_model(model, {"x": x}, outputs=[weight])[0].astype(np.float64)  # the float weight per onnxruntime
-    out, report = dehm_onnx.optimize(model, no_verify=True, min_size=8, **options)
+    out, report = optimize(model, no_verify=True, min_size=8, **options)
     (record,) = [r for r in report.layers if r.weight_graph == "main"][:1]
     assert record.compressed, record.reason
     assert record.source == kind
@@ -53,7 +59,10 @@ def test_dequantize_int8_per_axis_kernel_matrix(rng):
     ]
     model = make_model(nodes, [("x", np.float32, [3, M])], [("y", np.float32, [3, N])],
                        [("wq", q), ("scale", scale), ("zero", np.zeros(N, np.int8))])
-    out, _ = _optimize_and_check(model, "w", "dequantize int8 per-axis", rng)
+    # Never more bytes than stored: the int8 weight (8 KB) is replaced only at a tol above its
+    # own 8-bit noise, where the factors take fewer bytes.
+    out, report = _optimize_and_check(model, "w", "dequantize int8 per-axis", rng, tol=5e-2)
+    assert report.layers[0].bytes_after < report.layers[0].bytes_before == q.nbytes + scale.nbytes + N
     assert "DequantizeLinear" not in _ops(out)
     assert {t.name for t in out.graph.initializer}.isdisjoint({"wq", "scale", "zero"})
 
@@ -109,7 +118,7 @@ def test_cast_of_int8_times_scale(rng):
     ]
     model = make_model(nodes, [("x", np.float32, [3, M])], [("y", np.float32, [3, N])],
                        [("wq", q), ("scale", np.array(scale))])
-    out, _ = _optimize_and_check(model, "w", "scale(cast(initializer int8))", rng)
+    out, _ = _optimize_and_check(model, "w", "scale(cast(initializer int8))", rng, tol=5e-2)
     assert _ops(out).count("Cast") == 0 and "Mul" not in _ops(out)
 
 
@@ -171,13 +180,18 @@ def test_identity_tied_weight_compressed_once_for_both_users(rng):
     ]
     model = make_model(nodes, [("x", np.float32, [3, M])], [("y", np.float32, [3, M])], [("w", w / M)])
     x = rng.standard_normal((3, M)).astype(np.float32)
-    out, report = dehm_onnx.optimize(model, no_verify=True, min_size=8)
+    out, report = optimize(model, no_verify=True, min_size=8)
     assert [(r.name, r.compressed, r.source) for r in report.layers] == [
         ("first", True, "initializer"), ("second", True, "identity(initializer)")
     ]
     assert "Identity" not in _ops(out) and "w" not in {t.name for t in out.graph.initializer}
-    floats = [t for t in out.graph.initializer if t.data_type == TensorProto.FLOAT]
-    assert len(floats) == 1  # one packed data array serves both layers
+    read = {}
+    for node in out.graph.node:
+        layer = {p.key: p.value for p in node.metadata_props}.get("dehm.source_node")
+        read.setdefault(layer, set()).update(node.input)
+    floats = {t.name for t in out.graph.initializer if t.data_type == TensorProto.FLOAT}
+    assert floats and floats <= read["first"] and floats & read["second"] == floats & read["first"]
+    assert report.layers[1].bytes_after == 0 < report.layers[0].bytes_after  # stored once
     assert report.params_after < report.params_before
     rel = np.linalg.norm(run_model(out, {"x": x})[0] - run_model(model, {"x": x})[0]) / np.linalg.norm(run_model(model, {"x": x})[0])
     assert rel < 1e-2
@@ -191,7 +205,7 @@ def test_chain_value_read_by_another_node_keeps_the_weight_dense(rng):
         helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0),
     ]
     model = make_model(nodes, [("x", np.float32, [3, M])], [("y", np.float32, [3, N]), ("s", np.float32, [])], [("w16", w)])
-    out, report = dehm_onnx.optimize(model, no_verify=True, min_size=8)
+    out, report = optimize(model, no_verify=True, min_size=8)
     (record,) = report.layers
     assert not record.compressed and record.skip_reason == "SHARED_WEIGHT" and "ReduceSum" in record.reason
     assert out.SerializeToString() == model.SerializeToString()
@@ -206,8 +220,8 @@ def test_dequantized_model_is_idempotent(rng):
     ]
     model = make_model(nodes, [("x", np.float32, [3, M])], [("y", np.float32, [3, N])],
                        [("wq", _quantize(w, scale, -128, 127).astype(np.int8)), ("scale", scale)])
-    once, _ = dehm_onnx.optimize(model, no_verify=True, min_size=8)
-    twice, report = dehm_onnx.optimize(once, no_verify=True, min_size=8)
+    once, _ = optimize(model, no_verify=True, min_size=8)
+    twice, report = optimize(once, no_verify=True, min_size=8)
     assert report.compressed == [] and twice.SerializeToString() == once.SerializeToString()
 
 
@@ -232,7 +246,7 @@ def test_weight_passed_into_a_local_function_is_reached_by_inlining(rng):
     w = smooth_kernel(M, N)
     model = _function_model(w)
     x = rng.standard_normal((3, M)).astype(np.float32)
-    out, report = dehm_onnx.optimize(model, no_verify=True, min_size=8)
+    out, report = optimize(model, no_verify=True, min_size=8)
     assert report.inlined_functions == ["pkg.torch::Linear"]
     assert "inlined model-local functions" in report.to_table()
     (record,) = report.layers
@@ -246,7 +260,7 @@ def test_function_receiving_no_constant_is_left_alone(rng):
     model = _function_model(smooth_kernel(M, N))
     model.graph.input.append(helper.make_tensor_value_info("fc.weight", TensorProto.FLOAT, [N, M]))
     del model.graph.initializer[0]
-    out, report = dehm_onnx.optimize(model, no_verify=True, min_size=8)
+    out, report = optimize(model, no_verify=True, min_size=8)
     assert report.inlined_functions == [] and report.layers == []
     assert out.SerializeToString() == model.SerializeToString()
 
@@ -276,7 +290,7 @@ def test_reshape_target_built_by_concat_of_constants(rng):
     ]
     model = make_model(nodes, [("x", np.float32, [3, M])], [("y", np.float32, [3, N])], [("w16", w)])
     out, _ = _optimize_and_check(model, "w", "reshape(cast(initializer float16))", rng)
-    assert _ops(out) == ["HMatMul"]  # the chain and its shape constants are gone
+    assert set(_ops(out)) == {"MatMul"}  # the chain and its shape constants are gone
 
 
 def test_weight_passed_through_nested_local_functions(rng):
@@ -296,7 +310,7 @@ def test_weight_passed_through_nested_local_functions(rng):
     model = helper.make_model(graph, opset_imports=opsets, functions=[outer, linear], ir_version=10)
     onnx.checker.check_model(model)
     x = rng.standard_normal((3, M)).astype(np.float32)
-    out, report = dehm_onnx.optimize(model, no_verify=True, min_size=8)
+    out, report = optimize(model, no_verify=True, min_size=8)
     assert report.inlined_functions == ["pkg::Model", "pkg.nn::Linear"]
     (record,) = report.layers
     assert record.compressed and record.op == "Gemm"
@@ -306,7 +320,7 @@ def test_weight_passed_through_nested_local_functions(rng):
 
 def test_inlined_layers_are_verified_against_the_inlined_original(rng):
     model = _function_model(smooth_kernel(M, N))
-    out, report = dehm_onnx.optimize(model, min_size=8)
+    out, report = optimize(model, min_size=8)
     assert report.inlined_functions == ["pkg.torch::Linear"]
     assert report.verification["performed"]
     (layer,) = report.verification["result"]["layers"]

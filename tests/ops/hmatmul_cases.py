@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dehm_onnx.hmatrix import Block, BlockKind, HMatrix
+from dehm_onnx.hmatrix import Block, BlockKind, HMatrix, Storage, store
 
-__all__ = ["Case", "CASES", "expected", "tolerance"]
+__all__ = ["Case", "CASES", "FLOAT_CASES", "expected", "tolerance"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,86 @@ def _lowrank(rng, r0, r1, c0, c1, k, dtype):
     u = rng.standard_normal((r1 - r0, k)).astype(dtype)
     vt = rng.standard_normal((k, c1 - c0)).astype(dtype)
     return Block(BlockKind.LOWRANK, r0, r1, c0, c1, u=u, vt=vt)
+
+
+def _stored(rng, shape, storage: Storage, dtype, group: int = 16):
+    """A random array kept in ``storage`` (values as the engine would store them)."""
+    return store(rng.standard_normal(shape), storage, dtype=dtype, group=group)
+
+
+def _tiered(rng, r0, r1, c0, c1, tiers, dtype):
+    """A low-rank block whose tiers are ``[(rank, U storage, U group, Vt storage, Vt group), ...]``."""
+    arrays = []
+    for k, su, gu, sv, gv in tiers:
+        arrays += [_stored(rng, (r1 - r0, k), su, dtype, gu), _stored(rng, (k, c1 - c0), sv, dtype, gv)]
+    return Block(BlockKind.LOWRANK, r0, r1, c0, c1, storage=tuple(arrays))
+
+
+def _qdense(rng, r0, r1, c0, c1, storage, dtype, group=16):
+    return Block(BlockKind.DENSE, r0, r1, c0, c1, storage=(_stored(rng, (r1 - r0, c1 - c0), storage, dtype, group),))
+
+
+def _quantized_cases() -> list[Case]:
+    """Blocks in every storage: float16, int8 and int4 with groups of 16..128 rows (partial
+    last groups, ranks above a group), tiers of mixed storage, uniform and uneven tilings."""
+    f32, f16 = np.float32, np.float16
+    F, H, I8, I4 = Storage.FLOAT, Storage.FP16, Storage.INT8, Storage.INT4
+    cases = []
+    rng = _rng(21)
+    blocks = [
+        _qdense(rng, 0, 37, 0, 20, I8, f32, 16),
+        _tiered(rng, 0, 37, 20, 48, [(1, F, 0, F, 0), (3, H, 0, I8, 16), (20, I4, 16, I4, 16)], f32),
+        _tiered(rng, 37, 64, 0, 20, [(2, I8, 32, H, 0), (2, I4, 64, I8, 128)], f32),
+        _qdense(rng, 37, 64, 20, 48, I4, f32, 32),
+    ]
+    hm = _hm((64, 48), blocks, f32, rng.permutation(64), rng.permutation(48))
+    cases.append(Case("quantized_tiers", hm, rng.standard_normal((3, 64)).astype(f32)))
+    cases.append(Case("quantized_tiers_1d", hm, rng.standard_normal(64).astype(f32)))
+    # A uniform 8 x 8 grid of 16-row tiles: block diagonal dense in three storages, low-rank
+    # neighbours, larger low-rank blocks above (the batched family's reshape-only tiles).
+    rng = _rng(22)
+    storages = (H, I8, I4)
+    blocks = []
+    for i in range(8):
+        blocks.append(_qdense(rng, 16 * i, 16 * i + 16, 16 * i, 16 * i + 16, storages[i % 3], f32, 16))
+    for i in range(0, 8, 2):
+        blocks.append(_tiered(rng, 16 * i, 16 * i + 16, 16 * i + 16, 16 * i + 32, [(1, F, 0, F, 0), (2, H, 0, H, 0)], f32))
+        blocks.append(_tiered(rng, 16 * i + 16, 16 * i + 32, 16 * i, 16 * i + 16, [(3, I8, 16, H, 0)], f32))
+    for i in range(0, 8, 4):
+        blocks.append(_tiered(rng, 16 * i, 16 * i + 32, 16 * i + 32, 16 * i + 64, [(2, I4, 16, I4, 16), (1, F, 0, H, 0)], f32))
+        blocks.append(_tiered(rng, 16 * i + 32, 16 * i + 64, 16 * i, 16 * i + 32, [(4, H, 0, I8, 32)], f32))
+    blocks.append(_tiered(rng, 0, 64, 64, 128, [(5, I8, 64, I4, 16)], f32))
+    blocks.append(_tiered(rng, 64, 128, 0, 64, [(1, F, 0, F, 0), (3, I4, 32, H, 0)], f32))
+    hm = _hm((128, 128), blocks, f32)
+    cases.append(Case("quantized_grid", hm, rng.standard_normal((5, 128)).astype(f32)))
+    cases.append(Case("quantized_grid_3d", hm, rng.standard_normal((2, 3, 128)).astype(f32)))
+    # Uneven bisection of 201 x 80 rows (101 + 100, then 51/50 ...): gathered tiles.
+    rng = _rng(23)
+    blocks = [
+        _tiered(rng, 0, 101, 40, 80, [(2, I8, 16, H, 0)], f32),
+        _tiered(rng, 101, 201, 0, 40, [(2, I8, 16, H, 0)], f32),
+        _tiered(rng, 0, 51, 20, 40, [(1, H, 0, I4, 16)], f32),
+        _tiered(rng, 51, 101, 0, 20, [(1, H, 0, I4, 16)], f32),
+        _tiered(rng, 101, 152, 60, 80, [(2, F, 0, F, 0)], f32),
+        _tiered(rng, 152, 201, 40, 60, [(2, F, 0, F, 0)], f32),
+        _qdense(rng, 0, 51, 0, 20, I8, f32, 32),
+        _qdense(rng, 51, 101, 20, 40, I8, f32, 32),
+        _qdense(rng, 101, 152, 40, 60, I4, f32, 16),
+        _qdense(rng, 152, 201, 60, 80, I4, f32, 16),
+    ]
+    hm = _hm((201, 80), blocks, f32)
+    cases.append(Case("quantized_uneven", hm, rng.standard_normal((4, 201)).astype(f32)))
+    # A float16 weight: float16 scales.
+    rng = _rng(24)
+    blocks = [
+        _qdense(rng, 0, 32, 0, 32, I8, f16, 16),
+        _tiered(rng, 0, 32, 32, 64, [(2, F, 0, I4, 16), (2, I4, 16, F, 0)], f16),
+        _tiered(rng, 32, 64, 0, 32, [(3, I8, 32, I8, 16)], f16),
+        _qdense(rng, 32, 64, 32, 64, I4, f16, 32),
+    ]
+    hm = _hm((64, 64), blocks, f16, rng.permutation(64))
+    cases.append(Case("quantized_float16", hm, rng.standard_normal((3, 64)).astype(f16)))
+    return cases
 
 
 def _hm(shape, blocks, dtype, row_perm=None, col_perm=None) -> HMatrix:
@@ -127,10 +207,12 @@ def _build_cases() -> list[Case]:
         if batch == 5:
             # One row and an 800 KB payload (wide dense block, rank-7 blocks): the one-row pass.
             cases.append(Case("large_payload_1d", hm, rng.standard_normal(601).astype(dtype)))
-    return cases
+    return cases + _quantized_cases()
 
 
 CASES = _build_cases()
+# Cases whose arrays are all stored in the weight's dtype (what packed layout v1 holds exactly).
+FLOAT_CASES = [c for c in CASES if all(b.is_float for b in c.hm.blocks)]
 
 
 def expected(case: Case) -> np.ndarray:

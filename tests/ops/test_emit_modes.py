@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_hmatmul_cases import assert_matches
 
 import dehm_onnx
+from dehm_onnx.graph.emit import EmitContext
 from dehm_onnx.graph.emit import layer_model as emitted_layer
 from dehm_onnx.report import read_layers
 from dehm_onnx.ops import hmatmul
@@ -18,26 +19,45 @@ from dehm_onnx.ops.library import make_session
 
 # (emit mode, runs with the library registered)
 RUNS = [("ops", False), ("function", False), ("function", True), ("custom", True)]
+# The standard-op families forced, with integer arrays fused or folded, at opset 21 (int4
+# tensors, blocked DequantizeLinear) and 17 (int4 written as int8, per-column scales only).
+FAMILIES = [
+    ("batched", False, 21), ("batched", False, 17),
+    ("blocks", False, 21), ("blocks", True, 21), ("blocks", True, 17),
+]
 
 
-def layer_model(case, mode: str, opset: int = 17) -> onnx.ModelProto:
+def layer_model(case, mode: str, opset: int = 17, context: EmitContext | None = None) -> onnx.ModelProto:
     """A one-layer model ``Y = X @ W_H`` from the emitter, spliced as the rewrite would."""
     lead = [f"d{i}" for i in range(case.x.ndim - 1)]
-    model = emitted_layer(case.hm, mode, [*lead, case.hm.shape[0]], case.x.dtype, "layer.w.hm", opset)
-    onnx.checker.check_model(model)
+    model = emitted_layer(case.hm, mode, [*lead, case.hm.shape[0]], case.x.dtype, "layer.w.hm", opset, context)
+    onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def run(model, feeds, library: bool):
+def run(model, feeds, library: bool, exact_int: bool = False):
     if library:
         return make_session(model).run(None, feeds)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    options = ort.SessionOptions()
+    if exact_int:
+        # MatMulNBits' accuracy level 0: float activations (the default level 4 quantizes
+        # them to 8 bits, about 5e-3 relative error; tested in tests/graph/test_quantized.py).
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 @pytest.mark.parametrize("mode,library", RUNS, ids=[f"{m}-{'library' if lib else 'stock'}" for m, lib in RUNS])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_emit_mode_matches_dense_product(case, mode, library):
     assert_matches(case, run(layer_model(case, mode), {"X": case.x}, library)[0])
+
+
+@pytest.mark.parametrize("family,fuse,opset", FAMILIES, ids=[f"{f}-{'fused' if u else 'folded'}-{o}" for f, u, o in FAMILIES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_standard_op_family_matches_dense_product(case, family, fuse, opset):
+    context = EmitContext(x_rank=case.x.ndim, opset=opset, fuse_int=fuse, family=family)
+    model = layer_model(case, "ops", opset, context)
+    assert_matches(case, run(model, {"X": case.x}, False, exact_int=fuse)[0])
 
 
 def test_function_mode_stores_weights_once():

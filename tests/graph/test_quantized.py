@@ -1,0 +1,172 @@
+"""Quantized storage through the optimize pass: onnxruntime's fused kernel, load-time folding,
+the opset upgrade, float64 weights, and bytes (never more than the input, ``max_ratio``)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import dehm_onnx
+from dehm_onnx.hmatrix import Storage
+from tests.conftest import make_model, output_bound, rel_fro, run_model, smooth_kernel
+
+
+def _gemm(w: np.ndarray, bias: bool = True, opset: int = 17) -> onnx.ModelProto:
+    """``y = x @ w (+ b)`` as a Gemm (the form exporters write for nn.Linear)."""
+    m, n = w.shape
+    inits = [("w", w)] + ([("b", np.linspace(-1, 1, n).astype(w.dtype))] if bias else [])
+    node = helper.make_node("Gemm", ["x", "w"] + (["b"] if bias else []), ["y"], name="fc")
+    return make_model([node], [("x", w.dtype, ["B", m])], [("y", w.dtype, ["B", n])], inits, opset=opset)
+
+
+def _session_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    """Op types of the graph onnxruntime runs after its optimizations (default options)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(tmp_path / "session.onnx").graph.node)
+
+
+def _initializer_types(model: onnx.ModelProto) -> set[int]:
+    return {t.data_type for t in model.graph.initializer if t.data_type != TensorProto.INT64}
+
+
+def test_integer_blocks_run_on_onnxruntimes_quantized_kernel(rng, tmp_path):
+    """A weight without structure at tol 0.1: int4 blocks, fused into MatMulNBits (bias too)."""
+    w = rng.standard_normal((256, 192)).astype(np.float32)
+    model = _gemm(w)
+    out, report = dehm_onnx.optimize(model, tol=0.1, tol_out=0.12, min_size=8)
+    (record,) = report.layers
+    assert record.compressed and "int4" in record.precision and record.byte_ratio < 0.2
+    assert TensorProto.INT4 in _initializer_types(out) and out.opset_import[0].version == 21
+    ops = _session_ops(out, tmp_path)
+    assert ops["MatMulNBits"] >= 1 and "DequantizeLinear" not in ops, ops
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    # Weight error <= 0.1 plus the kernel's 8-bit activations (about 5e-3).
+    assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < 0.11
+
+
+def test_tight_output_bound_dequantizes_integers_at_load(rng, tmp_path):
+    """No room for the kernel's activation error: integers are dequantized at load (exact)."""
+    w = rng.standard_normal((256, 192)).astype(np.float32)
+    out, report = dehm_onnx.optimize(_gemm(w), tol=0.1, tol_out=5e-3, no_verify=True, min_size=8)
+    assert "int4" in report.layers[0].precision
+    ops = _session_ops(out, tmp_path)
+    assert "MatMulNBits" not in ops and "DequantizeLinear" not in ops and "Cast" not in ops, ops
+
+
+def test_precision_int8_fuses_whatever_the_bound(rng, tmp_path):
+    w = rng.standard_normal((128, 128)).astype(np.float32)
+    out, report = dehm_onnx.optimize(_gemm(w, bias=False), tol=2e-2, tol_out=0.05, precision="int8", min_size=8)
+    assert "int8" in report.layers[0].precision and "int4" not in report.layers[0].precision
+    assert _session_ops(out, tmp_path)["MatMulNBits"] >= 1
+
+
+def test_float16_storage_is_folded_at_load(rng, tmp_path):
+    """Default tol 1e-3 on a weight without structure: float16 in the file (half the bytes),
+    one float32 constant in memory once the session has folded the Cast."""
+    w = rng.standard_normal((96, 80)).astype(np.float32)
+    out, report = dehm_onnx.optimize(_gemm(w), min_size=8)
+    assert report.layers[0].precision == "dense fp16 x1" and report.layers[0].byte_ratio == 0.5
+    assert _initializer_types(out) == {TensorProto.FLOAT16, TensorProto.FLOAT}  # weight, bias
+    ops = _session_ops(out, tmp_path)
+    assert "Cast" not in ops and ops.keys() <= {"MatMul", "Gemm", "Sum", "Add"}, ops
+
+
+def test_opset_is_raised_for_integers_and_outputs_stay(rng):
+    model = _gemm(smooth_kernel(160, 128) + 0.01 * rng.standard_normal((160, 128)).astype(np.float32), opset=13)
+    out, report = dehm_onnx.optimize(model, tol=0.05, min_size=8, no_verify=True)
+    assert any(s in report.layers[0].precision for s in ("int8", "int4"))
+    assert [(o.domain, o.version) for o in out.opset_import] == [("", 21)] and out.ir_version >= 10
+    assert any("opset raised from 13 to 21" in note for note in report.notes)
+    onnx.checker.check_model(out, full_check=True)
+    x = rng.standard_normal((4, 160)).astype(np.float32)
+    assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < 0.06
+
+
+def test_opset_kept_when_the_converter_fails(rng, monkeypatch):
+    """The model keeps its opset: int4 arrays become int8 and integers are folded at load."""
+
+    def refuse(model, version):
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    w = rng.standard_normal((128, 128)).astype(np.float32)
+    model = _gemm(w)
+    out, report = dehm_onnx.optimize(model, tol=0.1, min_size=8, no_verify=True)
+    assert "int4" in report.layers[0].precision
+    assert out.opset_import[0].version == 17
+    assert any("could not raise opset 17 to 21" in note and "no adapter" in note for note in report.notes)
+    assert TensorProto.INT4 not in _initializer_types(out) and TensorProto.INT8 in _initializer_types(out)
+    assert "DequantizeLinear" not in {n.op_type for n in out.graph.node}
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < 0.1
+
+
+def test_float64_weight_with_integer_precision_is_dequantized_exactly(rng):
+    """DequantizeLinear has no float64 output: float64 layers keep integers folded at load."""
+    w = rng.standard_normal((128, 96))
+    model = _gemm(w)
+    out, report = dehm_onnx.optimize(model, tol=0.1, precision="int4", min_size=8)
+    (record,) = report.layers
+    assert record.compressed and "int4" in record.precision and record.byte_ratio < 0.2
+    assert "DequantizeLinear" not in {n.op_type for n in out.graph.node}
+    x = rng.standard_normal((4, 128))
+    y, y0 = run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]
+    assert y.dtype == np.float64 and rel_fro(y, y0) <= output_bound(x, w, record.rel_certified_error, np.float64)
+
+
+@pytest.mark.parametrize("size", [48, 256])
+def test_never_more_bytes_than_the_input(rng, size):
+    """Gaussian weights in float at tol 0.1 save a few blocks at most; with the new nodes'
+    protobuf the file must still not grow (at 48 x 48 the layer is left as it was)."""
+    w = rng.standard_normal((size, size)).astype(np.float32)
+    model = _gemm(w, bias=False)
+    _, report = dehm_onnx.optimize(model, tol=0.1, precision="float", min_size=8, no_verify=True)
+    assert report.bytes_after <= report.bytes_before
+    if size == 48:
+        assert report.layers[0].skip_reason == "NOT_SMALLER"
+    _, report = dehm_onnx.optimize(model, tol=0.1, min_size=8)
+    assert report.bytes_after <= (0.25 if size == 48 else 0.15) * report.bytes_before  # int4 (and protobuf)
+
+
+def test_max_ratio_compares_bytes(rng):
+    model = _gemm(smooth_kernel(128, 128), bias=False)
+    _, report = dehm_onnx.optimize(model, min_size=8)
+    ratio = report.layers[0].byte_ratio
+    assert 0 < ratio < 1
+    _, report = dehm_onnx.optimize(model, min_size=8, max_ratio=ratio * 0.99)
+    assert report.layers[0].skip_reason == "LITTLE_GAIN" and "bytes" in report.layers[0].reason
+
+
+@pytest.mark.parametrize("precision, allowed", [
+    ("float", {"float"}), ("fp16", {"float", "fp16"}), ("int8", {"float", "fp16", "int8"}),
+])
+def test_precision_restricts_the_storages(rng, precision, allowed):
+    model = _gemm(smooth_kernel(128, 128) + 1e-3 * rng.standard_normal((128, 128)).astype(np.float32), bias=False)
+    _, report = dehm_onnx.optimize(model, tol=2e-2, precision=precision, min_size=8, no_verify=True)
+    used = {s for part in report.layers[0].precision.split(", ") for s in part.split(" ")[1].split("+")}
+    assert used <= allowed
+
+
+def test_weight_with_tiny_values_keeps_a_storage_that_holds_them(rng):
+    """Values below float16's range: integer scales would be 0, float16 values 0 — the engine
+    keeps a storage whose error it measured, and the output stays within the bound."""
+    w = (rng.standard_normal((96, 96)) * 1e-30).astype(np.float32)
+    model = _gemm(w, bias=False)
+    out, report = dehm_onnx.optimize(model, tol=0.1, min_size=8, no_verify=True)
+    (record,) = report.layers
+    assert not record.compressed or ("fp16" not in record.precision)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    y, y0 = run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]
+    assert np.all(np.isfinite(y)) and rel_fro(y, y0) < 0.11
+
+
+def test_storage_enum_labels_match_the_report():
+    assert [s.label for s in Storage] == ["float", "fp16", "int8", "int4"]
