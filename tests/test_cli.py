@@ -13,7 +13,7 @@ from onnx import helper
 
 from dehm_onnx import cli
 from dehm_onnx.errors import BoundViolation
-from tests.conftest import low_rank, make_model, rel_fro, run_model
+from tests.conftest import low_rank, make_model, output_bound, rel_fro, run_model
 
 
 def _cli(*args, cwd=None):
@@ -267,3 +267,27 @@ def test_cli_verify_num_samples_zero_is_refused(model_path, tmp_path, capsys):
     assert cli.main(["optimize", str(model_path), str(tmp_path / "o.onnx"), "-q", "--no-verify"]) == 0
     assert cli.main(["verify", str(model_path), str(tmp_path / "o.onnx"), "--num-samples", "0"]) == 2
     assert "num_samples must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_rejects_an_unknown_precision(model_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    proc = _cli("optimize", model_path, out, "--precision", "int3")
+    assert proc.returncode == 2 and "int3" in proc.stderr and "int4" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_int4_on_a_float64_model_keeps_outputs_within_the_bound(tmp_path, rng):
+    """DequantizeLinear has no float64 output: the integers are dequantized at load (exact),
+    the table says which storages the layer uses, and a note says why nothing was fused."""
+    w = rng.standard_normal((128, 96))
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                       [("x", np.float64, ["B", 128])], [("y", np.float64, ["B", 96])], [("w", w)])
+    source, out, report = tmp_path / "f64.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(model, source)
+    proc = _cli("optimize", source, out, "--tol", "0.1", "--precision", "int4", "--min-size", "8", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "int4" in proc.stdout and "(float64): integer arrays dequantized" in proc.stdout
+    x = rng.standard_normal((4, 128))
+    y = run_model(onnx.load(out), {"x": x})[0]
+    (layer,) = json.loads(report.read_text())["layers"]
+    assert y.dtype == np.float64 and rel_fro(y, x @ w) <= output_bound(x, w, layer["rel_certified_error"], np.float64)

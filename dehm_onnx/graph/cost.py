@@ -20,8 +20,10 @@ machine (onnxruntime 1.32, 2 threads, spinning off); docs/custom_op.md gives the
 
 The choice (``choose``): among the candidates whose bytes are within ``BYTE_SLACK`` of the
 smallest, the one with the least ``t(1)/t_dense(1) + t(256)/t_dense(256)``, where ``t_dense``
-is the same model for the dense MatMul. Bytes come first because they are what the user pays
-for in every deployment; the time estimate picks among emissions of about the same size.
+is the same model for the dense MatMul; a candidate at most ``SPEED_BYTE_SLACK`` larger
+replaces it when that score is ``SPEEDUP`` times lower. Bytes come first because they are
+what the user pays for in every deployment; the time estimate picks among emissions of about
+the same size, and a few percent of bytes buy an order of magnitude of speed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "Cost",
     "COEFFICIENTS",
     "BYTE_SLACK",
+    "SPEED_BYTE_SLACK",
     "NODE_BYTES",
     "INITIALIZER_BYTES",
     "Candidate",
@@ -57,6 +60,11 @@ NODE_BYTES = 120
 INITIALIZER_BYTES = 40
 # Candidates within this fraction of the smallest candidate's bytes compete on time.
 BYTE_SLACK = 0.03
+# ... but a candidate up to this fraction larger wins when its time estimate is SPEEDUP times
+# lower: e.g. the 4096^2 log kernel at tol 1e-4 in float, per-block 1.84 MB and 2354 nodes
+# (1.3x dense at batch 1, measured) against batched 1.96 MB (+6.3%) and 40 nodes (about 10x).
+SPEED_BYTE_SLACK = 0.10
+SPEEDUP = 4.0
 # Batch sizes the time estimate weighs equally (as ratios to dense).
 BATCHES = (1, 256)
 # Contiguous joins of more column size classes than this are not all tried.
@@ -215,11 +223,18 @@ def batched_candidates(hm, dtype, context) -> list[Candidate]:
     return out
 
 
-def choose(candidates: list[Candidate], dense: Cost) -> Candidate:
-    """The fastest (by the time model) of the candidates within ``BYTE_SLACK`` of the smallest."""
+def _fastest_within(candidates: list[Candidate], dense: Cost, slack: float) -> Candidate:
     smallest = min(c.nbytes for c in candidates)
-    near = [c for c in candidates if c.nbytes <= (1 + BYTE_SLACK) * smallest]
+    near = [c for c in candidates if c.nbytes <= (1 + slack) * smallest]
     return min(near, key=lambda c: (c.score(dense), c.nbytes))
+
+
+def choose(candidates: list[Candidate], dense: Cost) -> Candidate:
+    """The fastest (by the time model) of the candidates within ``BYTE_SLACK`` of the smallest,
+    unless one within ``SPEED_BYTE_SLACK`` is estimated ``SPEEDUP`` times faster still."""
+    best = _fastest_within(candidates, dense, BYTE_SLACK)
+    fast = _fastest_within(candidates, dense, SPEED_BYTE_SLACK)
+    return fast if SPEEDUP * fast.score(dense) <= best.score(dense) else best
 
 
 def choose_family(hm, dtype, context) -> tuple[str, Plan | None]:

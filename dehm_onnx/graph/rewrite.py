@@ -296,6 +296,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
             fuse_int=self.config.fuses_integers(self.config.layer_tol_out, hm.rel_certified_error),
         )
         emission = self.emitter(hm, x, prefix, dtype, context)
+        self._note_unfused(cand, hm, dtype, context)
         # Sum, not Add, after a product that may feed onnxruntime's quantized kernel: it fuses
         # MatMul + Add into Gemm first, and a Gemm input is never turned into MatMulNBits.
         fused = context.fuse_int and any(a.storage.is_int for b in hm.blocks for a in b.storage)
@@ -304,6 +305,17 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         _tag(nodes, cand, hm, tol)
         output = post[-1].outputs[0] if post else emission.output
         return dataclasses.replace(emission, nodes=nodes, output=output), local
+
+    def _note_unfused(self, cand: Candidate, hm, dtype, context: EmitContext) -> None:
+        """Say in the report when integer arrays meant for onnxruntime's quantized kernel are
+        dequantized at load instead because the activation dtype has no ``DequantizeLinear``
+        output (float64): the layer stays exact, with float memory and speed."""
+        has_int = any(a.storage.is_int for b in hm.blocks for a in b.storage)
+        if context.fuse_int and has_int and np.dtype(dtype) not in (np.float32, np.float16):
+            self._notes.append(
+                f"layer {cand.name!r} ({np.dtype(dtype)}): integer arrays dequantized when the session is "
+                "created, not fused (DequantizeLinear has no float64 output)"
+            )
 
     def _clamps(self, cand: Candidate) -> bool:
         """Whether the layer's true output is provably ``>= 0`` (see the module docstring)."""
@@ -341,10 +353,9 @@ class CompressWeightsPass(ir.passes.InPlacePass):
 
 
 def _emitted_mode(requested: str, emission: Emission) -> str:
-    """The mode actually written: ``ops`` where the function and custom emitters fell back to
-    standard ops (e.g. for a float64 layer)."""
-    standard = emission.family in ("batched", "blocks")
-    if requested in ("function", "custom") and standard:
+    """The mode actually written: ``ops`` for standard-op nodes, whether ``auto`` chose them or
+    the function and custom emitters fell back to them (e.g. for a float64 layer)."""
+    if emission.family in ("batched", "blocks"):
         return "ops"
     return requested
 

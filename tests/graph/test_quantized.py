@@ -117,6 +117,7 @@ def test_float64_weight_with_integer_precision_is_dequantized_exactly(rng):
     (record,) = report.layers
     assert record.compressed and "int4" in record.precision and record.byte_ratio < 0.2
     assert "DequantizeLinear" not in {n.op_type for n in out.graph.node}
+    assert any("'fc' (float64): integer arrays dequantized" in note for note in report.notes), report.notes
     x = rng.standard_normal((4, 128))
     y, y0 = run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]
     assert y.dtype == np.float64 and rel_fro(y, y0) <= output_bound(x, w, record.rel_certified_error, np.float64)

@@ -65,7 +65,8 @@ def test_rewrite_writes_layer_metadata_contract(rng):
     assert [entry["name"] for entry in layers] == ["fc1", "fc2"]
     for entry in layers:
         assert tuple(entry) == METADATA_KEYS
-        assert entry["op"] == "MatMul" and entry["emit"] == OptimizeConfig().emit
+        # the default mode (auto) writes standard ops for these layers
+        assert entry["op"] == "MatMul" and entry["emit"] == "ops" and OptimizeConfig().emit == "auto"
         assert entry["tol_out"] == entry["tol"] == 1e-3
         assert 0 <= entry["rel_certified_error"] <= entry["tol"]
         assert entry["params"] < entry["dense_params"]

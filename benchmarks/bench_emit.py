@@ -1,0 +1,133 @@
+"""Standard-op emission on stock onnxruntime: nodes, speed against dense, and file bytes.
+
+    python benchmarks/bench_emit.py speed [--size 4096] [--tol 1e-4] [--emit ops] [--precision auto]
+                                          [--threads 2]
+                                          [--blocks 7] [--runs 20]
+    python benchmarks/bench_emit.py bytes [--size 1024] [--tols 1e-2 0.1]
+
+``speed``: the log kernel of ``bench_kernel.log_kernel`` as one MatMul, optimized by
+``dehm_onnx.optimize`` (``--emit``, default precision, no verification) and timed against the
+dense MatMul at batch 1 and 256: stock onnxruntime, ``--threads`` intra-op threads, spinning
+off, one warm-up run, then ``--blocks`` alternating blocks of ``--runs`` runs per session; the
+median over all timed runs is printed with the ratio dense / compressed (> 1: faster).
+
+``bytes``: a Gaussian ``size x size`` float32 weight (seed 0) as one MatMul, optimized at each
+tol (default precision and emission), and the whole serialized file's bytes against the
+original file's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from bench_kernel import dense_model, log_kernel
+
+import dehm_onnx
+
+
+def stock_session(model, threads: int) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads and spinning off."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def session_nodes(model, threads: int) -> collections.Counter:
+    """Op types of the graph onnxruntime runs (constants folded) under the same options."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.optimized_model_filepath = os.path.join(tmp, "session.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def alternating_medians(runners: dict, blocks: int, runs: int) -> dict:
+    """Median seconds per call of each runner over ``blocks`` alternating blocks of ``runs`` calls."""
+    times = {name: [] for name in runners}
+    for run in runners.values():
+        run()
+    for _ in range(blocks):
+        for name, run in runners.items():
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def speed(args) -> None:
+    w = log_kernel(args.size)
+    dense = dense_model(w)
+    t0 = time.perf_counter()
+    model, report = dehm_onnx.optimize(dense, tol=args.tol, emit=args.emit, precision=args.precision, no_verify=True)
+    (record,) = report.layers
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    print(f"log kernel {args.size}^2 tol {args.tol:g} --emit {args.emit} --precision {args.precision}: optimized in {time.perf_counter() - t0:.1f} s")
+    print(f"  {record.emit} {record.family}, {len(model.graph.node)} nodes in the file {dict(ops)}")
+    run_ops = session_nodes(model, args.threads)
+    print(f"  {sum(run_ops.values())} nodes after onnxruntime's load-time folding {dict(run_ops)}")
+    print(f"  bytes {record.bytes_before} -> {record.bytes_after} ({record.byte_ratio:.4f}x), "
+          f"precision {record.precision}, cert. error {record.rel_certified_error:.2e}")
+    sessions = {"dense": stock_session(dense, args.threads), "dehm": stock_session(model, args.threads)}
+    rng = np.random.default_rng(1)
+    print(f"  onnxruntime {ort.__version__}, {args.threads} threads, spinning off, "
+          f"{args.blocks} alternating blocks of {args.runs} runs")
+    for batch in args.batches:
+        x = rng.standard_normal((batch, args.size)).astype(np.float32)
+        y_ref = sessions["dense"].run(None, {"X": x})[0]
+        y = sessions["dehm"].run(None, {"X": x})[0]
+        err = float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref))
+        runners = {name: (lambda s=s: s.run(None, {"X": x})) for name, s in sessions.items()}
+        med = alternating_medians(runners, args.blocks, args.runs)
+        print(f"  batch {batch:4d}: dense {med['dense'] * 1e3:8.3f} ms, dehm {med['dehm'] * 1e3:8.3f} ms, "
+              f"{med['dense'] / med['dehm']:.2f}x dense; rel. output error {err:.1e}")
+
+
+def file_bytes(args) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((args.size, args.size)).astype(np.float32)
+    dense = dense_model(w)
+    before = len(dense.SerializeToString())
+    for tol in args.tols:
+        model, report = dehm_onnx.optimize(dense, tol=tol, no_verify=True)
+        after = len(model.SerializeToString())
+        (record,) = report.layers
+        mix = record.precision if record.compressed else f"kept dense: {record.reason}"
+        print(f"gaussian {args.size}^2 tol {tol:g}: file {before} -> {after} bytes ({after / before:.4f}x); "
+              f"{record.emit} {record.family}, {record.nodes} nodes, {mix}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("speed")
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--emit", default="ops")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--blocks", type=int, default=7)
+    p.add_argument("--runs", type=int, default=20)
+    p.set_defaults(func=speed)
+    p = sub.add_parser("bytes")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--tols", type=float, nargs="+", default=[1e-2, 0.1])
+    p.set_defaults(func=file_bytes)
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
