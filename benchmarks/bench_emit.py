@@ -74,6 +74,7 @@ def speed(args) -> None:
     ops = collections.Counter(n.op_type for n in model.graph.node)
     print(f"log kernel {args.size}^2 tol {args.tol:g} --emit {args.emit} --precision {args.precision}: optimized in {time.perf_counter() - t0:.1f} s")
     print(f"  {record.emit} {record.family}, {len(model.graph.node)} nodes in the file {dict(ops)}")
+    print(f"  whole file {len(model.SerializeToString())} bytes (dense file {len(dense.SerializeToString())})")
     run_ops = session_nodes(model, args.threads)
     print(f"  {sum(run_ops.values())} nodes after onnxruntime's load-time folding {dict(run_ops)}")
     print(f"  bytes {record.bytes_before} -> {record.bytes_after} ({record.byte_ratio:.4f}x), "
