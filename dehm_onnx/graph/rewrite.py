@@ -467,7 +467,7 @@ def _task(cand: Candidate, tol: float, config) -> LayerTask:
         tol,
         config.seed,
         config.max_ratio,
-        precision=config.precision,
+        precision=config.engine_precision,
         block_overhead=BLOCK_OVERHEAD,
         stored_nbytes=_source_bytes(cand),
     )

@@ -171,3 +171,26 @@ def test_weight_with_tiny_values_keeps_a_storage_that_holds_them(rng):
 
 def test_storage_enum_labels_match_the_report():
     assert [s.label for s in Storage] == ["float", "fp16", "int8", "int4"]
+
+
+@pytest.mark.parametrize("emit", ["function", "custom"])
+def test_packed_modes_refuse_smaller_storages(emit):
+    """HMatMul's packed layout v1 holds float factors only: asking for integers is an error."""
+    from dehm_onnx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"precision 'int4' needs emit 'ops' or 'auto': emit '{emit}'"):
+        dehm_onnx.OptimizeConfig(emit=emit, precision="int4")
+
+
+def test_function_mode_compresses_in_float(rng):
+    """With the default precision, the function mode's engine uses float storage only, so the
+    bytes it planned are the bytes it writes."""
+    model = _gemm(smooth_kernel(160, 128), bias=False)
+    out, report = dehm_onnx.optimize(model, emit="function", tol=1e-2, min_size=8)
+    (record,) = report.layers
+    assert record.compressed and record.emit == "function"
+    assert {part.split(" ")[1] for part in record.precision.split(", ")} == {"float"}
+    assert 0 < record.byte_ratio < 1
+    x = rng.standard_normal((4, 160)).astype(np.float32)
+    y, y0 = run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]
+    assert rel_fro(y, y0) <= output_bound(x, smooth_kernel(160, 128), record.rel_certified_error)
