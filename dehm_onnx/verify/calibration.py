@@ -452,13 +452,15 @@ def _probe_shapes(model, specs, overrides, rules, rng_seed, tried: list):
     if all(_is_batch_axis(s, a, batch) for s, a in open_axes):
         label, size_of = candidates[0]
         return _shapes(specs, overrides, size_of), label
-    session = make_cpu_session(model)
+    session = make_cpu_session(model, quiet=True)
     first_error = None
-    for label, size_of in candidates:
+    for index, (label, size_of) in enumerate(candidates):
         shapes = _shapes(specs, overrides, size_of)
         try:
             check_calibration_size(specs, shapes, 1)
         except ConfigError:
+            if index == 0:
+                raise  # with every dynamic axis at 1, the declared or given shape is at fault
             continue
         feed = _draw(specs, shapes, rules, 1, np.random.default_rng(rng_seed))
         try:
@@ -469,7 +471,9 @@ def _probe_shapes(model, specs, overrides, rules, rng_seed, tried: list):
             continue
         return shapes, label
     spec, axis = next(((s, a) for s, a in open_axes if not _is_batch_axis(s, a, batch)), open_axes[0])
-    example = "x".join("N" if d is None else str(d) for d in spec.shape)
+    example = "x".join(
+        str(d) if d is not None else ("1" if _is_batch_axis(spec, i, batch) else "N") for i, d in enumerate(spec.shape)
+    )
     raise ConfigError(
         f"input {spec.name!r} axis {axis} is dynamic and no size tried (1, {', '.join(map(str, DYNAMIC_SIZES))}) "
         f"runs the model (first failure: {_short(first_error)}); give the shape with "
@@ -479,6 +483,7 @@ def _probe_shapes(model, specs, overrides, rules, rng_seed, tried: list):
 
 def _short(text: str | None, limit: int = 160) -> str:
     text = (text or "").strip()
+    text = text.split("Status Message: ")[-1]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
