@@ -11,6 +11,12 @@ where ``E(x) = x @ W_H`` is what the chosen emitter writes (``EMITTERS``), ``α�
 only when α ≠ 1 and ``β·C`` a Mul only when β ≠ 1. The last node writes the original
 output name, so every other node, graph input and output stays as it was.
 
+Clamp step: when X is provably nonnegative (``graph/nonneg.py``), W has no negative entry,
+``α >= 0`` and there is no bias (or a nonnegative one with ``β >= 0``), the original layer's
+output is ``>= 0`` everywhere; a ``Relu`` then follows the emitted product. Clamping a value
+whose true result is ``>= 0`` can only reduce its error, and a downstream ``Log``/``Sqrt``
+never sees the small negative values a compressed W can produce (main graph only).
+
 Each candidate goes through scan -> check -> compress -> emit -> splice -> record.
 ``_splice`` is the only function that changes the model. A weight used by several
 candidates is compressed once (per orientation) and its factors are stored once; a weight
@@ -37,6 +43,7 @@ from .checks import Skip, SkipReason, check_candidate, check_weight
 from .emit import EMITTERS
 from .external import weight_slice
 from .emit_function import fit_function_to_model
+from .nonneg import nonnegative_tensors
 from .scan import Candidate, ConstRef, activation_ranks, iter_graphs, scan
 
 __all__ = ["CompressWeightsPass", "PassResult", "select_candidates", "LAYERS_KEY", "VERSION_KEY", "read_layers"]
@@ -80,11 +87,14 @@ class CompressWeightsPass:
         self.layer_tols = dict(layer_tols or {})
         self.emitter = EMITTERS[config.emit]
         self.progress = progress
+        self._nonneg: set = set()
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         """Rewrite ``model`` in place and return it with the report."""
         candidates, groups, skips = select_candidates(model, self.config)
         compressed = self._compress_groups(groups, skips)
+        # Signs are read from the model as it was, before any layer is spliced.
+        self._nonneg = nonnegative_tensors(model) if len(skips) < len(candidates) else set()
 
         names = _all_names(model)
         records: dict[int, LayerRecord] = {}
@@ -163,13 +173,27 @@ class CompressWeightsPass:
         dtype = cand.const.value.dtype
         pre = _pre_nodes(cand, prefix)
         x = pre[-1].output[0] if pre else cand.x_name
-        steps = _post_steps(cand)
+        steps = _post_steps(cand) + (["clamp"] if self._clamps(cand) else [])
         product = f"{prefix}/y_h" if steps else cand.output
         nodes, inits, functions = self.emitter(hm, x, product, prefix, dtype)
         post, local = _post_nodes(cand, steps, product, prefix, dtype)
         all_nodes = pre + list(nodes) + post
         _tag(all_nodes, cand, hm, tol)
         return all_nodes, list(inits), local, list(functions)
+
+    def _clamps(self, cand: Candidate) -> bool:
+        """Whether the layer's true output is provably ``>= 0`` (see the module docstring)."""
+        if cand.graph_path != "main" or cand.alpha < 0:
+            return False
+        if cand.x_name not in self._nonneg:
+            return False
+        if cand.c_name and not (cand.beta >= 0 and cand.c_name in self._nonneg):
+            return False
+        weight = cand.const.value
+        clamp = bool(weight.size == 0 or float(np.min(weight)) >= 0.0)
+        if clamp:
+            logger.info("layer %r: input and weight are nonnegative; its output is clamped at 0", cand.name)
+        return clamp
 
     def _compressed_record(self, cand: Candidate, hm, tol: float, node_count: int) -> LayerRecord:
         return _record(
@@ -217,6 +241,8 @@ def _post_nodes(cand: Candidate, steps: list[str], current: str, prefix: str, dt
         out = cand.output if i == len(steps) - 1 else f"{prefix}/{step}_out"
         if step == "transpose":
             nodes.append(_transpose(current, out, cand.x_rank, f"{prefix}/transpose_y"))
+        elif step == "clamp":
+            nodes.append(helper.make_node("Relu", [current], [out], name=f"{prefix}/clamp"))
         elif step == "alpha":
             inits.append(numpy_helper.from_array(np.asarray(cand.alpha, dtype=dtype), f"{prefix}/alpha"))
             nodes.append(helper.make_node("Mul", [current, f"{prefix}/alpha"], [out], name=f"{prefix}/mul_alpha"))
