@@ -7,8 +7,9 @@ grows with ``t``: each probe rewrites the model at ``t`` and runs it on the cali
 samples it is given (the checked ones; the caller holds some out); the end-to-end error is the
 largest per-sample relative L2 error over the graph outputs and samples, and infinite when an
 output is NaN/Inf where the original's is finite. The largest grid ``t`` whose error is
-``<= max_model_error`` wins. If even ``TOL_MIN`` misses the target, no layer is compressed
-(``t`` is None; ``excluded`` names the layers some probe could compress).
+``<= max_model_error`` wins. If even ``TOL_MIN`` misses the target, or only a tol at which no
+layer compresses any more meets it, the target is not reachable by compressing anything: ``t``
+is None and ``excluded`` names the layers some probe could compress.
 
 A shared tol is the allocation that needs no model of how errors propagate: each layer's
 relative output error stays about ``t``, and the grid search measures how the network
@@ -58,6 +59,7 @@ class Allocation:
     layer_tols: dict = dataclasses.field(default_factory=dict)
     refinements: list = dataclasses.field(default_factory=list)
     excluded: tuple = ()
+    best_tol: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary for the report."""
@@ -113,12 +115,13 @@ def allocate_tol(original, calibration, config, rewrite) -> Allocation:
     samples = list(calibration.samples())
     reference = _reference_outputs(original, samples)
     grid = tol_grid()
-    probes, cache, compressible = [], {}, {}
+    probes, cache, compressible, compressed_at = [], {}, {}, {}
 
     def error_at(index: int) -> float:
         if index not in cache:
             candidate, report = rewrite(original, dataclasses.replace(config, tol=grid[index]))
-            compressible.update(dict.fromkeys(r.name for r in report.compressed))
+            compressed_at[index] = [r.name for r in report.compressed]
+            compressible.update(dict.fromkeys(compressed_at[index]))
             cache[index] = model_error(candidate, reference, samples)
             probes.append((grid[index], cache[index]))
             logger.info("max_model_error search: tol %.3e -> model error %.3e", grid[index], cache[index])
@@ -132,10 +135,14 @@ def allocate_tol(original, calibration, config, rewrite) -> Allocation:
             hi = mid
         else:
             lo = mid
-    if hi == len(grid):
+    if hi == len(grid) or (compressible and not compressed_at[hi]):
+        # Met only by compressing nothing (every layer dense at the tol that meets it).
         names = tuple(compressible)
         chosen = dataclasses.replace(config, exclude=tuple(config.exclude) + tuple(glob.escape(n) for n in names))
-        return Allocation(None, None, target, probes, chosen, excluded=names)
+        tried = [(grid[i], cache[i]) for i in cache if compressed_at[i]]
+        best = min(tried, key=lambda p: p[1]) if tried else None
+        return Allocation(None, best[1] if best else None, target, probes, chosen, excluded=names,
+                          best_tol=best[0] if best else None)
     shared = dataclasses.replace(config, tol=grid[hi])
     allocation = Allocation(grid[hi], cache[hi], target, probes, shared)
     _loosen_layers(allocation, original, rewrite, grid, hi, lambda m: model_error(m, reference, samples))

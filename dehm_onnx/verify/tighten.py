@@ -260,14 +260,16 @@ def _allocate(original, calib, config, rewrite):
 
 
 def _unreachable(original, allocation, config, rewrite):
-    """Nothing compressed: every compressible layer says the target is not reachable."""
-    smallest = min((p for p in allocation.probes), key=lambda p: p[0], default=None)
-    at = f"; at the smallest tol tried ({smallest[0]:.1e}) the model error is {smallest[1]:.2e}" if smallest else ""
-    sentence = (f"max_model_error {allocation.target:.2e} is not reachable by compressing anything: no tol "
-                f"tried meets it{at}")
+    """Nothing compressed: every layer that a tol could compress says the target is not reachable."""
+    best = ""
+    if allocation.best_tol is not None:
+        best = (f": the smallest model error with a layer compressed was {allocation.error:.2e} "
+                f"(tol {allocation.best_tol:.1e})")
+    sentence = f"max_model_error {allocation.target:.2e} is not reachable by compressing anything{best}"
     model, report = rewrite(original, allocation.config)
+    mine = {"EXCLUDED", "NOT_SMALLER", "LITTLE_GAIN"}
     for record in report.layers:
-        if record.name in allocation.excluded:
+        if record.name in allocation.excluded or record.skip_reason in mine - {"EXCLUDED"}:
             record.skip_reason, record.reason = MODEL_TARGET, sentence
     report.verification = {"performed": True, "model_tol": allocation.target, "allocation": allocation.to_dict(),
                            "unreachable": sentence, "left_dense": sorted(allocation.excluded)}
