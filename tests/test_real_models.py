@@ -46,7 +46,9 @@ def test_silero_vad_ifless_gemms_in_if_branches(rng):
     _, strict = dehm_onnx.optimize(original)
     assert len(strict.layers) == 4 and strict.compressed == []
     assert {r.skip_reason for r in strict.layers} == {"NOT_SMALLER"}
-    model, report = dehm_onnx.optimize(original, tol=0.1)
+    # The end-to-end check (generated inputs) would tighten these layers until dense; this test is
+    # about the Gemm-in-If wiring, which the per-layer bound check below covers.
+    model, report = dehm_onnx.optimize(original, tol=0.1, no_model_check=True)
     assert len(report.compressed) == 4
     assert all(".then_branch" in r.graph or ".else_branch" in r.graph for r in report.compressed)
     onnx.checker.check_model(model)
