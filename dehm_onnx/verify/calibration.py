@@ -15,12 +15,14 @@ sample ``i`` feeds ``arrays[name][i]`` to the model. Two sources:
   5. other integers: uniform in ``DEFAULT_INT_RANGE``; floats: standard normal; booleans:
      fair coin flips.
 
-  Dynamic dimensions take their size from ``--input-shape name=1x128``; otherwise every
-  dynamic axis is tried at 1, then (when the model does not run on that) batch axes at 1
-  and the other dynamic axes at each of ``DYNAMIC_SIZES`` in turn, then those sizes on one
-  input at a time: the first assignment whose one sample the original model runs is used,
-  and ``CalibrationSet.notes`` says which. If none runs, ``ConfigError`` names the input
-  and axis. Before anything is allocated, an empty set (a zero-size axis) or one larger
+  Dynamic dimensions take their size from ``--input-shape name=1x128``; otherwise the
+  original model is run on one generated sample per candidate: every dynamic axis at 1, then
+  batch axes (axis 0 and axes sharing its symbolic name) at 1 and the other dynamic axes at
+  each of ``DYNAMIC_SIZES`` in increasing order, then those sizes on one input at a time.
+  From the first candidate that runs, larger sizes are tried as long as the model keeps
+  running, and the largest that ran is used (so a sequence axis gets a useful length, not the
+  shortest the model accepts); ``CalibrationSet.notes`` says which. If none runs,
+  ``ConfigError`` names the input and axis. Only batch axes dynamic: 1, nothing run. Before anything is allocated, an empty set (a zero-size axis) or one larger
   than ``GENERATED_BYTES_LIMIT`` is refused, naming the input and the option to change.
 * loaded from the user's ``.npz`` files (``load_calibration``): arrays keyed by input name,
   first axis = samples. An array with one axis more than the input is split along that axis;
@@ -360,19 +362,21 @@ def _dynamic_axes(specs, overrides) -> list:
 def _shape_candidates(specs: Sequence[InputSpec], overrides: dict) -> list:
     """Assignments of sizes to the open dynamic axes, in the order they are tried.
 
-    Each is ``(label, size_of)`` with ``size_of(spec, axis)`` giving the size of a dynamic
-    axis: first every one at 1; then, for each of ``DYNAMIC_SIZES``, batch axes (axis 0, and
-    axes sharing the symbolic name of an axis 0) at 1 and all other open axes at that size;
-    then the same size on one input's non-batch axes at a time (the others at 1).
+    Each is ``(family, label, size_of)`` with ``size_of(spec, axis)`` giving the size of a
+    dynamic axis: first every one at 1; then, for each of ``DYNAMIC_SIZES``, batch axes (axis
+    0, and axes sharing the symbolic name of an axis 0) at 1 and all other open axes at that
+    size (these form one family, in increasing size); then one family per input: that size on
+    its non-batch axes only, the others at 1.
     """
     batch = _batch_names(specs)
     open_axes = _dynamic_axes(specs, overrides)
     non_batch = [(s, a) for s, a in open_axes if not _is_batch_axis(s, a, batch)]
-    candidates = [("every dynamic axis at 1", lambda spec, axis: 1)]
+    candidates = [("all", "every dynamic axis at 1", lambda spec, axis: 1)]
     if not non_batch:
         return candidates
     for size in DYNAMIC_SIZES:
         candidates.append((
+            "all",
             f"batch axes at 1, other dynamic axes at {size}",
             lambda spec, axis, size=size: 1 if _is_batch_axis(spec, axis, batch) else size,
         ))
@@ -386,7 +390,7 @@ def _shape_candidates(specs: Sequence[InputSpec], overrides: dict) -> list:
                         return 1
                     mine = spec.name == owner or (spec.dim_names[axis] is not None and spec.dim_names[axis] in names)
                     return size if mine else 1
-                candidates.append((f"dynamic non-batch axes of {owner!r} at {size}, others at 1", size_of))
+                candidates.append((owner, f"dynamic non-batch axes of {owner!r} at {size}, others at 1", size_of))
     return candidates
 
 
@@ -443,33 +447,46 @@ def _describe_shapes(specs, overrides, shapes) -> list:
 
 
 def _probe_shapes(model, specs, overrides, rules, rng_seed, tried: list):
-    """Shapes from the first candidate assignment whose one generated sample the model runs."""
+    """Shapes for the open dynamic axes: the largest size of the first family the model runs.
+
+    Candidates are tried in order (``_shape_candidates``); once one runs, the larger sizes of
+    its family are tried too, and the last that runs before one fails (or the family ends) is
+    used: a sequence axis then gets a useful length, not just the shortest the model accepts.
+    """
     from .runner import make_cpu_session
 
     candidates = _shape_candidates(specs, overrides)
     open_axes = _dynamic_axes(specs, overrides)
     batch = _batch_names(specs)
     if all(_is_batch_axis(s, a, batch) for s, a in open_axes):
-        label, size_of = candidates[0]
+        _, label, size_of = candidates[0]
         return _shapes(specs, overrides, size_of), label
     session = make_cpu_session(model, quiet=True)
-    first_error = None
-    for index, (label, size_of) in enumerate(candidates):
+    first_error, found = None, None
+    for index, (family, label, size_of) in enumerate(candidates):
+        if found is not None and family != found[0]:
+            break
         shapes = _shapes(specs, overrides, size_of)
         try:
             check_calibration_size(specs, shapes, 1)
         except ConfigError:
             if index == 0:
                 raise  # with every dynamic axis at 1, the declared or given shape is at fault
+            if found is not None:
+                break
             continue
         feed = _draw(specs, shapes, rules, 1, np.random.default_rng(rng_seed))
         try:
             session.run(None, {name: np.asarray(a[0]) for name, a in feed.items()})
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
+            if found is not None:
+                break
             first_error = first_error or str(e).splitlines()[0]
             tried.append(label)
             continue
-        return shapes, label
+        found = (family, shapes, label)
+    if found is not None:
+        return found[1], found[2]
     spec, axis = next(((s, a) for s, a in open_axes if not _is_batch_axis(s, a, batch)), open_axes[0])
     example = "x".join(
         str(d) if d is not None else ("1" if _is_batch_axis(spec, i, batch) else "N") for i, d in enumerate(spec.shape)
@@ -533,7 +550,7 @@ def generate_calibration(
     if probe and _dynamic_axes(specs, overrides):
         shapes, label = _probe_shapes(model, specs, overrides, rules, seed, tried)
     else:
-        label = "every dynamic axis at 1" if _dynamic_axes(specs, overrides) else ""
+        label = "every dynamic axis at 1 (not probed)" if _dynamic_axes(specs, overrides) else ""
         shapes = _shapes(specs, overrides, lambda spec, axis: 1)
     check_calibration_size(specs, shapes, num_samples)
     arrays = _draw(specs, shapes, rules, num_samples, np.random.default_rng(seed))
@@ -546,8 +563,8 @@ def generate_calibration(
         how[spec.name] = f"{text}; shape {tuple(shapes[spec.name])}"
     notes = []
     if label:
-        rejected = f", after {len(tried)} the model rejected" if tried else ""
-        notes.append(f"dynamic axes: {label} (the first assignment tried that the model runs{rejected}); "
+        rejected = f"; {len(tried)} smaller assignment(s) rejected" if tried else ""
+        notes.append(f"dynamic axes: {label} (the largest size tried that the model runs{rejected}); "
                      "set them with --input-shape NAME=D1xD2...")
     return CalibrationSet(arrays, source=f"generated ({num_samples} samples, seed {seed})", how=how,
                           generated=True, notes=notes)

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dehm_onnx.errors import ConfigError
 from dehm_onnx.verify.calibration import (
     DEFAULT_INT_RANGE,
+    DYNAMIC_SIZES,
     GENERATED_BYTES_LIMIT,
     generate_calibration,
     load_calibration,
@@ -30,16 +31,19 @@ def _model():
     return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs), ir_version=10)
 
 
-def test_generate_calibration_is_dtype_aware_and_tries_dynamic_axes_at_1_first():
-    calib = generate_calibration(_model(), num_samples=5)
+def test_generate_calibration_is_dtype_aware_and_grows_dynamic_axes_while_the_model_runs():
+    calib = generate_calibration(_model(), num_samples=2)
     x, ids, mask = calib.arrays["x"], calib.arrays["ids"], calib.arrays["mask"]
-    assert calib.num_samples == 5 and calib.generated
-    assert x.dtype == np.float32 and x.shape == (5, 1, 1, 8)  # the model runs at 1: no other size tried
-    assert ids.dtype == np.int64 and ids.shape == (5, 1, 1)
+    assert calib.num_samples == 2 and calib.generated
+    t = DYNAMIC_SIZES[-1]  # the Identity model runs at every size: the largest is used
+    assert x.dtype == np.float32 and x.shape == (2, 1, t, 8)
+    assert ids.dtype == np.int64 and ids.shape == (2, 1, t)
     assert DEFAULT_INT_RANGE[0] <= ids.min() and ids.max() <= DEFAULT_INT_RANGE[1]
-    assert mask.dtype == bool and mask.shape == (5, 1) and mask.all()  # a mask: ones
+    assert mask.dtype == bool and mask.shape == (2, 1) and mask.all()  # a mask: ones
     assert "mask" in calib.how["mask"] and "default" in calib.how["ids"] and "N(0, 1)" in calib.how["x"]
-    assert any("every dynamic axis at 1" in n for n in calib.notes)
+    assert any(f"other dynamic axes at {t}" in n for n in calib.notes)
+    unprobed = generate_calibration(_model(), num_samples=2, probe=False)
+    assert unprobed.arrays["x"].shape == (2, 1, 1, 8)
 
 
 def test_generate_calibration_honours_shapes_ranges_and_seed():
@@ -221,11 +225,33 @@ def _min_length_model(minimum: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-def test_dynamic_axes_get_the_first_size_the_model_accepts():
+def _max_length_model(maximum: int):
+    """x [batch, T] -> Add of a constant row of length ``maximum`` after slicing T to it: T <= maximum."""
+    row = numpy_helper.from_array(np.zeros((1, maximum), np.float32), "row")
+    starts, ends = (numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "s0"), (maximum, "e0")))
+    axes = numpy_helper.from_array(np.array([1], np.int64), "ax")
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Slice", ["row", "s0", "e0", "ax"], ["cut"]),
+             helper.make_node("Slice", ["cut", "s0", "t_end", "ax"], ["part"]),
+             helper.make_node("Gather", ["shape", "one"], ["t"], axis=0),
+             helper.make_node("Unsqueeze", ["t", "ax0"], ["t_end"]),
+             helper.make_node("Add", ["x", "part"], ["y"])]
+    inits = [row, starts, ends, axes, numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_dynamic_axes_get_the_largest_size_the_model_accepts():
     calib = generate_calibration(_min_length_model(200), num_samples=2)
-    assert calib.arrays["x"].shape == (2, 1, 256)
+    # 1, 16 and 64 fail; 256 runs, and so do the larger sizes: the largest is used.
+    assert calib.arrays["x"].shape == (2, 1, DYNAMIC_SIZES[-1])
     (note,) = calib.notes
-    assert "other dynamic axes at 256" in note and "after 3 the model rejected" in note
+    assert f"other dynamic axes at {DYNAMIC_SIZES[-1]}" in note and "3 smaller assignment(s) rejected" in note
+    # Growing stops at the first size that fails after one ran: a model taking at most 100.
+    capped = generate_calibration(_max_length_model(100), num_samples=1)
+    assert capped.arrays["x"].shape == (1, 1, 64)
     with pytest.raises(ConfigError, match=r"input 'x' axis 1 is dynamic .* --input-shape x=1xN"):
         generate_calibration(_min_length_model(20000), num_samples=2)
     fixed = generate_calibration(_min_length_model(20000), num_samples=1, input_shapes={"x": (1, 20001)})
