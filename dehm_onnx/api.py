@@ -33,9 +33,6 @@ logger = logging.getLogger(__name__)
 
 # Models beyond protobuf's 2 GB limit must keep their tensors in an external file.
 _PROTO_LIMIT = external.PROTO_LIMIT
-# Verification runs both models in onnxruntime, in memory: external data up to this size is
-# loaded for it; beyond, optimize_file skips verification (the weight bound still holds).
-VERIFY_IN_MEMORY_LIMIT = 1 << 30
 
 
 def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=None, **overrides):
@@ -144,9 +141,9 @@ def optimize_file(input_path, output_path, config: OptimizeConfig | None = None,
     External weights stay in their files and are memory-mapped one at a time when their
     layer is compressed; the output keeps its tensors in ``OUT.data`` when the input had
     external data, when ``config.external_data`` is set, or when it exceeds 2 GB. Options,
-    verification and errors are those of ``optimize``; a model with more than
-    ``VERIFY_IN_MEMORY_LIMIT`` bytes of external data is not verified on calibration data
-    (onnxruntime would need it in memory), which the report says.
+    verification and errors are those of ``optimize``. Verification runs both models in
+    onnxruntime with their external weights memory-mapped from the files (never read into
+    this process), so a model of any size is verified by default (docs/big_models.md).
 
     Returns:
         The per-layer ``Report`` (``bytes_before``/``bytes_after`` include the data files).
@@ -162,22 +159,9 @@ def optimize_file(input_path, output_path, config: OptimizeConfig | None = None,
     original = load_model_lazy(source)
     external.refuse_overwrite(original, source.parent, target)  # before the long part
     data_bytes = external.external_bytes(original)
-    skip_verify = None
-    if data_bytes and not getattr(config, "no_verify", True):
-        if data_bytes <= VERIFY_IN_MEMORY_LIMIT:
-            external.materialize(original, source.parent)
-        else:
-            skip_verify = (
-                f"skipped: {data_bytes / 2**30:.1f} GiB of external data is more than the "
-                f"{VERIFY_IN_MEMORY_LIMIT / 2**30:.0f} GiB verified in memory (weight bounds still hold)"
-            )
-            logger.warning("verification %s", skip_verify)
-            config = dataclasses.replace(config, no_verify=True)
     with external.weights_from(source.parent):
         optimized, report = rewrite(original, config, progress=progress)
         optimized, report = _after_rewrite(original, optimized, report, config)
-        if skip_verify:
-            report.verification = {"performed": False, "reason": skip_verify}
         _check(optimized, "the optimized model")
         written = save_model(optimized, target, refuse=source, external_data=config.external_data or bool(data_bytes))
     report.bytes_before = source.stat().st_size + data_bytes

@@ -42,6 +42,7 @@ __all__ = [
     "external_tensors",
     "validate_external_data",
     "weights_from",
+    "current_folder",
     "tensor_array",
     "weight_slice",
     "external_bytes",
@@ -232,6 +233,11 @@ def weights_from(folder: str | os.PathLike | None):
         yield
     finally:
         _FOLDER.reset(token)
+
+
+def current_folder() -> Path | None:
+    """The folder set by the innermost ``weights_from`` block (None outside any)."""
+    return _FOLDER.get()
 
 
 def _folder_for(tensor: onnx.TensorProto) -> Path:

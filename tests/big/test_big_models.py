@@ -131,12 +131,16 @@ def test_cli_on_external_model_verifies_in_memory_when_small(source, tmp_path):
     assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
 
 
-def test_large_external_model_skips_verification_with_a_reason(source, tmp_path, monkeypatch):
+def test_external_model_is_verified_with_its_weights_left_in_their_files(source, tmp_path, monkeypatch):
+    """No size limit: onnxruntime maps the weights from the input's data file (issue 11, item 14)."""
+    from dehm_onnx.graph import external
+
     path, _ = source
-    monkeypatch.setattr(api, "VERIFY_IN_MEMORY_LIMIT", 1000)
+    materialized = []
+    monkeypatch.setattr(external, "materialize", lambda *a, **k: materialized.append(a))
     report = api.optimize_file(path, tmp_path / "out.onnx", tol=TOL, min_size=8, jobs=1)
-    assert report.verification["performed"] is False
-    assert "verified in memory" in report.verification["reason"]
+    assert report.verification["performed"] is True and not materialized
+    assert all(r.measured_error is not None and r.measured_error <= r.tol_out for r in report.compressed)
 
 
 def test_output_data_file_may_not_be_the_inputs(tmp_path):
