@@ -293,6 +293,8 @@ def _format_table(result: VerifyResult) -> str:
 
 
 def _columns(rows) -> list:
+    keep = [i for i in range(len(rows[0])) if any(str(r[i]) for r in rows)]  # drop empty columns
+    rows = [[r[i] for i in keep] for r in rows]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
