@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo pytho
 .PHONY: install demo test
 
 install:
-	$(PYTHON) -m pip install -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: install
 	$(PYTHON) models/make_demo.py models/demo.onnx

@@ -2,7 +2,8 @@
 
 Each command is a module in ``dehm_onnx.commands`` listed in ``COMMANDS``; it exposes
 ``register(subparsers)`` (adds its parser and sets ``func=run``) and ``run(args) -> int``.
-Exit codes: 0 ok, 1 a bound check failed (``BoundViolation``), 2 bad input or arguments.
+Exit codes: 0 ok, 1 a bound check failed (``BoundViolation``), 2 bad input or arguments
+(running out of memory included: the input or an option asked for more than fits).
 Errors are printed as one line on stderr; ``--verbose`` adds the traceback and info logs.
 """
 
@@ -62,13 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, args.verbose, EXIT_BOUND)
     except (DehmError, ValueError, OSError) as e:
         return _fail(e, args.verbose, EXIT_INPUT)
+    except MemoryError as e:
+        # Never exit 1 ("a bound check failed"), and no 36-line traceback.
+        detail = " ".join(str(e).split())
+        text = (
+            "ran out of memory" + (f" ({detail})" if detail else "") + "; the model or an option "
+            "(--num-samples, --input-shape, --jobs) needs more memory than this machine has"
+        )
+        return _fail(e, args.verbose, EXIT_INPUT, text)
     except KeyboardInterrupt:
         return _fail(KeyboardInterrupt("interrupted"), args.verbose, 130)
 
 
-def _fail(error: BaseException, verbose: bool, code: int) -> int:
+def _fail(error: BaseException, verbose: bool, code: int, text: str | None = None) -> int:
     if verbose:
         traceback.print_exception(error)
-    text = " ".join(str(error).split()) or type(error).__name__
-    print(f"error: {type(error).__name__}: {text}", file=sys.stderr)
+    text = text or " ".join(str(error).split()) or type(error).__name__
+    # numpy's allocation failure is a private MemoryError subclass; name the public type.
+    name = "MemoryError" if isinstance(error, MemoryError) else type(error).__name__
+    print(f"error: {name}: {text}", file=sys.stderr)
     return code

@@ -2,7 +2,10 @@
 
 ``OptimizeConfig`` serves the Python API and the CLI alike: ``dehm_onnx.cli`` builds one
 ``--flag`` per field from the field's metadata (``help``, and optionally ``choices``, a
-callable returning the allowed values, and ``metavar``). Adding a field here adds the flag.
+callable returning the allowed values, ``metavar``, and ``default_text``, how the help names
+a default that is not a plain value). Adding a field here adds the flag. The flags that
+``verify`` and ``compare`` share with ``optimize`` (calibration, seed, ...) are built from
+the same fields (``add_config_arguments(parser, names)``), so they read and default alike.
 
 Field kinds understood by the flag builder (see ``add_config_arguments``):
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -38,7 +42,7 @@ class OptimizeConfig:
     tol: float = field(
         default=1e-3,
         metadata={
-            "help": "per-layer weight bound: ||W - W_H||_F <= tol * ||W||_F (relative Frobenius), in (0, 1)",
+            "help": "per-layer weight bound, relative Frobenius: ||W - W_H||_F <= tol * ||W||_F, in (0, 1)",
             "metavar": "T",
         },
     )
@@ -61,34 +65,36 @@ class OptimizeConfig:
         default=1.0,
         metadata={
             "help": "leave a weight dense unless its compressed form stores at most this fraction of "
-            "its parameters, in (0, 1]; 1 = any saving (a small saving can make a layer slower)",
+            "its parameters, in (0, 1]; 1 = any saving, though a small saving can make a layer slower",
             "metavar": "R",
         },
     )
     include: tuple[str, ...] = field(
         default=(),
         metadata={
-            "help": "only consider layers whose node or weight name matches this glob (repeatable)",
+            "help": "only consider layers whose node or weight name matches this glob",
             "metavar": "GLOB",
+            "default_text": "every layer",
         },
     )
     exclude: tuple[str, ...] = field(
         default=(),
         metadata={
-            "help": "never compress layers whose node or weight name matches this glob (repeatable)",
+            "help": "never compress layers whose node or weight name matches this glob",
             "metavar": "GLOB",
+            "default_text": "none",
         },
     )
     seed: int = field(
         default=0,
-        metadata={"help": "seed of the randomized parts of the compression", "metavar": "S"},
+        metadata={"help": "seed of the randomized parts of the compression and of generated calibration inputs", "metavar": "S"},
     )
     # Big models (docs/big_models.md).
     jobs: int = field(
         default=0,
         metadata={
-            "help": "worker processes compressing layers in parallel; 0 = one per core "
-            "(the output is byte-identical for any value)",
+            "help": "worker processes compressing layers in parallel, 0 = one per core; "
+            "the output is byte-identical for any value",
             "metavar": "N",
         },
     )
@@ -104,9 +110,10 @@ class OptimizeConfig:
         default=None,
         metadata={
             "help": "per-layer output bound checked on calibration data: "
-            "||X W - X W_H||_F <= tol_out * ||X W||_F, in (0, 1); none = tol",
+            "||X W - X W_H||_F <= tol_out * ||X W||_F, in (0, 1)",
             "metavar": "T",
             "type": float,
+            "default_text": "the value of --tol",
         },
     )
     no_verify: bool = field(
@@ -116,18 +123,26 @@ class OptimizeConfig:
     calibration: tuple[str, ...] = field(
         default=(),
         metadata={
-            "help": "calibration samples: .npz with arrays keyed by input name, first axis = samples "
-            "(repeatable); none = generated from the input signature",
+            "help": "calibration samples: .npz with arrays keyed by input name, first axis = samples",
             "metavar": "FILE.npz",
+            "default_text": "generated from the input signature",
         },
     )
     input_shape: tuple[str, ...] = field(
         default=(),
-        metadata={"help": "shape of a generated calibration input, e.g. x=1x128 (repeatable)", "metavar": "NAME=SHAPE"},
+        metadata={
+            "help": "shape of a generated calibration input, fixing its dynamic dimensions, e.g. x=1x128",
+            "metavar": "NAME=SHAPE",
+            "default_text": "the declared shape, dynamic axes as in docs/verify.md",
+        },
     )
     input_range: tuple[str, ...] = field(
         default=(),
-        metadata={"help": "range [LO, HI] of a generated integer input (repeatable)", "metavar": "NAME=LO:HI"},
+        metadata={
+            "help": "range [LO, HI] of a generated integer input",
+            "metavar": "NAME=LO:HI",
+            "default_text": "as in docs/verify.md",
+        },
     )
     num_samples: int = field(
         default=DEFAULT_NUM_SAMPLES,
@@ -141,6 +156,7 @@ class OptimizeConfig:
             "stays <= this (overrides tol; also the model tolerance of the end-to-end check), in (0, 1)",
             "metavar": "E",
             "type": float,
+            "default_text": "off",
         },
     )
     no_model_check: bool = field(
@@ -226,27 +242,47 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per ``OptimizeConfig`` field; flags default to "not given"."""
-    for f in dataclasses.fields(OptimizeConfig):
+def _help(f: dataclasses.Field) -> str:
+    """The field's help text followed by its default, in words where a value would not read."""
+    meta = f.metadata
+    text = meta.get("help", "")
+    if isinstance(f.default, bool):
+        return text  # a switch: off unless given
+    shown = meta.get("default_text")
+    if shown is None:
+        shown = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
+    if shown is None or shown == "":
+        raise AssertionError(f"Bug: field {f.name!r} needs a default_text for its help")
+    repeatable = "repeatable; " if isinstance(f.default, tuple) else ""
+    return f"{text} ({repeatable}default: {shown})"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Add one ``--flag`` per ``OptimizeConfig`` field (only ``names``, when given).
+
+    Flags default to "not given" (``config_from_args`` fills in the field defaults); the
+    help text shows each default.
+    """
+    fields = {f.name: f for f in dataclasses.fields(OptimizeConfig)}
+    unknown = sorted(set(names or ()) - set(fields))
+    if unknown:
+        raise AssertionError(f"Bug: no OptimizeConfig field named {unknown}")
+    for name in names if names is not None else fields:
+        f = fields[name]
         meta = dict(f.metadata)
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS}
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(f)}
         default = f.default
-        shown = default
         if isinstance(default, bool):
             kwargs["action"] = "store_true"
         elif isinstance(default, tuple):
             kwargs["action"] = "append"
             kwargs["metavar"] = meta.get("metavar", "VALUE")
-            shown = "none" if not default else ", ".join(default)
         else:
-            value_type = meta.get("type") or type(default)
-            kwargs["type"] = value_type
+            kwargs["type"] = meta.get("type") or type(default)
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]()
             else:
                 kwargs["metavar"] = meta.get("metavar", f.name.upper())
-        kwargs["help"] = f"{meta.get('help', '')} (default: {shown})"
         parser.add_argument(_flag(f.name), **kwargs)
 
 

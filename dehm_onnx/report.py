@@ -115,6 +115,8 @@ class Report:
     version: str = ""
     # Set by dehm_onnx.verify.tighten: {"performed": False, "reason": ...} or the measured results.
     verification: dict | None = None
+    # Sentences about the input the user should know, e.g. checker defects that were tolerated.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def compressed(self) -> list[LayerRecord]:
@@ -148,6 +150,7 @@ class Report:
             },
             "layers": [r.to_dict() for r in self.layers],
             "verification": self.verification,
+            "notes": list(self.notes),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -165,6 +168,7 @@ class Report:
         lines.append(self._totals_line())
         if self.verification is not None:
             lines.append(_verification_line(self.verification))
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def _totals_line(self) -> str:

@@ -86,7 +86,7 @@ def test_cli_refuses_output_equal_to_input(model_path, tmp_path, capsys):
     before = model_path.read_bytes()
     same = tmp_path / "." / "in.onnx"
     assert cli.main(["optimize", str(model_path), str(same)]) == 2
-    assert "is the input model" in capsys.readouterr().err
+    assert "is the same file as IN" in capsys.readouterr().err
     assert model_path.read_bytes() == before
 
 
@@ -156,13 +156,26 @@ def test_cli_keeps_external_data_layout(model_path, tmp_path, rng):
 def test_save_model_leaves_nothing_behind_when_writing_fails(model_path, tmp_path, monkeypatch):
     from dehm_onnx.api import save_model
 
-    def broken_save(*args, **kwargs):
-        raise OSError("disk full")
+    import os
 
-    monkeypatch.setattr("onnx.save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_model(onnx.load(model_path), tmp_path / "out.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+    real_fsync, calls = os.fsync, []
+
+    def disk_full_at(n):
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == n:
+                raise OSError(28, "No space left on device")
+            return real_fsync(fd)
+
+        return fsync
+
+    # The 1st fsync fails (model alone, or OUT.data), then the 2nd (OUT after OUT.data).
+    for external_data, n in ((False, 1), (True, 1), (True, 2)):
+        calls.clear()
+        monkeypatch.setattr("os.fsync", disk_full_at(n))
+        with pytest.raises(OSError, match="cannot write .*out.onnx.*No space left"):
+            save_model(onnx.load(model_path), tmp_path / "out.onnx", external_data=external_data)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
 
 
 def test_save_model_refuses_the_input_path(model_path):
@@ -199,3 +212,56 @@ def test_cli_report_in_missing_folder_fails_before_writing(model_path, tmp_path,
     out = tmp_path / "o.onnx"
     assert cli.main(["optimize", str(model_path), str(out), "--report", str(tmp_path / "no" / "r.json")]) == 2
     assert "--report" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_memory_error_anywhere_exits_2_with_one_line(monkeypatch, model_path, tmp_path, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 4.00 TiB for an array with shape (4398046511104, 256)")
+
+    monkeypatch.setattr("dehm_onnx.api.rewrite", out_of_memory)
+    assert cli.main(["optimize", str(model_path), str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: MemoryError: ran out of memory (Unable to allocate 4.00 TiB")
+    assert "Traceback" not in err and not (tmp_path / "o.onnx").exists()
+    monkeypatch.setattr("dehm_onnx.api.rewrite", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    assert cli.main(["optimize", str(model_path), str(tmp_path / "o.onnx")]) == 2
+    assert capsys.readouterr().err.startswith("error: MemoryError: ran out of memory; ")
+
+
+def _help(command: str) -> str:
+    return cli.build_parser()._subparsers._group_actions[0].choices[command].format_help()  # noqa: SLF001
+
+
+def _flag_helps(command: str) -> dict:
+    parser = cli.build_parser()._subparsers._group_actions[0].choices[command]  # noqa: SLF001
+    return {s: (a.help, a.metavar, a.choices) for a in parser._actions for s in a.option_strings}  # noqa: SLF001
+
+
+def test_cli_help_texts_read_well():
+    for command in ("optimize", "verify", "compare"):
+        text = " ".join(_help(command).split())
+        for bad in ("(default: None)", "(default: False)", "none = ", "(default: )", "value) (default"):
+            assert bad not in text, (command, bad)
+    text = " ".join(_help("optimize").split())
+    assert "--tol-out T per-layer output bound" in text and "(default: the value of --tol)" in text
+    assert "(default: off)" in text  # --max-model-error
+
+
+def test_cli_shared_flags_come_from_one_definition_with_their_defaults():
+    from dehm_onnx.config import OptimizeConfig
+
+    optimize, verify, compare = (_flag_helps(c) for c in ("optimize", "verify", "compare"))
+    shared = ["--calibration", "--input-shape", "--input-range", "--num-samples", "--seed"]
+    for flag in shared:
+        assert verify[flag] == optimize[flag] == compare[flag], flag
+    for flag in ("--min-size", "--emit"):
+        assert compare[flag] == optimize[flag], flag
+    text = " ".join(_help("verify").split())
+    assert f"number of generated calibration samples (default: {OptimizeConfig().num_samples})" in text
+    assert f"(default: {OptimizeConfig().seed})" in text
+
+
+def test_cli_verify_num_samples_zero_is_refused(model_path, tmp_path, capsys):
+    assert cli.main(["optimize", str(model_path), str(tmp_path / "o.onnx"), "-q", "--no-verify"]) == 0
+    assert cli.main(["verify", str(model_path), str(tmp_path / "o.onnx"), "--num-samples", "0"]) == 2
+    assert "num_samples must be an integer >= 1, got 0" in capsys.readouterr().err

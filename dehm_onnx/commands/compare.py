@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .verify import add_calibration_arguments
+from ..config import add_config_arguments, config_from_args
+from .verify import CALIBRATION_OPTIONS
 
 __all__ = ["register", "run"]
 
@@ -19,12 +20,6 @@ def _methods():
     from ..compare.core import METHODS
 
     return METHODS
-
-
-def _emit_modes():
-    from ..graph.emit import EMITTERS
-
-    return list(EMITTERS)
 
 
 def register(subparsers) -> None:
@@ -44,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("model", metavar="MODEL", help="the .onnx model (never modified)")
     parser.add_argument(
         "--tol",
+        dest="tols",  # not OptimizeConfig.tol: one row per value
         action="append",
         type=float,
         metavar="T",
@@ -55,40 +51,53 @@ def register(subparsers) -> None:
         choices=_methods(),
         help="run only these methods (repeatable; default: all)",
     )
-    add_calibration_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of generated calibration inputs and of compression")
-    parser.add_argument("--min-size", type=int, default=None, metavar="N", help="leave weights with min(rows, cols) < N dense (optimize's default otherwise)")
-    parser.add_argument("--emit", choices=_emit_modes(), default=None, help="how dehm writes its H-matrices (optimize's default otherwise)")
+    # Shared with optimize and verify: one definition, the OptimizeConfig fields.
+    add_config_arguments(parser, CALIBRATION_OPTIONS + ("min_size", "emit"))
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N", help=f"timed latency rounds (default: {DEFAULT_ROUNDS})")
     parser.add_argument("--json", metavar="FILE.json", help='write {"rows": [...]}')
     parser.add_argument("--report", metavar="FILE.md", help="write the Markdown table")
     parser.add_argument("--plot", metavar="FILE.png", help="write error-vs-size plots (needs matplotlib)")
-    parser.add_argument("--keep-models", metavar="DIR", help="keep every method's model in DIR")
+    parser.add_argument("--keep-models", metavar="DIR", help="keep every method's model in DIR (created if missing)")
     parser.set_defaults(func=run)
+
+
+def _check_paths(args, tols, methods, config) -> None:
+    """Refuse clashing or unwritable output paths before the (long) comparison."""
+    from ..api import model_files
+    from ..compare.core import workdir_files
+    from ..errors import ConfigError
+    from ..files import PathRole, check_paths
+
+    reads = model_files(args.model, "MODEL") + [PathRole("--calibration", c) for c in config.calibration]
+    writes = [PathRole(flag, getattr(args, flag[2:])) for flag in ("--json", "--report", "--plot") if getattr(args, flag[2:])]
+    if args.keep_models:
+        folder = Path(args.keep_models)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--keep-models {args.keep_models!r} is not a folder")
+        if folder.is_dir():  # a folder compare creates holds nothing to clash with
+            writes += [PathRole("a model file of --keep-models", folder / name) for name in workdir_files(tols, methods)]
+    check_paths(reads, writes)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table and write the requested files; 0 on success."""
     from ..compare import DEFAULT_TOLS, compare, markdown_table, write_json, write_markdown, write_plot
-    from ..config import make_config
 
+    config = config_from_args(args)
+    tols, methods = args.tols or DEFAULT_TOLS, args.method or _methods()
     if args.plot:
         _require_matplotlib()  # fail before the (long) comparison, not after
-    overrides = {"seed": args.seed}
-    if args.min_size is not None:
-        overrides["min_size"] = args.min_size
-    if args.emit is not None:
-        overrides["emit"] = args.emit
+    _check_paths(args, tols, methods, config)
     result = compare(
         args.model,
-        tols=args.tol or DEFAULT_TOLS,
-        methods=args.method or _methods(),
-        calibration=args.calibration,
-        input_shapes=args.input_shape,
-        input_ranges=args.input_range,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        config=make_config(None, **overrides),
+        tols=tols,
+        methods=methods,
+        calibration=list(config.calibration) or None,
+        input_shapes=list(config.input_shape) or None,
+        input_ranges=list(config.input_range) or None,
+        num_samples=config.num_samples,
+        seed=config.seed,
+        config=config,
         rounds=args.rounds,
         workdir=args.keep_models,
     )

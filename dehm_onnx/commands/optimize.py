@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 
 from ..config import add_config_arguments, config_from_args
 
@@ -23,7 +20,7 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("input", metavar="IN", help="input .onnx model (never modified)")
-    parser.add_argument("output", metavar="OUT", help="output .onnx path (must differ from IN)")
+    parser.add_argument("output", metavar="OUT", help="output .onnx path (must differ from IN; OUT.data beside it is reserved)")
     add_config_arguments(parser)
     parser.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not print the report table or the progress bar")
@@ -36,42 +33,14 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import ProgressBar
 
     config = config_from_args(args)
-    output = Path(args.output)
-    _refuse_same(Path(args.input), output)
-    if args.report and not Path(args.report).resolve().parent.is_dir():
-        from ..errors import ConfigError
-
-        raise ConfigError(f"folder of --report {args.report!r} does not exist")
     # The bar draws only on a terminal; --quiet turns it off as well as the table.
     progress = ProgressBar(enabled=False if args.quiet else None)
     try:
-        report = optimize_file(args.input, output, config, progress=progress)
+        # Refuses clashing or unwritable output paths before any work (dehm_onnx.files).
+        report = optimize_file(args.input, args.output, config, progress=progress, report_path=args.report)
     finally:
         progress.close()
-    if args.report:
-        _write_text(Path(args.report), report.to_json() + "\n")
     if not args.quiet:
         print(report.to_table())
-        print(f"wrote {output}")
+        print(f"wrote {args.output}")
     return 0
-
-
-def _refuse_same(source: Path, target: Path) -> None:
-    # Checked before the (possibly long) optimization, and again when saving.
-    from ..api import same_file
-    from ..errors import ConfigError
-
-    if same_file(target, source):
-        raise ConfigError(f"output {str(target)!r} is the input model; choose another output path")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it and a rename."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -7,42 +7,12 @@ Prints the per-layer and per-output table on stdout, optionally writes it as JSO
 
 from __future__ import annotations
 
-import os
+from ..config import add_config_arguments, config_from_args
 
-__all__ = ["register", "run", "add_calibration_arguments"]
+__all__ = ["register", "run", "CALIBRATION_OPTIONS"]
 
-
-def add_calibration_arguments(parser) -> None:
-    """Add the calibration options shared by ``verify`` and ``optimize``."""
-    parser.add_argument(
-        "--calibration",
-        action="append",
-        default=None,
-        metavar="FILE.npz",
-        help="calibration samples: arrays keyed by input name, first axis = samples (repeatable); "
-        "default: generated from the input signature",
-    )
-    parser.add_argument(
-        "--input-shape",
-        action="append",
-        default=None,
-        metavar="NAME=D1xD2",
-        help="shape of a generated input, fixing its dynamic dimensions (repeatable)",
-    )
-    parser.add_argument(
-        "--input-range",
-        action="append",
-        default=None,
-        metavar="NAME=LO:HI",
-        help="integer range [LO, HI] of a generated integer input (repeatable)",
-    )
-    parser.add_argument(
-        "--num-samples",
-        type=int,
-        default=None,
-        metavar="N",
-        help="number of generated calibration samples",
-    )
+# The OptimizeConfig fields whose flags verify (and compare) share with optimize.
+CALIBRATION_OPTIONS = ("calibration", "input_shape", "input_range", "num_samples", "seed")
 
 
 def register(subparsers) -> None:
@@ -53,36 +23,35 @@ def register(subparsers) -> None:
         description="Run ORIG and OPT on calibration inputs and check every compressed layer's "
         "relative output error against the bound recorded in OPT's dehm.layers metadata.",
     )
-    parser.add_argument("orig", metavar="ORIG", help="the original .onnx model")
-    parser.add_argument("opt", metavar="OPT", help="the optimized .onnx model (written by optimize)")
-    add_calibration_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of generated calibration inputs")
+    parser.add_argument("orig", metavar="ORIG", help="the original .onnx model (never modified)")
+    parser.add_argument("opt", metavar="OPT", help="the optimized .onnx model, written by optimize (never modified)")
+    add_config_arguments(parser, CALIBRATION_OPTIONS)
     parser.add_argument("--report", metavar="FILE.json", help="also write the results as JSON")
     parser.set_defaults(func=run)
 
 
-def _write_report(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
-
-
 def run(args) -> int:
     """Verify ORIG against OPT; print the table; raise BoundViolation if a bound fails."""
+    from ..api import model_files
+    from ..files import PathRole, check_paths, write_text
     from ..verify import verify
 
+    config = config_from_args(args)
+    if args.report:
+        reads = model_files(args.orig, "ORIG") + model_files(args.opt, "OPT")
+        reads += [PathRole("--calibration", c) for c in config.calibration]
+        check_paths(reads, [PathRole("--report", args.report)])
     result = verify(
         args.orig,
         args.opt,
-        calibration=args.calibration,
-        input_shapes=args.input_shape,
-        input_ranges=args.input_range,
-        num_samples=args.num_samples,
-        seed=args.seed,
+        calibration=list(config.calibration) or None,
+        input_shapes=list(config.input_shape) or None,
+        input_ranges=list(config.input_range) or None,
+        num_samples=config.num_samples,
+        seed=config.seed,
     )
     print(result.table())
     if args.report:
-        _write_report(args.report, result.to_json())
+        write_text(args.report, result.to_json() + "\n")
     result.raise_if_violated()
     return 0

@@ -15,11 +15,12 @@ import onnx
 from ..api import load_model, save_model
 from ..config import OptimizeConfig, make_config
 from ..errors import ConfigError
+from ..files import atomic_output
 from ..verify.calibration import DEFAULT_NUM_SAMPLES, resolve_calibration
 from .measure import file_bytes, layer_records, measure_errors, measure_latency, stored_params
-from .methods import FIXED_METHODS, TOL_METHODS, Built, MethodSpec, build
+from .methods import FIXED_METHODS, TOL_METHODS, Built, MethodSpec, _target, build
 
-__all__ = ["ROW_KEYS", "METHODS", "DEFAULT_TOLS", "DEFAULT_ROUNDS", "CompareResult", "compare", "plan_rows"]
+__all__ = ["ROW_KEYS", "METHODS", "DEFAULT_TOLS", "DEFAULT_ROUNDS", "CompareResult", "compare", "plan_rows", "workdir_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,13 @@ def plan_rows(tols, methods) -> list:
     return specs
 
 
+def workdir_files(tols, methods) -> list[str]:
+    """Names of every file ``compare`` may write into its ``workdir`` for these rows."""
+    models = [_target(Path(), spec).name for spec in plan_rows(tols, methods) if spec.method != "original"]
+    models += ["input.onnx", "gemm_as_matmul.onnx"]
+    return models + [f"{name}.data" for name in models] + ["calibration.npz"]
+
+
 def compare(
     model,
     *,
@@ -178,7 +186,8 @@ def _source_path(model, original: onnx.ModelProto, folder: Path) -> Path:
 def _with_calibration(config: OptimizeConfig, calib, folder: Path) -> OptimizeConfig:
     """``config`` verifying dehm's output bounds on compare's own calibration set."""
     path = folder / "calibration.npz"
-    np.savez(path, **calib.arrays)
+    with atomic_output(path) as f:
+        np.savez(f, **calib.arrays)
     return make_config(config, calibration=(str(path),), input_shape=(), input_range=(), num_samples=calib.num_samples)
 
 

@@ -6,10 +6,9 @@ matplotlib is not a dependency of dehm_onnx; ``write_plot`` imports it when call
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import atomic_output, write_text
 
 __all__ = ["markdown_table", "write_json", "write_markdown", "write_plot"]
 
@@ -53,22 +52,15 @@ def markdown_table(result) -> str:
     return "\n".join(lines)
 
 
-def _write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(result, path) -> None:
     """Write ``{"rows": [...]}`` (plus ``errors`` when a method failed)."""
-    _write_text(path, json.dumps(result.to_dict(), indent=2) + "\n")
+    write_text(path, json.dumps(result.to_dict(), indent=2) + "\n")
 
 
 def write_markdown(result, path, title: str = "") -> None:
     """Write the Markdown table (under ``title`` if given)."""
     head = f"# {title}\n\ncalibration: {result.calibration}\n\n" if title else ""
-    _write_text(path, head + markdown_table(result) + "\n")
+    write_text(path, head + markdown_table(result) + "\n")
 
 
 def _family(method: str) -> str:
@@ -115,8 +107,8 @@ def write_plot(result, path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)

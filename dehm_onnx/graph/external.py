@@ -24,7 +24,6 @@ import contextlib
 import contextvars
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -33,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ConfigError, InvalidModelError
+from ..files import StagedFile, atomic_output
 from ..weights import WeightSlice
 
 __all__ = [
@@ -340,8 +340,9 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bo
 
     External tensors of ``model`` (lazily loaded) are copied in chunks from their validated
     files (relative to the folder given by ``weights_from``); the model is not modified.
-    Both files are written to temporary names in OUT's folder and renamed into place, the
-    data file first. A model with external tensors is always written with external data.
+    Both files are written by ``dehm_onnx.files.StagedFile`` (a temporary name in OUT's
+    folder, ``fsync``, rename; mode ``0o666`` less the umask), the data file renamed into
+    place first. A model with external tensors is always written with external data.
 
     Returns:
         Bytes written (OUT plus OUT.data).
@@ -354,7 +355,8 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bo
     folder = path.parent if str(path.parent) else Path(".")
     lazy = bool(external_tensors(model))
     if not (external or lazy):
-        _write_atomic(folder, path, lambda tmp: onnx.save(model, tmp))
+        with atomic_output(path) as out:
+            out.write(model.SerializeToString())
         return path.stat().st_size
     data_path = folder / data_file_name(path)
     sources = _source_files(model) | {Path(r).resolve() for r in refuse}
@@ -364,13 +366,20 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bo
         )
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    handle, data_tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=folder)
+    data = StagedFile(data_path)
     try:
-        with os.fdopen(handle, "wb") as out:
-            _write_tensors(copy, out, data_path.name)
-        _write_atomic(folder, path, lambda tmp: onnx.save(copy, tmp), before_rename=lambda: os.replace(data_tmp, data_path))
+        staged = StagedFile(path)
+        try:
+            _write_tensors(copy, data.file, data_path.name)
+            staged.file.write(copy.SerializeToString())
+            data.finish()
+            staged.finish()  # both on disk before either is renamed into place
+            data.commit()
+            staged.commit()
+        finally:
+            staged.discard()
     finally:
-        Path(data_tmp).unlink(missing_ok=True)
+        data.discard()
     return path.stat().st_size + data_path.stat().st_size
 
 
@@ -379,19 +388,6 @@ def _same(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _write_atomic(folder: Path, path: Path, save, before_rename=None) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        save(tmp)
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_tensors(model: onnx.ModelProto, out, location: str) -> None:

@@ -148,7 +148,7 @@ def test_output_data_file_may_not_be_the_inputs(tmp_path):
     path = save_external(mlp(layers=1, n=96), folder, name="in.onnx", location="out.onnx.data")
     before = (folder / "out.onnx.data").read_bytes()
     proc = _cli("optimize", path, folder / "out.onnx", "--min-size", "8", "--no-verify")
-    assert proc.returncode == 2 and "data file the input model uses" in proc.stderr
+    assert proc.returncode == 2 and "is the same file as a data file of IN" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (folder / "out.onnx.data").read_bytes() == before
     assert _files(folder) == ["in.onnx", "out.onnx.data"]
@@ -158,14 +158,14 @@ def test_output_may_not_be_the_inputs_data_file(source):
     path, _ = source
     data = path.parent / "model.onnx.data"
     before = data.read_bytes()
-    with pytest.raises(ConfigError, match="data file the input model uses"):
+    with pytest.raises(ConfigError, match="is the same file as a data file of IN"):
         api.optimize_file(path, data, no_verify=True)
     assert data.read_bytes() == before
 
 
 def test_optimize_file_refuses_output_equal_to_input(source):
     path, _ = source
-    with pytest.raises(ConfigError, match="is the input model"):
+    with pytest.raises(ConfigError, match="is the same file as IN"):
         api.optimize_file(path, path, no_verify=True)
 
 
