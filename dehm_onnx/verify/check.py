@@ -135,27 +135,48 @@ class LayerStats:
     """Calibration statistics of a layer's input, kept when ``collect_stats=True``.
 
     Attributes:
-        gram: ``X^T X`` (float64, m x m) of the calibration rows X of Y = X @ W (checked
-            samples only).
+        inputs: all checked samples' rows X of Y = X @ W stacked (float64, rows x m) while
+            there are fewer rows than columns, else their Gram matrix ``X^T X`` (m x m).
         rows: number of rows stacked in X.
         worst: the samples whose error exceeded ``SAFETY * tol_out`` (at most
             ``WORST_SAMPLES`` of them, worst first), each as ``(error, X_s)`` with ``X_s`` the
-            sample's rows (float64) or, when it has more rows than columns, its Gram matrix.
+            sample's rows (float64) or, when it has at least as many rows as columns, its
+            Gram matrix.
     """
 
-    gram: np.ndarray
+    inputs: np.ndarray
     rows: int
     worst: list = dataclasses.field(default_factory=list)
 
     @property
+    def folded(self) -> bool:
+        """True when ``inputs`` is the Gram matrix (at least m rows were seen)."""
+        return self.rows >= self.inputs.shape[1]
+
+    @property
+    def width(self) -> int:
+        """m, the number of columns of X (rows of W)."""
+        return int(self.inputs.shape[1])
+
+    @property
+    def gram(self) -> np.ndarray:
+        """``X^T X`` (float64, m x m)."""
+        return self.inputs if self.folded else self.inputs.T @ self.inputs
+
+    @property
     def spectral_norm(self) -> float:
-        """``||X||_2``, from the largest eigenvalue of the Gram matrix."""
-        return float(math.sqrt(max(np.linalg.eigvalsh(self.gram)[-1], 0.0)))
+        """``||X||_2``."""
+        if self.folded:
+            return float(math.sqrt(max(np.linalg.eigvalsh(self.inputs)[-1], 0.0)))
+        return float(np.linalg.norm(self.inputs, 2))
 
 
-# Tightening looks at this many of a layer's worst samples, within this many bytes.
+# Tightening looks at this many of a layer's worst samples, within this many bytes per layer;
+# all layers of one verify call keep at most STATS_BYTES of statistics together (layers past
+# it are tightened without statistics, proportionally to their overshoot).
 WORST_SAMPLES = 8
-_WORST_BYTES = 256 << 20
+_WORST_BYTES = 64 << 20
+STATS_BYTES = 1 << 30
 # Samples whose error exceeds this fraction of tol_out are kept for tightening.
 SAFETY = 0.9
 
@@ -350,7 +371,7 @@ class _LayerPlan:
     ref_sq: list = dataclasses.field(default_factory=list)
     iso_sq: list = dataclasses.field(default_factory=list)
     model_sq: list = dataclasses.field(default_factory=list)
-    gram: np.ndarray | None = None
+    inputs: object = None  # stacked rows, their Gram matrix, or False once over the stats budget
     rows: int = 0
     worst: list = dataclasses.field(default_factory=list)
 
@@ -498,7 +519,7 @@ def _slack(plan: _LayerPlan, y: np.ndarray) -> float:
     return 2.0 * math.sqrt(max(int(width), 1)) * float(np.finfo(y.dtype).eps)
 
 
-def _measure_sample(plan: _LayerPlan, ref: dict, opt: dict, opt_model, keep_stats: bool) -> None:
+def _measure_sample(plan: _LayerPlan, ref: dict, opt: dict, opt_model, keep_stats: dict | None) -> None:
     y_ref = ref[plan.check.output]
     d_sq, r_sq, _ = diff_sq(y_ref, opt[plan.check.output])
     plan.ref_sq.append(r_sq)
@@ -517,25 +538,41 @@ def _measure_sample(plan: _LayerPlan, ref: dict, opt: dict, opt_model, keep_stat
     y_iso = plan.session.run([plan.check.output], {plan.x_name: x})[0]
     iso_sq = diff_sq(y_ref, y_iso)[0]
     plan.iso_sq.append(iso_sq)
-    if keep_stats:
-        _keep_stats(plan, x, _ratio(iso_sq, r_sq))
+    if keep_stats is not None:
+        _keep_stats(plan, x, _ratio(iso_sq, r_sq), keep_stats)
 
 
-def _keep_stats(plan: _LayerPlan, x: np.ndarray, error: float) -> None:
-    """Add the sample's rows to the layer's Gram matrix; keep it whole if it is among the worst."""
+def _keep_stats(plan: _LayerPlan, x: np.ndarray, error: float, budget: dict) -> None:
+    """Add the sample's rows to the layer's statistics; keep it whole if it is among the worst.
+
+    Rows are stacked while there are fewer than m of them, then folded into a Gram matrix;
+    what is kept counts against ``budget["left"]`` (bytes), shared by every layer.
+    """
+    if plan.inputs is False:
+        return  # over budget: this layer is tightened without statistics
     rows = _rows_of(plan, x)
     if rows is None:
         return
-    gram = rows.T @ rows
-    plan.gram = gram if plan.gram is None else plan.gram + gram
+    before = 0 if plan.inputs is None else plan.inputs.nbytes
+    m = rows.shape[1]
+    if plan.inputs is not None and plan.rows >= m:
+        plan.inputs = plan.inputs + rows.T @ rows  # already the Gram matrix
+    else:
+        plan.inputs = rows if plan.inputs is None else np.concatenate([plan.inputs, rows])
+        if plan.inputs.shape[0] >= m:
+            plan.inputs = plan.inputs.T @ plan.inputs
     plan.rows += rows.shape[0]
-    if not error > SAFETY * plan.check.tol_out:
-        return
-    kept = rows if rows.shape[0] < rows.shape[1] else gram
-    plan.worst.append((error, kept))
-    plan.worst.sort(key=lambda item: -item[0])
-    budget = max(1, _WORST_BYTES // max(kept.nbytes, 1))
-    del plan.worst[min(WORST_SAMPLES, budget):]
+    budget["left"] -= plan.inputs.nbytes - before
+    if error > SAFETY * plan.check.tol_out:
+        kept = rows if rows.shape[0] < m else rows.T @ rows
+        plan.worst.append((error, kept))
+        plan.worst.sort(key=lambda item: -item[0])
+        cap = min(WORST_SAMPLES, max(1, _WORST_BYTES // max(kept.nbytes, 1)))
+        dropped = plan.worst[cap:]
+        del plan.worst[cap:]
+        budget["left"] -= kept.nbytes - sum(d[1].nbytes for d in dropped)
+    if budget["left"] < 0:
+        plan.inputs, plan.worst = False, []
 
 
 def _finish(plan: _LayerPlan, checked: int) -> None:
@@ -606,8 +643,8 @@ def verify(
         input_ranges: ``{name: (lo, hi)}`` or ``["name=LO:HI", ...]`` for integer inputs.
         num_samples: number of generated samples (default ``DEFAULT_NUM_SAMPLES``; must be >= 1).
         seed: seed of generated samples.
-        collect_stats: also keep each layer's input Gram matrix and worst samples in
-            ``result.stats`` (checked samples only).
+        collect_stats: also keep each layer's input rows (or Gram matrix) and worst samples
+            in ``result.stats`` (checked samples only; ``STATS_BYTES`` for all layers together).
         held_out: the last ``held_out`` samples are measured and reported but do not decide
             ``ok``.
 
@@ -645,14 +682,16 @@ def verify(
     samples = list(calib.samples())
     ref_runs = run_samples(make_cpu_session(ref_exposed.model), samples, _unique(compared + ref_exposed.exposed), "original")
     opt_runs = run_samples(make_cpu_session(opt_exposed.model), samples, _unique(compared + opt_exposed.exposed), "optimized")
+    budget = {"left": STATS_BYTES}
     for index, (ref, opt_values) in enumerate(zip(ref_runs, opt_runs)):
         for acc in accumulators:
             acc.add(ref[acc.name], opt_values[acc.name])
         for plan in active:
-            _measure_sample(plan, ref, opt_values, opt_model, collect_stats and index < checked)
+            _measure_sample(plan, ref, opt_values, opt_model, budget if collect_stats and index < checked else None)
     for plan in active:
         _finish(plan, checked)
-    stats = {p.check.name: LayerStats(p.gram, p.rows, p.worst) for p in active if p.gram is not None}
+    stats = {p.check.name: LayerStats(p.inputs, p.rows, p.worst) for p in active
+             if p.inputs is not None and p.inputs is not False}
     result = VerifyResult(
         layers=[p.check for p in plans],
         outputs=[acc.result(checked) for acc in accumulators],

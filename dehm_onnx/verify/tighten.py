@@ -73,7 +73,7 @@ def calibration_for(original, config):
 
 def _sample_sq(sample: np.ndarray, m: np.ndarray) -> float:
     """``||X_s M||_F^2`` for a sample kept as rows X_s (fewer rows than columns) or as its
-    Gram matrix ``X_s^T X_s`` (square)."""
+    Gram matrix ``X_s^T X_s`` (square; kept only for samples with at least m rows)."""
     if sample.shape[0] == sample.shape[1]:
         return max(float(np.sum(m * (sample @ m))), 0.0)
     product = sample @ m
@@ -105,10 +105,10 @@ def tighter_tol(w: np.ndarray, stats, tol: float, tol_out: float, measured: floa
 
     target = SAFETY * tol_out
     first = tol * min(0.5, target / measured) if measured > 0 else tol * 0.5
-    if stats is None or stats.gram.shape[0] != w.shape[0]:
+    if stats is None or stats.width != w.shape[0]:
         return first if first >= TOL_FLOOR else None
     w64 = w.astype(np.float64)
-    samples = [s for _, s in stats.worst] or [stats.gram]
+    samples = [s for _, s in stats.worst] or [stats.inputs]
     refs = [_sample_sq(s, w64) for s in samples]
     kept = [(s, r) for s, r in zip(samples, refs) if r > 0.0]
     if not kept:

@@ -299,3 +299,20 @@ def test_verify_non_finite_output_where_the_original_is_finite_is_an_infinite_er
     assert out.non_finite > 0 and out.worst == float("inf") and result.model_error() == float("inf")
     assert "NaN/Inf" in result.table()
     json.loads(result.to_json())  # inf is written as a string
+
+
+def test_collected_statistics_stay_small(pair, monkeypatch):
+    """Few rows: the rows themselves, not an m x m Gram matrix; and a byte budget for all layers."""
+    from dehm_onnx.verify import check
+
+    orig, opt = pair
+    calib = _calib(3, rows=2)  # 6 rows of width 64
+    stats = verify(orig, opt, calib, collect_stats=True).stats["fc0"]
+    assert stats.inputs.shape == (6, 64) and not stats.folded
+    x = calib["x"].reshape(-1, 64).astype(np.float64)
+    np.testing.assert_allclose(stats.gram, x.T @ x, rtol=1e-5, atol=1e-5)
+    folded = verify(orig, opt, _calib(5, rows=16), collect_stats=True).stats["fc0"]
+    assert folded.folded and folded.inputs.shape == (64, 64) and folded.rows == 80
+    assert set(verify(orig, opt, calib, collect_stats=True).stats) == {"fc0", "fc1"}
+    monkeypatch.setattr(check, "STATS_BYTES", 1024)  # fc0's first sample (2 x 64 float64) fills it
+    assert verify(orig, opt, calib, collect_stats=True).stats == {}
