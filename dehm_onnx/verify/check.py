@@ -28,6 +28,7 @@ models needs no flags to be verified; a model without it is refused.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -617,6 +618,32 @@ def _expose_layers(orig_model, opt_model, plans: list, notes: list):
     return ref_exposed, opt_exposed, [p for p in plans if p.check.output in measurable]
 
 
+# Outputs of the original kept in memory at once (so its session can go before the optimized
+# model's is made); beyond this, both run side by side, sample by sample.
+REFERENCE_BYTES = 1 << 30
+
+
+def _reference_runs(exposed, samples: list, names: list):
+    """The original model's outputs on every sample: all computed first and the session
+    released (its weights unmapped) when they fit ``REFERENCE_BYTES``, else a lazy iterator.
+
+    Running the original alone first bounds peak memory by the larger of the two models, not
+    their sum: for a model with external data onnxruntime maps every weight while it runs.
+    """
+    session = make_cpu_session(exposed.model)
+    exposed.model = None
+    runs = run_samples(session, samples, names, "original")
+    first = next(runs, None)
+    if first is None:
+        return iter(())
+    size = sum(np.asarray(v).nbytes for v in first.values())
+    if size * len(samples) > REFERENCE_BYTES:
+        return itertools.chain([first], runs)
+    values = [first, *runs]
+    del session, runs
+    return iter(values)
+
+
 def verify(
     orig,
     opt,
@@ -680,8 +707,11 @@ def verify(
     ref_exposed, opt_exposed, active = _expose_layers(orig_model, opt_model, plans, notes)
     accumulators = [_OutputAccumulator(name) for name in compared]
     samples = list(calib.samples())
-    ref_runs = run_samples(make_cpu_session(ref_exposed.model), samples, _unique(compared + ref_exposed.exposed), "original")
-    opt_runs = run_samples(make_cpu_session(opt_exposed.model), samples, _unique(compared + opt_exposed.exposed), "optimized")
+    ref_runs = _reference_runs(ref_exposed, samples, _unique(compared + ref_exposed.exposed))
+    opt_names = _unique(compared + opt_exposed.exposed)
+    opt_session = make_cpu_session(opt_exposed.model)
+    opt_exposed.model = None  # onnxruntime holds its own copy
+    opt_runs = run_samples(opt_session, samples, opt_names, "optimized")
     budget = {"left": STATS_BYTES}
     for index, (ref, opt_values) in enumerate(zip(ref_runs, opt_runs)):
         for acc in accumulators:
