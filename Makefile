@@ -3,7 +3,7 @@
 # `python` if it exists, else `python3` (Debian and Ubuntu ship only the latter).
 PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
 
-.PHONY: install demo test
+.PHONY: install demo test edge-check
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
@@ -14,3 +14,7 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# aarch64 under qemu (not part of `test`; several minutes; see README "Edge devices").
+edge-check:
+	PYTHON=$(PYTHON) sh benchmarks/edge_check.sh

@@ -1,14 +1,18 @@
-"""Build, locate and load the compiled ``HMatMul`` onnxruntime library (``custom_ops/``).
+"""Locate, build and load the compiled ``HMatMul`` onnxruntime library (``custom_ops/``).
 
-``custom_op_library()`` configures and builds the CMake project on first use (Release,
-Ninja when available) into a cache folder and returns the shared library's path; later
-calls only check that the library is newer than its sources. ``make_session()`` returns an
-``onnxruntime.InferenceSession`` with the library registered.
+``custom_op_library()`` returns the library bundled in the installed package
+(``dehm_onnx/_lib/``, present in the platform wheels) when there is one; in a checkout it
+configures and builds the CMake project on first use (Release, Ninja when available) into a
+cache folder, and later calls only check that the library is newer than its sources. Either
+way it first checks that the installed onnxruntime provides the C API version the library
+asks for. ``make_session()`` returns an ``onnxruntime.InferenceSession`` with the library
+registered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import shutil
@@ -18,7 +22,17 @@ from pathlib import Path
 
 from ..errors import DehmError
 
-__all__ = ["CustomOpBuildError", "custom_op_library", "make_session", "source_dir", "build_dir"]
+__all__ = [
+    "CustomOpBuildError",
+    "CustomOpRuntimeError",
+    "custom_op_library",
+    "make_session",
+    "source_dir",
+    "build_dir",
+    "bundled_library",
+    "required_ort_api",
+    "check_runtime",
+]
 
 _LIB_NAMES = {"linux": "libdehm_custom_ops.so", "darwin": "libdehm_custom_ops.dylib", "win32": "dehm_custom_ops.dll"}
 _SOURCE_SUFFIXES = {".cc", ".h", ".cu", ".cuh", ".txt", ".sh", ".cmake"}
@@ -26,6 +40,15 @@ _SOURCE_SUFFIXES = {".cc", ".h", ".cu", ".cuh", ".txt", ".sh", ".cmake"}
 
 class CustomOpBuildError(DehmError):
     """The HMatMul library cannot be built (no compiler, CMake or onnxruntime headers)."""
+
+
+class CustomOpRuntimeError(CustomOpBuildError):
+    """The installed onnxruntime is too old for the HMatMul library (models still run without it)."""
+
+
+def bundled_library() -> Path:
+    """Where a platform wheel puts the compiled library: ``dehm_onnx/_lib/`` in the package."""
+    return Path(__file__).resolve().parents[1] / "_lib" / _LIB_NAMES.get(sys.platform, _LIB_NAMES["linux"])
 
 
 def source_dir() -> Path:
@@ -95,18 +118,79 @@ def _first_error(proc) -> str:
     return " ".join(paragraph[:6])
 
 
+def required_ort_api(lib: Path) -> int:
+    """The onnxruntime C API version the library at ``lib`` asks for (read from the library)."""
+    try:
+        handle = ctypes.CDLL(str(lib))
+        return int(handle.DehmRequiredOrtApiVersion())
+    except (OSError, AttributeError) as e:
+        raise CustomOpBuildError(f"cannot use the HMatMul library {lib}: {str(e).splitlines()[0]}") from e
+
+
+def _ort_api_of(version: str) -> int | None:
+    """The C API version of onnxruntime ``version`` ("1.20.1" -> 20); None if not of that form."""
+    parts = version.split(".")
+    if len(parts) < 2 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    major, minor = int(parts[0]), int(parts[1])
+    return minor if major == 1 else (1 << 20 if major > 1 else None)
+
+
+def check_runtime(required_api: int, ort_version: str | None = None) -> None:
+    """Raise ``CustomOpRuntimeError`` when onnxruntime ``ort_version`` lacks C API ``required_api``.
+
+    onnxruntime 1.x provides C API versions 1..x. ``ort_version`` defaults to the installed
+    onnxruntime's; nothing is checked when onnxruntime is not installed or its version
+    string is not of the form ``1.x``.
+    """
+    if ort_version is None:
+        try:
+            import onnxruntime
+        except ImportError:
+            return
+        ort_version = onnxruntime.__version__
+    have = _ort_api_of(ort_version)
+    if have is not None and have < required_api:
+        raise CustomOpRuntimeError(
+            f"onnxruntime {ort_version} is too old for the HMatMul library: it provides C API version {have}, "
+            f"the library needs {required_api} (onnxruntime >= 1.{required_api}); models written with "
+            f"--emit function or subgraph still run without the library"
+        )
+
+
 def custom_op_library(rebuild: bool = False) -> Path:
     """Return the path of the compiled HMatMul library, building it first if needed.
 
+    The library bundled in the installed package comes first; otherwise (a checkout) the
+    library is built from ``custom_ops/``. Before returning, the installed onnxruntime is
+    checked against the C API version the library asks for (registering the library in an
+    older onnxruntime fails).
+
     Args:
-        rebuild: configure and build from scratch even if an up-to-date library exists.
+        rebuild: build from the sources (configure from scratch) even if a bundled or an
+            up-to-date built library exists.
 
     Raises:
-        CustomOpBuildError: no sources, CMake, C++ compiler or onnxruntime headers.
+        CustomOpBuildError: no bundled library and no sources, CMake, C++ compiler or
+            onnxruntime headers.
+        CustomOpRuntimeError: the installed onnxruntime is older than the library needs.
     """
+    bundled = bundled_library()
+    if not rebuild and bundled.is_file():
+        check_runtime(required_ort_api(bundled))
+        return bundled
+    lib = _build_from_sources(rebuild)
+    check_runtime(required_ort_api(lib))
+    return lib
+
+
+def _build_from_sources(rebuild: bool) -> Path:
     src = source_dir()
     if not (src / "CMakeLists.txt").is_file():
-        raise CustomOpBuildError(f"cannot build the HMatMul library: sources not found at {src}")
+        raise CustomOpBuildError(
+            f"cannot build the HMatMul library: sources not found at {src} and no library bundled at {bundled_library()} "
+            f"(install a platform wheel of dehm_onnx, or work in a checkout)"
+        )
     build = build_dir()
     lib = _library_path(build)
     with _build_lock(build):
@@ -131,6 +215,10 @@ def custom_op_library(rebuild: bool = False) -> Path:
 
 def make_session(model, providers=None, threads: int | None = None, config: dict | None = None, **kw):
     """An ``onnxruntime.InferenceSession`` for ``model`` with the HMatMul library registered.
+
+    Raises ``CustomOpBuildError`` (or its ``CustomOpRuntimeError``, onnxruntime too old)
+    when the library is not available; a model written with ``--emit function`` then still
+    runs in a plain ``onnxruntime.InferenceSession``.
 
     Args:
         model: a path, serialized bytes or an ``onnx.ModelProto``.

@@ -8,6 +8,10 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define DEHM_GEMM_PERMUTE 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define DEHM_GEMM_PERMUTE 1
+#define DEHM_GEMM_NEON 1
 #endif
 
 #include "gemm.h"
@@ -67,8 +71,36 @@ inline void TileRow(const float* a, int64_t ainc, int64_t depth, const W* b, int
 }
 
 #if defined(__GNUC__) || defined(__clang__)
-// GCC/Clang vector extension (portable: lowered to SSE/AVX, NEON or scalar code as the
-// target allows). Keeps RB x 16 accumulators in vector registers across the depth.
+// Eight floats, with GCC/Clang vector extensions (portable: lowered to SSE/AVX, NEON or
+// scalar code as the target allows). Keeps RB x 16 accumulators in vector registers
+// across the depth.
+#if defined(__aarch64__)
+// 128-bit NEON: a native 32-byte vector type would be split by the compiler through the
+// stack (every accumulator stored and reloaded at each step, checked in the aarch64
+// disassembly); a pair of native 4-lane vectors stays in registers (ld1r + fmla).
+typedef float Vec4 __attribute__((vector_size(16)));
+struct Vec8 {
+  Vec4 lo, hi;
+};
+inline Vec8 operator+(Vec8 a, Vec8 b) { return {a.lo + b.lo, a.hi + b.hi}; }
+inline Vec8& operator+=(Vec8& a, Vec8 b) {
+  a.lo += b.lo;
+  a.hi += b.hi;
+  return a;
+}
+inline Vec8 operator*(float s, Vec8 b) { return {s * b.lo, s * b.hi}; }
+
+inline Vec8 LoadVec(const float* p) {
+  Vec8 v;
+  std::memcpy(&v.lo, p, sizeof v.lo);
+  std::memcpy(&v.hi, p + 4, sizeof v.hi);
+  return v;
+}
+inline void StoreVec(float* p, Vec8 v) {
+  std::memcpy(p, &v.lo, sizeof v.lo);
+  std::memcpy(p + 4, &v.hi, sizeof v.hi);
+}
+#else
 typedef float Vec8 __attribute__((vector_size(32)));
 
 inline Vec8 LoadVec(const float* p) {
@@ -77,6 +109,7 @@ inline Vec8 LoadVec(const float* p) {
   return v;
 }
 inline void StoreVec(float* p, Vec8 v) { std::memcpy(p, &v, sizeof v); }
+#endif
 
 template <int RB>
 inline void Tile16(const float* a, int64_t lda, int64_t ainc, int64_t depth, const float* b, int64_t ldb, float* y,
@@ -131,7 +164,8 @@ inline void Tile<1, 16, float>(const float* a, int64_t, int64_t ainc, int64_t de
 }
 #endif
 
-#ifdef DEHM_GEMM_PERMUTE
+#if defined(DEHM_GEMM_PERMUTE) && !defined(DEHM_GEMM_NEON)
+constexpr int64_t kNarrowMinDepth = 8;
 // One row of a times a narrow panel stored contiguously (depth x K, K < 16), e.g. x U_b at
 // batch 1. Eight panel rows are K whole vectors; lane l of vector v holds row (8v + l) / K,
 // column (8v + l) % K. A fixed lane permutation spreads a[i:i+8] to match, so the panel
@@ -163,6 +197,56 @@ void RowTimesNarrowPanel(const float* a, int64_t depth, const float* b, float* y
   for (int c = 0; c < K; ++c) y[c] += sum[c];
 }
 
+#endif
+
+#ifdef DEHM_GEMM_NEON
+constexpr int64_t kNarrowMinDepth = 4;
+// A float32 panel for RowTimesNarrowPanel: Load4(p) returns panel elements p..p+3. A
+// quantized payload would supply its own Load4 that widens and scales in registers.
+struct FloatPanel {
+  const float* b;
+  float32x4_t Load4(int64_t p) const { return vld1q_f32(b + p); }
+  float Load1(int64_t p) const { return b[p]; }
+};
+
+// NEON form of the permutation product above: four panel rows are K whole 4-lane vectors;
+// lane l of vector v holds row (4v + l) / K, column (4v + l) % K, and one table lookup
+// (tbl) per vector spreads a[i:i+4] onto those lanes, so the panel streams through K
+// independent FMA chains; the lanes are folded onto the K columns once at the end.
+template <int K, class Panel>
+void RowTimesNarrowPanel(const float* a, int64_t depth, const Panel& panel, float* y) {
+  uint8x16_t spread[K];
+  float32x4_t acc[K];
+  for (int v = 0; v < K; ++v) {
+    uint8_t bytes[16];
+    for (int l = 0; l < 4; ++l)
+      for (int j = 0; j < 4; ++j) bytes[4 * l + j] = static_cast<uint8_t>(4 * ((4 * v + l) / K) + j);
+    spread[v] = vld1q_u8(bytes);
+    acc[v] = vdupq_n_f32(0.0f);
+  }
+  int64_t i = 0;
+  for (; i + 4 <= depth; i += 4) {
+    const uint8x16_t av = vreinterpretq_u8_f32(vld1q_f32(a + i));
+    const int64_t p0 = i * K;
+    for (int v = 0; v < K; ++v)
+      acc[v] = vfmaq_f32(acc[v], panel.Load4(p0 + 4 * v), vreinterpretq_f32_u8(vqtbl1q_u8(av, spread[v])));
+  }
+  float lanes[4 * K];
+  for (int v = 0; v < K; ++v) vst1q_f32(lanes + 4 * v, acc[v]);
+  float sum[K] = {};
+  for (int p = 0; p < 4 * K; ++p) sum[p % K] += lanes[p];
+  for (; i < depth; ++i)  // the last rows (fewer than four: no whole vectors)
+    for (int c = 0; c < K; ++c) sum[c] += a[i] * panel.Load1(i * K + c);
+  for (int c = 0; c < K; ++c) y[c] += sum[c];
+}
+#endif
+
+#ifdef DEHM_GEMM_PERMUTE
+#ifdef DEHM_GEMM_NEON
+#define DEHM_NARROW_PANEL(b) FloatPanel{b}
+#else
+#define DEHM_NARROW_PANEL(b) b
+#endif
 // Rows of a (unit stride along the depth) times a contiguous panel of width w < 16.
 inline void RowsTimesNarrowPanel(const float* a, int64_t lda, int64_t rows, int64_t depth, const float* b, float* y,
                                  int64_t ldy, int64_t w) {
@@ -172,7 +256,7 @@ inline void RowsTimesNarrowPanel(const float* a, int64_t lda, int64_t rows, int6
     switch (w) {
 #define DEHM_NARROW_CASE(N) \
   case N:                   \
-    RowTimesNarrowPanel<N>(ar, depth, b, yr); \
+    RowTimesNarrowPanel<N>(ar, depth, DEHM_NARROW_PANEL(b), yr); \
     break;
       DEHM_NARROW_CASE(1)
       DEHM_NARROW_CASE(2)
@@ -190,6 +274,7 @@ inline void RowsTimesNarrowPanel(const float* a, int64_t lda, int64_t rows, int6
       DEHM_NARROW_CASE(14)
       DEHM_NARROW_CASE(15)
 #undef DEHM_NARROW_CASE
+#undef DEHM_NARROW_PANEL
       default:
         break;
     }
@@ -341,7 +426,7 @@ void GemmAcc(const float* a, int64_t lda, int64_t ainc, int64_t rows, int64_t de
              int64_t w) {
   int64_t j = 0;
 #ifdef DEHM_GEMM_PERMUTE
-  if (std::is_same<W, float>::value && ainc == 1 && ldb == w && w >= 1 && w < 16 && depth >= 8) {
+  if (std::is_same<W, float>::value && ainc == 1 && ldb == w && w >= 1 && w < 16 && depth >= kNarrowMinDepth) {
     RowsTimesNarrowPanel(a, lda, rows, depth, reinterpret_cast<const float*>(b), y, ldy, w);
     return;
   }

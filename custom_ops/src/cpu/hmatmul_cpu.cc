@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "common/constant_inputs.h"
+#include "common/ort_api.h"
 #include "dehm/layout.h"
 #include "dehm/packed.h"
 #include "gemm.h"
@@ -46,7 +47,9 @@ inline void Gemm(const GemmKernels& k, const float* a, int64_t lda, int64_t ainc
   k.f16(a, lda, ainc, rows, depth, b, ldb, y, ldy, w);
 }
 
-// Runs task(t) for t in [0, num_tasks) on the session's intra-op pool, tasks pulled dynamically.
+// Runs task(t) for t in [0, num_tasks) on the session's intra-op pool, tasks pulled
+// dynamically; on the calling thread when the runtime has no KernelContext_ParallelFor
+// (onnxruntime < 1.17).
 template <typename Task>
 void RunTasks(OrtKernelContext* ctx, bool parallel, int64_t num_tasks, const Task& task) {
   struct State {
@@ -60,7 +63,7 @@ void RunTasks(OrtKernelContext* ctx, bool parallel, int64_t num_tasks, const Tas
     for (int64_t t = s->next.fetch_add(1); t < s->total; t = s->next.fetch_add(1)) (*s->task)(t);
   };
   const size_t workers = static_cast<size_t>(std::min<int64_t>(num_tasks, kMaxWorkers));
-  if (!parallel || workers <= 1) {
+  if (!parallel || workers <= 1 || RuntimeOrtApi() < kParallelForOrtApi) {
     worker(&state, 0);
     return;
   }
