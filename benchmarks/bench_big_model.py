@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -254,7 +253,6 @@ def main() -> None:
 
     out = folder / "big.opt.onnx"
     params = args.layers * args.size * args.size
-    gb = 1e9
     rows, commands, per_matrix = [], [], {}
     for requested in args.jobs:
         for path_name in args.paths:
