@@ -280,5 +280,23 @@ def extract_layer_model(model, x_name: str, y_name: str, x_dtype):
     layer = onnx.helper.make_model(
         layer_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version
     )
-    layer.functions.extend(model.functions)
+    layer.functions.extend(_functions_used(model, nodes))
     return layer
+
+
+def _functions_used(model, nodes) -> list:
+    """The model-local functions that ``nodes`` call, directly or through other functions.
+
+    Only those go into a layer model: with ``--emit function`` every layer's factors live in
+    its own function, so copying them all into each of n layer models would hold n times
+    the compressed model in memory.
+    """
+    by_key = {(f.domain, f.name, getattr(f, "overload", "")): f for f in model.functions}
+    used, stack = {}, list(nodes)
+    while stack:
+        node = stack.pop()
+        key = (node.domain, node.op_type, getattr(node, "overload", ""))
+        if key in by_key and key not in used:
+            used[key] = by_key[key]
+            stack.extend(by_key[key].node)
+    return [f for key, f in by_key.items() if key in used]

@@ -316,3 +316,16 @@ def test_collected_statistics_stay_small(pair, monkeypatch):
     assert set(verify(orig, opt, calib, collect_stats=True).stats) == {"fc0", "fc1"}
     monkeypatch.setattr(check, "STATS_BYTES", 1024)  # fc0's first sample (2 x 64 float64) fills it
     assert verify(orig, opt, calib, collect_stats=True).stats == {}
+
+
+def test_layer_model_carries_only_its_own_functions():
+    """--emit function keeps each layer's factors in its own function: a layer model must not
+    copy every layer's (n layer models would hold n copies of the compressed model)."""
+    rng = np.random.default_rng(12)
+    orig = mlp([graded_matrix(rng, 96, 96, 0.8), graded_matrix(rng, 96, 64, 0.8)])
+    opt, report = dehm_onnx.optimize(orig, tol=0.05, min_size=8, emit="function", no_verify=True)
+    assert len(report.compressed) == 2 and len(opt.functions) >= 2
+    layer = extract_layer_model(opt, "a0", "h1", np.float32)
+    assert 1 <= len(layer.functions) < len(opt.functions)
+    x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32)
+    assert make_cpu_session(layer).run(["h1"], {"a0": x})[0].shape == (3, 64)
