@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import BoundViolation, InvalidModelError
 from .calibration import resolve_calibration
-from .runner import expose_outputs, extract_layer_model, load_model, make_cpu_session, run_samples
+from .runner import expose_outputs, extract_layer_model, load_model, make_cpu_session, release_memory, run_samples
 
 __all__ = [
     "LAYERS_KEY",
@@ -630,6 +630,7 @@ def _reference_runs(exposed, samples: list, names: list):
     Running the original alone first bounds peak memory by the larger of the two models, not
     their sum: for a model with external data onnxruntime maps every weight while it runs.
     """
+    release_memory()
     session = make_cpu_session(exposed.model)
     exposed.model = None
     runs = run_samples(session, samples, names, "original")

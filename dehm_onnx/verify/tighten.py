@@ -34,9 +34,7 @@ when no tol meets it, nothing is compressed, every candidate layer says why
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import glob
 import json
 import logging
@@ -281,20 +279,6 @@ def _unreachable(original, allocation, config, rewrite):
     return model, report
 
 
-def _release_memory() -> None:
-    """Hand freed memory back to the OS between rounds.
-
-    The sessions, statistics and trial compressions of a round are freed by then, but glibc
-    keeps freed heap blocks for reuse; the next round's run of the original maps every weight
-    again, so what the previous round left would add to its peak (a 2.25 GiB model: 1.2 GB).
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 def _summary_lines(result) -> list:
     lines = [layer.summary() for layer in result.layers]
     for o in result.outputs:
@@ -349,7 +333,6 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
     layer_tols, dense, steps = dict(tol_outs), {}, []
     for round_index in range(MAX_ROUNDS + 2):
         _set_tol_out(report, tol_out, tol_outs)
-        _release_memory()  # before the original runs again, with every weight mapped
         try:
             result = verify(original, optimized, calib, layers=[r.metadata_entry() for r in report.compressed],
                             held_out=held)
@@ -373,7 +356,6 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
             del stats
         else:
             steps += _tighten_for_model(report, result, layer_tols, dense, round_index + 1, model_tol, config)
-        del result
         optimized, report = rewrite(original, _exclude_dense(config, dense), layer_tols)
     _note_results(report, result, dense)
     _write_layers_metadata(optimized, report)
