@@ -28,6 +28,22 @@ A packed H-matrix for a weight of shape ``(m, n)`` is four arrays:
 
 The product is ``Yp = sum over blocks of Xp[..., ROW0:ROW1] @ B`` written into
 ``Yp[..., COL0:COL1]``, with low-rank blocks applied as ``(Xp_b @ U) @ Vt``.
+
+Stored precisions and layout version 1
+--------------------------------------
+Version 1 holds every payload in the weight's dtype. ``pack`` writes a block's *dequantized*
+values (``Block.dense``, ``Block.u``, ``Block.vt``; a tiered low-rank block as one ``U`` and
+one ``Vt``), so an H-matrix with float16 or integer arrays packs into version 1 with exactly the
+values its certified error was measured on, but without their byte savings. It refuses
+(``ValueError``) when a dequantized value is not representable in the weight's dtype (a
+float16 weight with float32 scales).
+
+What a layout that keeps the storage must carry (``storage.py`` and ``hmatrix.py`` define it;
+the version that does is not defined here): per stored array its storage (``Storage``), and for
+integers its group size, its ``ceil(K / group) x N`` scales (in the scale dtype) and its int4 or
+int8 values, with ``K`` the array's contraction axis (rows of ``D``, rows of ``U``, rows of
+``Vt``); per low-rank block its tiers ``(U_t, Vt_t)`` in rank order. Zero blocks need no row
+(``HMatrix.nbytes`` counts none): the product starts from zero.
 """
 
 from __future__ import annotations
@@ -79,7 +95,11 @@ def _payload(block: Block) -> list[np.ndarray]:
 
 
 def pack(hm: HMatrix) -> PackedHMatrix:
-    """Pack an H-matrix into flat arrays (no rounding: the payload keeps ``hm.dtype``)."""
+    """Pack an H-matrix into flat arrays in ``hm.dtype`` (layout version 1).
+
+    Raises:
+        ValueError: a block's dequantized values are not representable in ``hm.dtype``.
+    """
     rows = []
     pieces = []
     offset = 0
@@ -92,6 +112,13 @@ def pack(hm: HMatrix) -> PackedHMatrix:
         offset += size
     layout = np.array(rows, dtype=np.int64).reshape(-1, len(LAYOUT_COLUMNS))
     data = np.concatenate(pieces).astype(hm.dtype, copy=False) if pieces else np.zeros(0, hm.dtype)
+    if not all(b.is_float for b in hm.blocks):
+        exact = np.concatenate([p.astype(np.float64) for p in pieces]) if pieces else np.zeros(0)
+        if not np.array_equal(data.astype(np.float64), exact):
+            raise ValueError(
+                f"layout v1 stores every block in {np.dtype(hm.dtype).name}, and this H-matrix's "
+                "dequantized values are not all representable in it (scales wider than the weight's dtype)"
+            )
     row_perm = hm.row_perm if hm.row_perm is not None else np.zeros(0, np.int64)
     col_perm = hm.col_perm if hm.col_perm is not None else np.zeros(0, np.int64)
     return PackedHMatrix(data, layout, row_perm.astype(np.int64), col_perm.astype(np.int64), hm.shape)

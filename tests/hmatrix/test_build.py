@@ -9,7 +9,7 @@ from dehm_onnx.errors import ConfigError, InvalidWeightError
 from dehm_onnx.hmatrix import BlockKind, compress
 
 from .matrices import log_kernel_1d, suite
-from .oracle import oracle_params
+from .oracle import dense_format_bytes, oracle_bytes, oracle_params
 
 SUITE = suite(np.random.default_rng(1))
 
@@ -23,8 +23,35 @@ def _true_error(w: np.ndarray, hm) -> float:
 def test_compress_never_worse_than_simple_choices(name, tol):
     w = SUITE[name]
     hm = compress(w, tol)
+    assert all(b.is_float for b in hm.blocks)
     oracle = oracle_params(w, tol)
     assert hm.params <= min(oracle.values()), (name, hm.params, oracle)
+    in_bytes = oracle_bytes(w, tol, hm.block_overhead, quantized=False)
+    assert hm.nbytes <= min(in_bytes.values()), (name, hm.nbytes, in_bytes)
+    assert _true_error(w, hm) <= hm.certified_error <= tol * hm.norm
+
+
+QUANTIZED_CASES = [(name, tol) for name in sorted(SUITE) for tol in (1e-2, 1e-4)] + [
+    (name, 0.1) for name in ("exp1d_shuffled_256", "gaussian_256", "log1d_384", "lowrank_noise_200x300", "mel_257x80")
+]
+
+
+@pytest.mark.parametrize(("name", "tol"), QUANTIZED_CASES)
+def test_compress_never_more_bytes_than_simple_choices(name, tol):
+    w = SUITE[name].astype(np.float32)
+    hm = compress(w, tol, precision="auto")
+    oracle = oracle_bytes(w, tol, hm.block_overhead, quantized=True)
+    assert hm.nbytes <= min(oracle.values()), (name, hm.nbytes, sorted(oracle.items(), key=lambda kv: kv[1])[:3])
+    assert _true_error(w, hm) <= hm.certified_error <= tol * hm.norm
+
+
+@pytest.mark.parametrize("tol", [0.1, 0.05, 0.02, 1e-2])
+def test_compress_gaussian_no_more_bytes_than_best_uniform_format(tol):
+    w = SUITE["gaussian_256"].astype(np.float32)
+    hm = compress(w, tol, precision="auto")
+    uniform = dense_format_bytes(w, tol, hm.block_overhead, np.float32)
+    assert hm.nbytes <= min(uniform.values())
+    assert hm.nbytes < w.nbytes / 3  # int8 meets every tol here
     assert _true_error(w, hm) <= hm.certified_error <= tol * hm.norm
 
 
@@ -38,8 +65,75 @@ def test_compress_kernel_matrices_beat_every_fixed_structure(tol):
 def test_compress_gaussian_random_stays_dense():
     hm = compress(SUITE["gaussian_256"], 1e-2)
     assert hm.counts() == {"zero": 0, "dense": 1, "lowrank": 0}
-    assert hm.certified_error == 0.0
+    assert hm.certified_error == 0.0 and hm.is_unchanged
+    assert hm.nbytes == hm.dense_nbytes
     np.testing.assert_array_equal(hm.to_dense(), SUITE["gaussian_256"])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4", "auto"])
+def test_compress_precision_restricts_the_storages(precision):
+    allowed = {"fp16": {"float", "fp16"}, "int8": {"float", "fp16", "int8"}, "int4": {"float", "fp16", "int8", "int4"}}
+    allowed["auto"] = allowed["int4"]
+    w = SUITE["exp1d_320"].astype(np.float32)
+    hm = compress(w, 1e-3, precision=precision)
+    used = {a.storage.label for b in hm.blocks for a in b.storage}
+    assert used <= allowed[precision] and used - {"float"}
+    assert hm.nbytes < compress(w, 1e-3).nbytes
+    assert _true_error(w, hm) <= hm.certified_error <= 1e-3 * hm.norm
+
+
+def test_compress_quantized_blocks_report_their_bytes():
+    w = SUITE["log1d_384"].astype(np.float32)
+    hm = compress(w, 1e-3, precision="auto")
+    assert hm.nbytes == hm.payload_nbytes + hm.scale_nbytes + hm.layout_nbytes + hm.index_nbytes
+    assert hm.layout_nbytes == hm.block_overhead * sum(b.layout_rows for b in hm.blocks)
+    assert hm.scale_nbytes > 0 and hm.byte_ratio == hm.nbytes / (384 * 384 * 4)
+    assert sum(hm.precision_counts().values()) == sum(1 for b in hm.blocks if b.kind != BlockKind.ZERO)
+    for b in hm.blocks:
+        for a in b.storage:
+            if a.scales is not None:
+                assert a.scales.dtype == np.float32 and a.scales.shape[0] == -(-a.shape[0] // a.group)
+
+
+@pytest.mark.parametrize(("dtype", "precision"), [(np.float64, "int4"), (np.float16, "int8"), (np.float16, "int4")])
+def test_compress_any_float_dtype_with_integers(dtype, precision):
+    w = SUITE["exp1d_320"].astype(dtype)
+    hm = compress(w, 1e-2, precision=precision)
+    assert any(a.storage.is_int for b in hm.blocks for a in b.storage)
+    assert all(a.scales.dtype == dtype for b in hm.blocks for a in b.storage if a.scales is not None)
+    assert _true_error(w, hm) <= hm.certified_error <= 1e-2 * hm.norm
+    assert hm.nbytes <= hm.dense_nbytes
+
+
+def test_compress_scales_that_would_overflow_keep_dense_blocks_float():
+    # Float16 scales cannot hold amax / 7 of entries near 1e6, nor float16 the entries: dense
+    # blocks stay float (balanced low-rank factors, of magnitude ~sqrt(sigma), still fit).
+    w = (SUITE["gaussian_256"] * 1e6).astype(np.float32)
+    hm = compress(w, 0.1, precision="int4", scale_dtype=np.float16)
+    assert all(b.is_float for b in hm.blocks if b.kind == BlockKind.DENSE)
+    assert all(np.isfinite(a.scales).all() for b in hm.blocks for a in b.storage if a.scales is not None)
+    assert _true_error(w, hm) <= hm.certified_error <= 0.1 * hm.norm
+    # With float32 scales the same weight is stored dense in integers.
+    quantized = compress(w, 0.1, precision="int4")
+    assert any(a.storage.is_int for b in quantized.blocks if b.kind == BlockKind.DENSE for a in b.storage)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-9, 1e6, 1e30])
+def test_compress_extreme_magnitudes_stay_within_the_bound(scale):
+    w = (SUITE["exp1d_320"] * scale).astype(np.float32)
+    for scale_dtype in (np.float16, np.float32):
+        hm = compress(w, 1e-2, precision="int4", scale_dtype=scale_dtype)
+        assert np.isfinite(hm.to_dense()).all()
+        assert _true_error(w, hm) <= hm.certified_error <= 1e-2 * hm.norm
+
+
+def test_compress_mel_filterbank_adapts_its_leaves():
+    w = SUITE["mel_257x80"].astype(np.float32)
+    hm = compress(w, 1e-3, precision="auto")
+    shapes = {b.shape for b in hm.blocks if b.kind != BlockKind.ZERO}
+    assert min(r * c for r, c in shapes) < 32 * 10  # below the 32-row uniform leaves
+    assert hm.byte_ratio < 0.2
+    assert _true_error(w, hm) <= hm.certified_error <= 1e-3 * hm.norm
 
 
 def test_compress_mel_filterbank_finds_exact_zero_blocks():
@@ -122,8 +216,29 @@ def test_compress_rejects_bad_input(w, tol, error, match):
     assert issubclass(error, ValueError)
 
 
-def test_compress_rejects_bad_options():
-    with pytest.raises(ConfigError, match="leaf_size"):
-        compress(np.ones((4, 4)), 0.1, leaf_size=0)
-    with pytest.raises(ConfigError, match="permute"):
-        compress(np.ones((4, 4)), 0.1, permute="yes")
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(leaf_size=0), "leaf_size"),
+        (dict(min_leaf=0), "min_leaf"),
+        (dict(permute="yes"), "permute"),
+        (dict(precision="int2"), "precision must be one of"),
+        (dict(precision="int8", group=24), "group must be"),
+        (dict(precision="int8", group=True), "group must be"),
+        (dict(scale_dtype=np.int32), "scale_dtype"),
+        (dict(scale_dtype="nonsense"), "scale_dtype"),
+        (dict(block_overhead=-1), "block_overhead"),
+        (dict(block_overhead=2.5), "block_overhead"),
+    ],
+)
+def test_compress_rejects_bad_options(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        compress(np.ones((4, 4)), 0.1, **kwargs)
+
+
+def test_compress_float_large_dense_leaf():
+    # Regression: a dense leaf above the exact-measurement area once needed the quantized
+    # error table, which float-only compression does not build.
+    w = np.random.default_rng(7).standard_normal((300, 400)).astype(np.float32)
+    hm = compress(w, 0.01)
+    assert hm.is_unchanged and hm.nbytes == hm.dense_nbytes

@@ -55,7 +55,7 @@ def _broken(p, fix):
         (lambda l, d, r, c: (l, d, r[:-1], c), "row_perm"),
         (lambda l, d, r, c: (l, d, np.zeros_like(r), c), "not a permutation"),
         (lambda l, d, r, c: (l[1:], d, r, c), "cover"),
-        (lambda l, d, r, c: (_set(l, 0, ROW1, 10**6), d, r, c), "cover"),
+        (lambda l, d, r, c: (_set(_set(l, 0, KIND, 0), 0, ROW1, 10**6), d, r, c), "cover"),
         (lambda l, d, r, c: (_set(l, _lowrank_row(l), RANK, -1), d, r, c), "negative rank"),
     ],
 )
@@ -71,3 +71,21 @@ def _set(layout, row, col, value):
 
 def _lowrank_row(layout):
     return int(np.flatnonzero(layout[:, KIND] == 2)[0])
+
+
+def test_pack_v1_keeps_the_dequantized_values_of_quantized_blocks():
+    w = exp_kernel_1d(200, cols=130, scale=0.05).astype(np.float32)
+    hm = compress(w, 1e-2, precision="auto")
+    assert any(a.storage.is_int for b in hm.blocks for a in b.storage)
+    p = pack(hm)
+    assert p.data.dtype == np.float32
+    np.testing.assert_array_equal(unpack(p).to_dense(), hm.to_dense())
+    assert np.linalg.norm(w.astype(np.float64) - unpack(p).to_dense()) <= hm.certified_error
+
+
+def test_pack_v1_refuses_values_its_dtype_cannot_hold():
+    w = exp_kernel_1d(200, cols=130, scale=0.05).astype(np.float16)
+    hm = compress(w, 1e-2, precision="int8", scale_dtype=np.float32)
+    assert any(a.scales is not None and a.scales.dtype == np.float32 for b in hm.blocks for a in b.storage)
+    with pytest.raises(ValueError, match="not all representable"):
+        pack(hm)

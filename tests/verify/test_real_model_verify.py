@@ -73,7 +73,7 @@ def test_verify_whisper128_with_user_calibration_file(whisper128, tmp_path):
 def test_optimize_tightens_whisper128_for_high_frequency_audio(whisper128, tmp_path):
     """High mel filters are small (area-normalized), so the weight bound drops them first.
 
-    On audio whose energy sits above 5 kHz, the filterbank compressed at tol 0.05 keeps its
+    On audio whose energy sits above 5 kHz, the filterbank compressed at tol 0.2 keeps its
     weight bound but loses most of the layer's output; optimize tightens the layer until the
     output bound holds on that audio, and the filterbank still shrinks.
     """
@@ -82,13 +82,13 @@ def test_optimize_tightens_whisper128_for_high_frequency_audio(whisper128, tmp_p
     noise = 1e-3 * np.random.default_rng(1).standard_normal(tones.shape)
     calib = tmp_path / "high.npz"
     np.savez(calib, waveforms=(tones + noise).astype(np.float32), waveforms_lens=np.full((2, 1), 16000, np.int64))
-    loose, loose_report = dehm_onnx.optimize(whisper128, tol=0.05, no_verify=True)
-    assert loose_report.compressed[0].certified_error <= 0.05
+    loose, loose_report = dehm_onnx.optimize(whisper128, tol=0.2, no_verify=True)
+    assert loose_report.compressed[0].certified_error <= 0.2
     before = verify(whisper128, loose, [calib])
     assert not before.ok and before.violations[0].rel_fro_error > 0.3
-    opt, report = dehm_onnx.optimize(whisper128, tol=0.05, calibration=str(calib))
+    opt, report = dehm_onnx.optimize(whisper128, tol=0.2, calibration=str(calib))
     (layer,) = report.compressed
-    assert layer.tol < 0.05 and layer.measured_error <= 0.05 and layer.params < layer.dense_params / 4
+    assert layer.tol < 0.2 and layer.measured_error <= 0.2 and layer.params < layer.dense_params / 4
     assert verify(whisper128, opt, [calib]).ok
 
 
