@@ -187,7 +187,7 @@ def check_bounds(model: Path, out: Path, n: int, batch: int = 8) -> tuple[int, f
     """Run the output in onnxruntime; every layer must meet its certified output bound."""
     import onnxruntime as ort
 
-    from dehm_onnx.graph.rewrite import read_layers
+    from dehm_onnx.report import read_layers
 
     layers = {entry["output"]: entry for entry in read_layers(onnx.load(out, load_external_data=False))}
     x = np.random.default_rng(0).standard_normal((batch, n)).astype(np.float32)
@@ -204,7 +204,7 @@ def check_bounds(model: Path, out: Path, n: int, batch: int = 8) -> tuple[int, f
         exact = x64 @ w
         err = np.linalg.norm(got[name] - exact)
         if name in layers:
-            cert = layers[name]["certified_error"] * np.linalg.norm(w)
+            cert = layers[name]["rel_certified_error"] * np.linalg.norm(w)
             rounding = 4 * n * np.finfo(np.float32).eps * np.linalg.norm(np.abs(x64) @ np.abs(w))
             bound = np.linalg.norm(x64, 2) * cert + rounding
             if err > bound:
@@ -216,7 +216,7 @@ def check_bounds(model: Path, out: Path, n: int, batch: int = 8) -> tuple[int, f
 def time_one_matrix(model: Path, index: int, n: int, tol: float) -> tuple[float, float]:
     """Seconds and stored/dense ratio of ``compress`` on layer ``index`` (one process, one BLAS thread)."""
     from dehm_onnx.hmatrix import compress
-    from dehm_onnx.parallel import single_blas_thread
+    from dehm_onnx.compression.parallel import single_blas_thread
 
     data = np.memmap(model.with_name(f"{MODEL_NAME}.data"), dtype="<f4", mode="r", offset=index * n * n * 4, shape=(n, n))
     with single_blas_thread():
@@ -249,7 +249,7 @@ def main() -> None:
     start = time.perf_counter()
     model = generate(folder, args.layers, args.size, args.random_layers)
     generated = time.perf_counter() - start
-    from dehm_onnx.parallel import resolve_jobs
+    from dehm_onnx.compression.parallel import resolve_jobs
 
     out = folder / "big.opt.onnx"
     params = args.layers * args.size * args.size

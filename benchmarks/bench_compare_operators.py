@@ -114,11 +114,11 @@ def main() -> None:
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--only", nargs="*", default=None, help="run only these models")
-    parser.add_argument("--emit", default="subgraph", help="dehm's emission mode (subgraph, function, custom)")
+    parser.add_argument("--emit", default="ops", help="dehm's emission mode (ops, function, custom)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="methods to compare")
     args = parser.parse_args()
     config = make_config(None, emit=args.emit)
-    suffix = "" if args.emit == "subgraph" else f"_{args.emit}"
+    suffix = "" if args.emit in ("ops", "subgraph") else f"_{args.emit}"
     rng = np.random.default_rng(3)
     cases = {
         "log1d": lambda: (lambda k, t: (k, smooth_functions(t, rng)))(*log1d(args.n)),

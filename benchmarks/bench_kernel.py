@@ -68,18 +68,11 @@ def dense_model(w: np.ndarray):
 
 def emitted_model(hm, mode: str):
     """A one-layer model from a registered emitter (None if the mode is not registered)."""
-    from dehm_onnx.graph.emit import EMITTERS
+    from dehm_onnx.graph.emit import EMITTERS, layer_model
 
     if mode not in EMITTERS:
         return None
-    m, n = hm.shape
-    nodes, inits, functions = EMITTERS[mode](hm, "X", "Y", "w", np.dtype(np.float32))
-    graph = helper.make_graph(
-        nodes, mode,
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", m])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", n])], inits)
-    opsets = [helper.make_opsetid("", 18), hmatmul.opset_import()]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=10, functions=list(functions))
+    return layer_model(hm, mode, ["b", hm.shape[0]], np.float32, prefix="w", opset=18)
 
 
 def session(model, threads: int, library: bool, provider: str = "cpu"):
@@ -245,7 +238,7 @@ def main(argv=None) -> int:
 
     sessions = {"dense": session(dense_model(w), args.threads, False, args.provider),
                 "hmatmul": session(hmatmul.make_hmatmul_model(pack(hm)), args.threads, True, args.provider)}
-    modes = () if args.kernel_only else (("function", "function (stock ORT)"), ("subgraph", "subgraph"))
+    modes = () if args.kernel_only else (("function", "function (stock ORT)"), ("ops", "ops"))
     for mode, label in modes:
         model = emitted_model(hm, mode)
         if model is not None:

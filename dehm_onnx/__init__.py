@@ -10,7 +10,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-# name -> module that defines it; filled in as the modules land.
+# name -> module that defines it (imported on first use).
 _LAZY = {
     "optimize": "dehm_onnx.api",
     "optimize_file": "dehm_onnx.api",

@@ -3,12 +3,14 @@
 ``optimize_file`` is what ``python -m dehm_onnx optimize`` calls; the CLI adds nothing but
 printing. Steps::
 
-    load_model -> rewrite (CompressWeightsPass) -> _after_rewrite (verification hook)
-               -> check_model -> (model, report)
+    load_model -> rewrite (CompressWeightsPass on an onnx-ir model) -> _after_rewrite
+               (verification hook) -> check_model -> (model, report)
 
-``optimize`` returns a self-contained model (external data is read into memory, after
-validation); ``optimize_file`` keeps external weights in their files until each is compressed
-and streams the rest to ``OUT.data`` (docs/big_models.md).
+The public functions take and return ``onnx.ModelProto`` (verification runs onnxruntime on
+protos); the pass itself works on ``onnx_ir.Model``, converted here at the boundary
+(``dehm_onnx.model_io``). ``optimize`` returns a self-contained model (external data is read
+into memory, after validation); ``optimize_file`` keeps external weights in their files
+until each is compressed and streams the rest to ``OUT.data`` (docs/big_models.md).
 """
 
 from __future__ import annotations
@@ -18,22 +20,22 @@ import os
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
-from . import model_check
+from . import model_io
 from .config import OptimizeConfig, make_config
 from .errors import ConfigError, InvalidModelError
 from .files import PathRole, check_paths, same_path, write_text
-from .graph import external
-from .graph.rewrite import CompressWeightsPass
-from .graph.scan import first_non_text_name
+from .graph.inline import inline_weight_functions
+from .graph.rewrite import CompressWeightsPass, select_candidates
 from .report import Report
 
-__all__ = ["optimize", "optimize_file", "load_model", "save_model", "rewrite", "uses_external_data"]
+__all__ = ["optimize", "optimize_file", "load_model", "save_model", "rewrite", "model_files", "output_roles"]
 
 logger = logging.getLogger(__name__)
 
-# Models beyond protobuf's 2 GB limit must keep their tensors in an external file.
-_PROTO_LIMIT = external.PROTO_LIMIT
+_PROTO_LIMIT = model_io.PROTO_LIMIT
+load_model = model_io.load_model
 
 
 def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=None, **overrides):
@@ -61,12 +63,14 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=No
             with ``no_verify=True``.
     """
     config = make_config(config, **overrides)
-    original, defects = _load(model_or_path)
+    original, defects = model_io.load_checked(model_or_path)
     if not config.no_verify:
         _probe_onnxruntime(original, config, _what(model_or_path))
+    original, inlined = _inline_weight_functions(original)
     optimized, report = rewrite(original, config, progress=progress)
     optimized, report = _after_rewrite(original, optimized, report, config)
-    _check(optimized, "the optimized model", carried=defects)
+    report.inlined_functions = inlined
+    model_io.check_model(optimized, "the optimized model", carried=defects)
     report.notes.extend(d.describe() for d in defects)
     report.bytes_before = _size(model_or_path, original)
     report.bytes_after = optimized.ByteSize()
@@ -79,9 +83,30 @@ def rewrite(original: onnx.ModelProto, config: OptimizeConfig, layer_tols: dict[
     ``layer_tols`` overrides ``config.tol`` for single layers (keyed by layer name), which
     lets a verification step recompress the layers that missed their output bound.
     """
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    result = CompressWeightsPass(config, layer_tols, progress).call(model)
+    model, report = _rewrite_ir(model_io.from_proto(original), config, layer_tols, progress)
+    if not report.compressed and not report.inlined_functions:
+        return original, report  # nothing changed: the model exactly as given
+    return ir.serde.serialize_model(model), report
+
+
+def _inline_weight_functions(original: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The original with the functions that receive constant weights inlined, and their names.
+
+    Done once, before the pass and its verification, so that the layers found inside those
+    functions exist in the model the optimized one is verified against.
+    """
+    model = model_io.from_proto(original)
+    inlined = inline_weight_functions(model)
+    return (ir.serde.serialize_model(model), inlined) if inlined else (original, [])
+
+
+def _rewrite_ir(model: ir.Model, config: OptimizeConfig, layer_tols=None, progress=None) -> tuple[ir.Model, Report]:
+    """The pass on ``model`` in place (its ``ensures`` checks the wiring; the ONNX checker
+    runs once on the final model, in ``optimize``/``optimize_file``)."""
+    try:
+        result = CompressWeightsPass(config, layer_tols, progress)(model)
+    except ir.passes.PreconditionError as e:
+        raise InvalidModelError(f"the model cannot be rewritten: {e.__cause__ or e}") from e
     return result.model, result.report
 
 
@@ -98,67 +123,6 @@ def _after_rewrite(original: onnx.ModelProto, optimized: onnx.ModelProto, report
     return verify_and_tighten(original, optimized, report, config, rewrite)
 
 
-def load_model(model_or_path) -> onnx.ModelProto:
-    """Load (or copy) a model and check it with ``onnx.checker``.
-
-    The checker is applied no more strictly than onnxruntime loads models: the defects listed
-    in ``dehm_onnx.model_check`` are tolerated, with a warning naming each.
-
-    Raises:
-        InvalidModelError: the file is missing, is not ONNX, is truncated, or fails the checker.
-    """
-    return _load(model_or_path)[0]
-
-
-def _load(model_or_path) -> tuple[onnx.ModelProto, list[model_check.Defect]]:
-    if isinstance(model_or_path, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(model_or_path)
-        return model, _check_input(model, "the input model")
-    if not isinstance(model_or_path, (str, os.PathLike)):
-        raise ConfigError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
-    path = Path(model_or_path)
-    model, defects = _load_lazy(path)
-    external.materialize(model, path.parent)
-    return model, defects
-
-
-def load_model_lazy(path) -> onnx.ModelProto:
-    """Load the graph of a model file without its external data, and check it.
-
-    Every external tensor's location, offset and length are validated against the model's
-    folder before anything is read from them (``dehm_onnx.graph.external``); the tensors
-    keep pointing at their files.
-
-    Raises:
-        InvalidModelError: as ``load_model``, or external data that escapes the model's
-            folder or does not fit its file.
-    """
-    return _load_lazy(Path(path))[0]
-
-
-def _load_lazy(path: Path) -> tuple[onnx.ModelProto, list[model_check.Defect]]:
-    if not path.is_file():
-        what = "is a folder, not a model file" if path.is_dir() else "does not exist"
-        raise InvalidModelError(f"model file {str(path)!r} {what}")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types for bad bytes
-        raise InvalidModelError(f"{str(path)!r} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from e
-    if not model.HasField("graph") or model.ir_version == 0:
-        raise InvalidModelError(f"{str(path)!r} is not an ONNX model (no graph or IR version)")
-    defects = _check_input(model, f"model {str(path)!r}")
-    external.validate_external_data(model, path.parent)
-    return model, defects
-
-
-def _check_input(model: onnx.ModelProto, what: str) -> list[model_check.Defect]:
-    defects = _check(model, what)
-    for defect in defects:
-        logger.warning("%s: %s", what, defect.describe())
-    return defects
-
-
 def _what(model_or_path) -> str:
     if isinstance(model_or_path, (str, os.PathLike)):
         return f"model {os.fspath(model_or_path)!r}"
@@ -172,13 +136,11 @@ def _probe_onnxruntime(model: onnx.ModelProto, config: OptimizeConfig, what: str
     ``max_model_error``); a model with no candidate left after the pass's own pre-checks
     (names, dtype, size, ...) has nothing to verify and is not refused.
     """
-    from .graph.rewrite import select_candidates
-
     try:
         _load_in_onnxruntime(model)
     except InvalidModelError as e:
-        candidates, _, skips = select_candidates(model, config)
-        if config.max_model_error is None and all(id(c) in skips for c in candidates):
+        selection = select_candidates(model_io.from_proto(model), config)
+        if config.max_model_error is None and all(id(c) in selection.skips for c in selection.candidates):
             return
         raise InvalidModelError(
             f"{what}: {e}; verification runs the model in onnxruntime, --no-verify (no_verify=True) "
@@ -189,19 +151,14 @@ def _probe_onnxruntime(model: onnx.ModelProto, config: OptimizeConfig, what: str
 def _load_in_onnxruntime(model: onnx.ModelProto) -> None:
     import onnxruntime as ort
 
-    from .verify.runner import make_cpu_session
+    from .ops.library import make_session
 
-    if model.ByteSize() < _PROTO_LIMIT and not external.external_tensors(model):
-        # One thread: creating the default thread pool costs more than loading a small model.
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            return
-        except Exception:  # noqa: BLE001 - make_cpu_session says why, or loads the HMatMul library
-            pass
-    make_cpu_session(model)
+    # One thread: creating the default thread pool costs more than loading a small model.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # External weights are mapped from their files (the enclosing model_io.weights_from block).
+    make_session(model, kernel="if_needed", sess_options=options, data_folder=model_io.session_data_folder(model))
 
 
 def _input_roles(source, config: OptimizeConfig) -> list[PathRole]:
@@ -216,7 +173,7 @@ def model_files(path, role: str) -> list[PathRole]:
     roles = [PathRole(role, path)]
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
-        files = external.data_files(model, Path(path).parent)
+        files = model_io.data_files(model, Path(path).parent)
     except Exception:  # noqa: BLE001 - unreadable models are refused by the loader, with its message
         return roles
     return roles + [PathRole(f"a data file of {role}", f) for f in sorted(files)]
@@ -262,36 +219,33 @@ def optimize_file(
     source, target = Path(input_path), Path(output_path)
     writes = output_roles(output_path, report_path)
     check_paths(_input_roles(input_path, config), writes)  # before reading anything
-    original, defects = _load_lazy(source)
-    data_files = [PathRole("a data file of IN", f) for f in sorted(external.data_files(original, source.parent))]
+    model, defects = model_io.load_lazy(source)
+    data_files = [PathRole("a data file of IN", f) for f in sorted(model_io.source_files(model))]
     check_paths(data_files, writes)
-    data_bytes = external.external_bytes(original)
-    with external.weights_from(source.parent):
-        # onnxruntime reads external weights memory-mapped from source.parent (verify.runner).
-        if not config.no_verify:
+    data_bytes = model_io.external_bytes(model)
+    with model_io.weights_from(source.parent):
+        if config.no_verify:
+            # No second look at the original: the pass runs on the lazy model itself.
+            optimized, report = _rewrite_ir(model, config, progress=progress)
+            optimized, report = _after_rewrite(None, optimized, report, config)
+        else:
+            # The original keeps its external references: the pass maps one weight at a time,
+            # and onnxruntime maps them all from their files (verify.runner.make_cpu_session).
+            original = ir.serde.serialize_model(model)
             _probe_onnxruntime(original, config, _what(input_path))
-        optimized, report = rewrite(original, config, progress=progress)
-        optimized, report = _after_rewrite(original, optimized, report, config)
-        _check(optimized, "the optimized model", carried=defects)
+            original, inlined = _inline_weight_functions(original)
+            optimized, report = rewrite(original, config, progress=progress)
+            optimized, report = _after_rewrite(original, optimized, report, config)
+            report.inlined_functions = inlined
+        model_io.check_model(optimized, "the optimized model", carried=defects)
         report.notes.extend(d.describe() for d in defects)
+        # Tensors still in IN's data files are copied file to file into OUT.data.
         written = save_model(optimized, target, refuse=source, external_data=config.external_data or bool(data_bytes))
     report.bytes_before = source.stat().st_size + data_bytes
     report.bytes_after = written
     if report_path is not None:
         write_text(report_path, report.to_json() + "\n")
     return report
-
-
-def _check(model: onnx.ModelProto, what: str, carried: list[model_check.Defect] | None = None) -> list[model_check.Defect]:
-    """Check names and run the ONNX checker; return the tolerated defects (``model_check``)."""
-    bad_name = first_non_text_name(model)
-    if bad_name is not None:
-        raise InvalidModelError(f"{what} has a name that is not valid UTF-8: {bad_name!r}")
-    if external.external_tensors(model):
-        model = external.checkable_copy(model)  # locations are validated separately
-    if model.ByteSize() >= _PROTO_LIMIT:
-        return []
-    return model_check.check_model(model, what, carried=carried)
 
 
 def _first_line(error: Exception) -> str:
@@ -305,12 +259,12 @@ def _size(model_or_path, model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
-def save_model(model: onnx.ModelProto, path, *, refuse: str | os.PathLike | None = None, external_data: bool = False) -> int:
+def save_model(model, path, *, refuse: str | os.PathLike | None = None, external_data: bool = False) -> int:
     """Write ``model`` to ``path`` atomically (``dehm_onnx.files``): a temporary file beside
     it, ``fsync``, then a rename; new files get mode ``0o666`` less the umask.
 
     Args:
-        model: the model to write.
+        model: the model to write (``onnx.ModelProto`` or ``onnx_ir.Model``).
         path: destination file.
         refuse: a path that must not be overwritten (the input model).
         external_data: store tensors in ``<path>.data`` beside the model (as the input did);
@@ -329,19 +283,5 @@ def save_model(model: onnx.ModelProto, path, *, refuse: str | os.PathLike | None
     path = Path(path)
     if refuse is not None and same_path(path, refuse):
         raise ConfigError(f"output {str(path)!r} is the input model; choose another output path")
-    # Tensors still in the input's data files (``optimize_file``) are copied to ``<path>.data``.
-    big = not external_data and not external.external_tensors(model) and model.ByteSize() >= _PROTO_LIMIT
     refused = [refuse] if refuse is not None else []
-    return external.write_model(model, path, external=external_data or big, refuse=refused)
-
-
-def uses_external_data(path) -> bool:
-    """True when the model file at ``path`` keeps some initializer in an external file."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by load_model
-        return False
-    return any(
-        onnx.external_data_helper.uses_external_data(t)
-        for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001 - includes subgraphs
-    )
+    return model_io.save_model(model, path, external=external_data, refuse=refused)

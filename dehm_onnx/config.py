@@ -23,16 +23,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-from .verify.calibration import DEFAULT_NUM_SAMPLES
 
-__all__ = ["OptimizeConfig", "add_config_arguments", "config_from_args", "make_config"]
+__all__ = [
+    "DEFAULT_NUM_SAMPLES",
+    "EMIT_ALIASES",
+    "EMIT_MODES",
+    "OptimizeConfig",
+    "add_config_arguments",
+    "config_from_args",
+    "make_config",
+]
+
+# How a compressed layer can be written; ``dehm_onnx.graph.emit.EMITTERS`` has one emitter
+# per name (a test keeps the two equal). The first runs on every onnxruntime provider.
+EMIT_MODES = ("ops", "function", "custom")
+# Older names still accepted: ``subgraph`` was the name of ``ops`` (standard ops), and
+# "subgraph" otherwise means an If/Loop/Scan body.
+EMIT_ALIASES = {"subgraph": "ops"}
+# Calibration samples generated when the user gives none (``dehm_onnx.verify.calibration``).
+DEFAULT_NUM_SAMPLES = 16
 
 
-def _emit_modes() -> list[str]:
-    # Imported lazily: the emitters need onnx, the config module does not.
-    from .graph.emit import EMITTERS
-
-    return list(EMITTERS)
+def _emit_choices() -> list[str]:
+    return list(EMIT_MODES) + list(EMIT_ALIASES)
 
 
 @dataclass(frozen=True)
@@ -49,9 +62,10 @@ class OptimizeConfig:
     emit: str = field(
         default="function",
         metadata={
-            "help": "how a compressed layer is written: 'subgraph' = standard ONNX ops, 'function' = "
-            "HMatMul node with a standard-op function body, 'custom' = HMatMul node for the compiled kernel",
-            "choices": _emit_modes,
+            "help": "how a compressed layer is written: 'ops' = standard ONNX ops ('subgraph' is an old "
+            "name for it), 'function' = HMatMul node with a standard-op function body, 'custom' = HMatMul "
+            "node for the compiled kernel",
+            "choices": _emit_choices,
         },
     )
     min_size: int = field(
@@ -174,7 +188,17 @@ class OptimizeConfig:
         },
     )
 
+    @property
+    def layer_tol_out(self) -> float:
+        """Each compressed layer's output bound: ``tol_out``, or ``tol`` when none is given.
+
+        The one place this default is decided; the pass writes it into every layer record.
+        """
+        return float(self.tol_out if self.tol_out is not None else self.tol)
+
     def __post_init__(self) -> None:
+        if self.emit in EMIT_ALIASES:
+            object.__setattr__(self, "emit", EMIT_ALIASES[self.emit])
         self.validate()
 
     def validate(self) -> None:
@@ -196,10 +220,8 @@ class OptimizeConfig:
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"{name} must be a sequence of glob strings, got {value!r}")
         self._validate_verification()
-        modes = _emit_modes()
-        if self.emit not in modes:
-            raise ConfigError(f"emit must be one of {modes}, got {self.emit!r}")
-
+        if self.emit not in EMIT_MODES:
+            raise ConfigError(f"emit must be one of {list(EMIT_MODES)}, got {self.emit!r}")
 
     def _validate_verification(self) -> None:
         for name in ("tol_out", "max_model_error"):

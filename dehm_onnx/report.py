@@ -2,31 +2,52 @@
 
 A ``LayerRecord`` describes one candidate MatMul/Gemm node, compressed or skipped (with the
 reason as a sentence). ``Report`` adds model totals and renders as a table or JSON.
-The ``dehm.layers`` model metadata (see ``metadata_entry``) is the part of a compressed
-record that other tools read back from the optimized model.
+The ``dehm.layers`` model metadata (``LAYERS_KEY``; one ``metadata_entry`` per compressed
+layer, ``read_layers``/``write_layers``) is the part of a compressed record that other
+tools, ``dehm_onnx.verify`` first, read back from the optimized model: it says what each
+layer's bound is, which tensor is its activation input and in which orientation it enters
+``Y = X @ W``, and which emission was written.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["LayerRecord", "Report", "METADATA_KEYS"]
+from .errors import InvalidModelError
 
-# Keys of one entry of the ``dehm.layers`` model metadata (contract 2 of the team brief).
+__all__ = [
+    "LayerRecord",
+    "Report",
+    "METADATA_KEYS",
+    "LAYERS_KEY",
+    "VERSION_KEY",
+    "has_layers",
+    "read_layers",
+    "write_layers",
+]
+
+LAYERS_KEY = "dehm.layers"
+VERSION_KEY = "dehm.version"
+# Keys of one entry of the ``dehm.layers`` model metadata.
 METADATA_KEYS = (
     "name",
     "op",
     "output",
     "weight",
+    "source",
     "shape",
+    "x",
+    "x_transposed",
     "tol",
     "tol_out",
-    "certified_error",
+    "rel_certified_error",
     "params",
     "dense_params",
     "emit",
 )
+_REQUIRED_KEYS = ("name", "output")
 
 
 @dataclass
@@ -37,7 +58,13 @@ class LayerRecord:
         name: node name (generated as ``Op(output)`` when the node has none).
         op: ``"MatMul"`` or ``"Gemm"``.
         output: the node's output tensor name (kept by the rewrite).
-        weight: name of the constant weight tensor.
+        weight: name of the stored weight tensor.
+        source: where the weight comes from (``"initializer"``, ``"constant"``,
+            ``"dequantize int8 per-axis"``, ``"transpose(initializer)"``, ...); the bound
+            is against the float weight that source computes.
+        x: the activation input (tensor name) of the original node.
+        x_transposed: whether ``x`` enters ``Y = X @ W`` with its last two axes swapped
+            (``MatMul(W, X)``, Gemm with ``transA`` or with the weight in A).
         graph: ``"main"`` or the path of the subgraph holding the node.
         weight_graph: the same for the graph that defines the weight (outer scope or own).
         shape: ``[m, n]`` of W in the ``Y = X @ W`` orientation.
@@ -46,12 +73,13 @@ class LayerRecord:
         reason: the skip reason as a sentence.
         tol: weight bound used (relative Frobenius).
         tol_out: layer-output bound (defaults to ``tol``; checked by ``dehm_onnx.verify``).
-        certified_error: relative ``||W - W_H||_F / ||W||_F`` certified by construction.
+        rel_certified_error: relative ``||W - W_H||_F / ||W||_F`` certified by construction
+            (``HMatrix.certified_error`` is the absolute one).
         params, dense_params: stored scalars after / before.
         blocks: block count per kind (``zero``/``dense``/``lowrank``).
         max_rank: largest rank of a low-rank block.
         permuted: whether a row or column permutation is used.
-        emit: emission mode.
+        emit: emission mode actually written (``ops`` where HMatMul cannot take the dtype).
         nodes: number of ONNX nodes that replace the layer.
         measured_error: relative output error measured on calibration data, if verified.
     """
@@ -60,6 +88,9 @@ class LayerRecord:
     op: str
     output: str
     weight: str
+    source: str = "initializer"
+    x: str = ""
+    x_transposed: bool = False
     graph: str = "main"
     weight_graph: str = "main"
     shape: list[int] = field(default_factory=list)
@@ -68,7 +99,7 @@ class LayerRecord:
     reason: str | None = None
     tol: float | None = None
     tol_out: float | None = None
-    certified_error: float | None = None
+    rel_certified_error: float | None = None
     params: int | None = None
     dense_params: int | None = None
     blocks: dict[str, int] = field(default_factory=dict)
@@ -88,10 +119,8 @@ class LayerRecord:
     def metadata_entry(self) -> dict:
         """The ``dehm.layers`` entry of a compressed layer."""
         assert self.compressed, f"Bug: layer {self.name!r} was not compressed"
-        entry = {key: getattr(self, key) for key in METADATA_KEYS}
-        if entry["tol_out"] is None:
-            entry["tol_out"] = entry["tol"]
-        return entry
+        assert self.tol_out is not None, f"Bug: layer {self.name!r} has no output bound"
+        return {key: getattr(self, key) for key in METADATA_KEYS}
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -115,6 +144,8 @@ class Report:
     version: str = ""
     # Set by dehm_onnx.verify.tighten: {"performed": False, "reason": ...} or the measured results.
     verification: dict | None = None
+    # Model-local functions inlined to reach the weights passed into them (domain::name).
+    inlined_functions: list[str] = field(default_factory=list)
     # Sentences about the input the user should know, e.g. checker defects that were tolerated.
     notes: list[str] = field(default_factory=list)
 
@@ -149,6 +180,7 @@ class Report:
                 "bytes_after": self.bytes_after,
             },
             "layers": [r.to_dict() for r in self.layers],
+            "inlined_functions": list(self.inlined_functions),
             "verification": self.verification,
             "notes": list(self.notes),
         }
@@ -166,6 +198,8 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("")
         lines.append(self._totals_line())
+        if self.inlined_functions:
+            lines.append(f"inlined model-local functions (to reach their weights): {', '.join(self.inlined_functions)}")
         if self.verification is not None:
             lines.append(_verification_line(self.verification))
         lines += [f"note: {note}" for note in self.notes]
@@ -258,7 +292,55 @@ def _row(r: LayerRecord) -> tuple[str, ...]:
             "yes" if r.permuted else "no",
             f"{r.dense_params}->{r.params}",
             f"{r.ratio:.3f}",
-            _num(r.certified_error),
+            _num(r.rel_certified_error),
             f"compressed ({r.emit}, {r.nodes} node{'' if r.nodes == 1 else 's'})",
         )
     return (r.name, r.op, shape, "-", "-", "-", str(_dense_count(r)), "-", "-", f"skipped: {r.reason}")
+
+
+def _metadata(model) -> dict[str, str]:
+    """Model metadata as a dict, from an ``ir.Model`` (a dict) or a ``ModelProto`` (entries)."""
+    props = model.metadata_props
+    if isinstance(props, Mapping):
+        return dict(props)
+    return {p.key: p.value for p in props}
+
+
+def has_layers(model) -> bool:
+    """Whether the model carries ``dehm.layers`` metadata."""
+    return LAYERS_KEY in _metadata(model)
+
+
+def read_layers(model) -> list[dict]:
+    """The ``dehm.layers`` entries of a model (``ir.Model`` or ``ModelProto``); [] when absent.
+
+    An entry without ``tol_out`` gets its ``tol`` (the rule ``OptimizeConfig.layer_tol_out``
+    applies when the pass writes them).
+
+    Raises:
+        InvalidModelError: the metadata is not a JSON list of objects with at least
+            ``name``, ``output`` and a bound (``tol_out`` or ``tol``).
+    """
+    props = _metadata(model)
+    if LAYERS_KEY not in props:
+        return []
+    try:
+        layers = json.loads(props[LAYERS_KEY])
+    except json.JSONDecodeError as e:
+        raise InvalidModelError(f"{LAYERS_KEY!r} metadata is not valid JSON: {e}") from e
+    if not isinstance(layers, list):
+        raise InvalidModelError(f"{LAYERS_KEY!r} metadata must be a JSON list, got {type(layers).__name__}")
+    for index, record in enumerate(layers):
+        missing = [k for k in _REQUIRED_KEYS if not isinstance(record, dict) or k not in record]
+        if missing or ("tol_out" not in record and "tol" not in record):
+            raise InvalidModelError(f"{LAYERS_KEY!r} record {index} lacks {missing or ['tol_out']}: {record!r}")
+        record.setdefault("tol_out", record.get("tol"))  # entries written by hand may give tol only
+    return layers
+
+
+def write_layers(metadata: MutableMapping[str, str], layers: list[dict]) -> None:
+    """Set ``dehm.layers`` (and ``dehm.version``) in an ``ir.Model``'s metadata dict."""
+    from . import __version__
+
+    metadata[LAYERS_KEY] = json.dumps(layers)
+    metadata[VERSION_KEY] = __version__

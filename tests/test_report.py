@@ -10,7 +10,7 @@ from dehm_onnx.report import LayerRecord, Report
 def _report():
     done = LayerRecord(
         name="fc1", op="MatMul", output="h", weight="w1", shape=[256, 128], compressed=True, tol=1e-3,
-        certified_error=5e-4, params=4000, dense_params=32768, blocks={"zero": 2, "dense": 1, "lowrank": 3},
+        rel_certified_error=5e-4, params=4000, dense_params=32768, blocks={"zero": 2, "dense": 1, "lowrank": 3},
         max_rank=7, permuted=True, emit="subgraph", nodes=12,
     )
     shared = LayerRecord(**{**done.__dict__, "name": "fc1_again", "output": "h2"})

@@ -1,7 +1,7 @@
 """``python -m dehm_onnx verify ORIG OPT``: check an optimized model's bounds against its original.
 
 Prints the per-layer and per-output table on stdout, optionally writes it as JSON
-(``--report``). Exit status (contract 3): 0 if every layer bound holds, 1 if any is violated
+(``--report``). Exit status: 0 if every layer bound holds, 1 if any is violated
 (BoundViolation, naming the layer and the numbers), 2 on bad input.
 """
 

@@ -41,23 +41,6 @@ LATENCY_THREADS = 2
 _MIN_TIMED_SECONDS = 2e-3
 
 
-def _tensors(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node):
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.TENSOR:
-            yield attr.t
-        elif attr.type == onnx.AttributeProto.GRAPH:
-            yield from _tensors(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for g in attr.graphs:
-                yield from _tensors(g)
-
-
 def _nbits_weights(model: onnx.ModelProto) -> dict:
     """Packed MatMulNBits weight name -> values per stored element."""
     out = {}
@@ -70,44 +53,37 @@ def _nbits_weights(model: onnx.ModelProto) -> dict:
 
 def stored_params(model: onnx.ModelProto) -> int:
     """Scalars stored in the model's constants (see the module docstring)."""
+    from ..model_io import stored_tensors
+
     packed = _nbits_weights(model)
-    tensors = list(_tensors(model.graph))
-    for function in model.functions:
-        for node in function.node:
-            tensors.extend(_node_tensors(node))
-    return sum(int(np.prod(t.dims, dtype=np.int64)) * packed.get(t.name, 1) for t in tensors)
+    return sum(int(np.prod(t.shape.numpy(), dtype=np.int64)) * packed.get(t.name, 1) for t in stored_tensors(model))
 
 
 def file_bytes(path: Path) -> int:
     """Bytes on disk of the model file and the external data files it names."""
+    from ..model_io import data_files
+
     path = Path(path)
-    total = path.stat().st_size
     model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in _tensors(model.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                locations.add(entry.value)
-    return total + sum((path.parent / loc).stat().st_size for loc in locations)
+    return path.stat().st_size + sum(f.stat().st_size for f in data_files(model, path.parent))
 
 
 def layer_records(model: onnx.ModelProto) -> list:
     """One ``dehm.layers``-style record per main-graph MatMul/Gemm with a constant weight."""
-    from ..graph.scan import activation_ranks, scan
+    from ..graph.scan import scan
 
-    found = scan(model)
-    if any(c.needs_x_rank for c in found.candidates):
-        found = scan(model, activation_ranks(model))
     return [
         {
             "name": c.name,
             "op": c.op,
             "output": c.output,
             "weight": c.weight_name,
-            "shape": list(c.weight.shape),
+            "shape": list(c.shape),
+            "x": c.x_name,
+            "x_transposed": c.trans_x,
             "tol": 1.0,  # verify needs a bound; compare reports the measured error only
         }
-        for c in found.candidates
+        for c in scan(model).candidates
         if c.graph_path == "main"
     ]
 
@@ -120,39 +96,18 @@ def measure_errors(original_path: Path, path: Path, calibration, records: list) 
     return result.max_rel_l2, max_layer, per_layer
 
 
-def _uses_hmatmul(path: Path) -> bool:
-    from ..ops.hmatmul import DOMAIN
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(node.domain == DOMAIN for node in model.graph.node)
-
-
-def _session_options():
+def _session(path: Path):
+    """A timing session; models with HMatMul nodes (emit "function" or "custom") get the
+    compiled kernel when it can be built (``make_session``'s ``prefer``)."""
     import onnxruntime as ort
+
+    from ..ops.library import make_session
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = LATENCY_THREADS
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return options
-
-
-def _session(path: Path):
-    """A timing session; models with HMatMul nodes (emit "function" or "custom") get the compiled kernel."""
-    import onnxruntime as ort
-
-    options = _session_options()
-    if _uses_hmatmul(path):
-        from ..ops.library import CustomOpBuildError, make_session
-
-        try:
-            return make_session(path, sess_options=options)
-        except CustomOpBuildError as e:
-            # Stock onnxruntime still runs the nodes' function bodies (emit "function").
-            logger.warning("timing %s without the HMatMul kernel: %s", path.name, e)
-            options = _session_options()
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    spin = {"session.intra_op.allow_spinning": "0"}
+    return make_session(path, threads=LATENCY_THREADS, config=spin, kernel="prefer", sess_options=options)
 
 
 def _timed(session, feed: dict, inner: int) -> float:

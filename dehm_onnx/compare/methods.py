@@ -33,14 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from ..api import optimize, save_model
+from ..compression.parallel import LayerResult
+from ..compression.skips import Skip, SkipReason, check_gain
+from ..compression.weights import open_weight
 from ..config import OptimizeConfig, make_config
 from ..errors import CompressionError, InvalidWeightError
-from ..graph.checks import Skip, SkipReason, check_gain
 from ..graph.rewrite import CompressWeightsPass, select_candidates
 from ..hmatrix import Block, BlockKind, HMatrix
+from ..model_io import check_model, from_proto
 from .baselines import csr_params, magnitude_prune, truncated_svd
 
 __all__ = ["Built", "MethodSpec", "BUILDERS", "TOL_METHODS", "FIXED_METHODS", "build"]
@@ -103,7 +107,7 @@ def _build_dehm(spec, original, source, config, workdir) -> Built:
     seconds = time.perf_counter() - start
     path = _target(workdir, spec)
     save_model(model, path)
-    certified = {r.name: r.certified_error for r in report.compressed}
+    certified = {r.name: r.rel_certified_error for r in report.compressed}
     return Built(path, seconds, certified=certified)
 
 
@@ -122,63 +126,61 @@ def svd_hmatrix(w: np.ndarray, tol: float) -> HMatrix | Skip:
     return HMatrix((m, n), np.dtype(w.dtype), (block,), norm, factors.rel_error * norm, tol)
 
 
-class TruncatedSvdPass(CompressWeightsPass):
-    """The optimize pass with ``compress`` replaced by a global truncated SVD per weight.
+def svd_compressor(tasks, jobs: int = 1, on_done=None) -> list[LayerResult]:
+    """A ``Compressor`` for the optimize pass: each weight as a global truncated SVD.
 
-    ``W -> (X @ U) @ Vt``: the subgraph emitter writes a one-block H-matrix as two MatMuls.
+    ``W -> (X @ U) @ Vt``: the ops emitter writes a one-block H-matrix as two MatMuls.
     """
-
-    def _compress_groups(self, groups, skips):
-        out = {}
-        for group in groups:
-            live = [c for c in group.cands if id(c) not in skips]
-            for key in dict.fromkeys(c.share_key for c in live):
-                users = [c for c in live if c.share_key == key]
-                tol = min(self._tol(c) for c in users)
-                try:
-                    hm = svd_hmatrix(users[0].weight, tol)
-                    skip = hm if isinstance(hm, Skip) else check_gain(hm, tol)
-                except (InvalidWeightError, CompressionError, np.linalg.LinAlgError) as e:
-                    skip = Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e))
-                if skip is not None:
-                    for cand in live:
-                        skips[id(cand)] = skip
-                    break
-                out[key] = (hm, tol)
-        return out
+    results = []
+    for task in tasks:
+        w = open_weight(task.source)
+        w = w.T if task.transpose else w
+        try:
+            hm = svd_hmatrix(w, task.tol)
+            skip = hm if isinstance(hm, Skip) else check_gain(hm, task.tol)
+        except (InvalidWeightError, CompressionError, np.linalg.LinAlgError) as e:
+            skip = Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e))
+        results.append(LayerResult(None if skip else hm, skip, int(w.size)))
+        if on_done is not None:
+            on_done(task, results[-1])
+    return results
 
 
 def _build_svd(spec, original, source, config, workdir) -> Built:
     start = time.perf_counter()
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    result = TruncatedSvdPass(make_config(config, tol=spec.tol)).call(model)
-    onnx.checker.check_model(result.model)
+    model = from_proto(original)
+    result = CompressWeightsPass(make_config(config, tol=spec.tol), compressor=svd_compressor)(model)
+    check_model(result.model, "the SVD model")
     seconds = time.perf_counter() - start
     path = _target(workdir, spec)
     save_model(result.model, path)
-    certified = {r.name: r.certified_error for r in result.report.compressed}
+    certified = {r.name: r.rel_certified_error for r in result.report.compressed}
     return Built(path, seconds, certified=certified)
 
 
-def eligible_groups(model: onnx.ModelProto, config: OptimizeConfig) -> list:
-    """The weights (grouped by constant) that the optimize pass would try to compress."""
-    _, groups, skips = select_candidates(model, config)
-    return [g for g in groups if all(id(c) not in skips for c in g.cands)]
+def eligible_groups(model: ir.Model, config: OptimizeConfig) -> list:
+    """The weights (grouped by stored tensor) that the optimize pass would try to compress."""
+    selection = select_candidates(model, config)
+    return [g for g in selection.groups if all(id(c) not in selection.skips for c in g.cands)]
 
 
 def _build_pruning(spec, original, source, config, workdir) -> Built:
     start = time.perf_counter()
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
+    model = from_proto(original)
     delta, certified = 0, {}
     for group in eligible_groups(model, config):
-        w = group.const.value  # pruning is elementwise: the stored orientation is fine
+        if any(c.source.nodes for c in group.cands):
+            continue  # pruned in place: a stored float tensor only
+        w = group.cands[0].source.array()  # pruning is elementwise: the stored orientation is fine
         pruned = magnitude_prune(w, spec.tol)
         sparse = csr_params(pruned.weight)
         if sparse >= w.size:
             continue  # a sparse copy would not be smaller: leave it dense, as dehm does
-        group.const.tensor.CopyFrom(numpy_helper.from_array(pruned.weight, group.const.name))
+        tensor = ir.tensor(pruned.weight, name=group.stored.name)
+        if group.stored.is_initializer():
+            group.stored.const_value = tensor
+        else:
+            group.cands[0].source.constant_node.attributes["value"] = ir.AttrTensor("value", tensor)
         delta += sparse - w.size
         for cand in group.cands:
             certified[cand.name] = pruned.rel_error

@@ -2,30 +2,64 @@
 
 Every emitter has the signature::
 
-    emit(hm, x_name, y_name, prefix, dtype) -> (nodes, initializers, functions)
+    emit(hm, x, prefix, dtype) -> Emission(nodes, initializers, output, functions)
 
-and computes ``y = x @ W_H`` for ``x`` of shape ``(..., m)``, writing its result into the
-tensor ``y_name``. ``hm`` is a ``dehm_onnx.hmatrix.HMatrix``; ``dtype`` is the numpy dtype
+and computes ``x @ W_H`` for the ``ir.Value`` ``x`` of shape ``(..., m)`` into
+``Emission.output``. ``hm`` is a ``dehm_onnx.hmatrix.HMatrix``; ``dtype`` is the numpy dtype
 of the activation (factors are stored in it). Every new tensor, node and initializer name
 starts with ``prefix``, which the caller guarantees to be unused in the model. Emitters
 never touch a graph: ``dehm_onnx.graph.rewrite`` splices what they return (and tags each
-node with its provenance).
+node with its provenance). The names of the modes are ``dehm_onnx.config.EMIT_MODES``.
 """
 
 from __future__ import annotations
 
 from .emit_custom import emit_custom
 from .emit_function import emit_function
-from .emit_ops import emit_subgraph
+from .emit_ops import Emission, emit_ops
 
-__all__ = ["EMITTERS"]
+__all__ = ["EMITTERS", "Emission"]
 
 # The first entry is the standard-op emission that runs on every onnxruntime provider.
 EMITTERS = {
-    "subgraph": emit_subgraph,
+    "ops": emit_ops,
     # One HMatMul node (dehm_onnx/ops/hmatmul.py) plus a standard-op function body:
     # runs everywhere, and runs the compiled kernel where the library is registered.
     "function": emit_function,
     # The HMatMul node alone: needs the compiled library (dehm_onnx.make_session).
     "custom": emit_custom,
 }
+
+
+def layer_model(hm, mode: str, x_shape, dtype, prefix: str = "w.hm", opset: int = 17):
+    """A one-layer ``onnx.ModelProto`` ``Y = X @ W_H`` from one emitter, assembled as the pass
+    splices it (functions fitted to the model, the ``ai.dehm`` opset imported when used).
+
+    Args:
+        hm: the H-matrix.
+        mode: a key of ``EMITTERS``.
+        x_shape: shape of ``X`` (ints or symbolic names); ``Y`` has ``X``'s leading dims.
+        dtype: the activation dtype.
+        prefix: the prefix of every new name.
+        opset: the default-domain opset.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    from ..ops import hmatmul
+    from .emit_function import fit_function_to_model
+
+    elem = ir.DataType.from_numpy(np.dtype(dtype))
+    x = ir.Value(name=hmatmul.INPUTS[0], type=ir.TensorType(elem), shape=ir.Shape(list(x_shape)))
+    emission = EMITTERS[mode](hm, x, prefix, dtype)
+    y = emission.output
+    y.name, y.type, y.shape = hmatmul.OUTPUTS[0], ir.TensorType(elem), ir.Shape([*list(x_shape)[:-1], hm.shape[1]])
+    graph = ir.Graph(
+        [x], [y], nodes=emission.nodes, initializers=emission.initializers,
+        opset_imports={"": opset, hmatmul.DOMAIN: hmatmul.VERSION}, name=mode,
+    )
+    model = ir.Model(graph, ir_version=10)
+    for function in emission.functions:
+        fit_function_to_model(model, function)
+        model.functions[function.identifier()] = function
+    return ir.serde.serialize_model(model)

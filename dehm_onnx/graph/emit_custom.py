@@ -13,20 +13,22 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import onnx_ir as ir
 
 from .emit_function import SUPPORTED_DTYPES, hmatmul_node, packed_inputs
-from .emit_ops import emit_subgraph
+from .emit_ops import Emission, emit_ops
 
 __all__ = ["emit_custom"]
 
 logger = logging.getLogger(__name__)
 
 
-def emit_custom(hm, x_name: str, y_name: str, prefix: str, dtype):
-    """Emit ``y = x @ W_H`` as a single ``HMatMul`` node (subgraph for unsupported dtypes)."""
+def emit_custom(hm, x: ir.Value, prefix: str, dtype) -> Emission:
+    """Emit ``x @ W_H`` as a single ``HMatMul`` node (the ops emission for unsupported dtypes)."""
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
-        logger.info("HMatMul does not support %s; %r uses the subgraph emission", dtype, prefix)
-        return emit_subgraph(hm, x_name, y_name, prefix, dtype)
-    inits, names = packed_inputs(hm, prefix, dtype)
-    return [hmatmul_node(x_name, y_name, prefix, names)], inits, []
+        logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
+        return emit_ops(hm, x, prefix, dtype)
+    packed = packed_inputs(hm, prefix, dtype)
+    node = hmatmul_node(x, prefix, packed)
+    return Emission([node], packed, node.outputs[0])

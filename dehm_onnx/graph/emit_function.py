@@ -11,7 +11,7 @@ whose body computes the same product with standard ops:
 - with the custom-op library registered (``dehm_onnx.make_session``), the compiled kernel
   runs instead, for every overload.
 
-The body is the ``subgraph`` emission (``emit_ops``) of the same H-matrix with each factor
+The body is the ``ops`` emission (``emit_ops``) of the same H-matrix with each factor
 initializer replaced by ``Reshape(Slice(data, offset, offset + size))`` of the function's
 ``data`` input (stacked factors by a ``Concat`` of such slices), so the weights are stored
 once. These nodes depend only on ``data``, an initializer, and onnxruntime folds them into
@@ -23,12 +23,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
 from ..hmatrix import BlockKind, pack
 from ..ops import hmatmul
-from .emit_ops import emit_subgraph
+from .emit_ops import Emission, emit_ops, initializer
 
 __all__ = ["emit_function", "fit_function_to_model", "FUNCTION_OPSET", "SUPPORTED_DTYPES", "FUNCTION_IR_VERSION"]
 
@@ -42,15 +41,21 @@ FUNCTION_IR_VERSION = 10
 SUPPORTED_DTYPES = hmatmul.SUPPORTED_DTYPES
 
 
-def packed_inputs(hm, prefix: str, dtype):
-    """The four packed initializers of ``hm`` (stored in ``dtype``) and their names."""
-    inits = hmatmul.packed_initializers(pack(hm), prefix, dtype=dtype)
-    return inits, [t.name for t in inits]
+def packed_inputs(hm, prefix: str, dtype) -> list[ir.Value]:
+    """The four packed initializers of ``hm`` (``data`` stored in ``dtype``), in input order,
+    named as ``dehm_onnx.ops.hmatmul.packed_initializers`` names them."""
+    packed = pack(hm)
+    arrays = (packed.data.astype(dtype), packed.layout, packed.row_perm, packed.col_perm)
+    return [initializer(f"{prefix}.{field}", a) for a, field in zip(arrays, hmatmul.INPUTS[1:])]
 
 
-def hmatmul_node(x_name: str, y_name: str, prefix: str, names, overload: str = "") -> onnx.NodeProto:
-    """The layer's ``HMatMul`` node."""
-    return hmatmul.make_hmatmul_node(x_name, names, y_name, name=f"{prefix}/hmatmul", overload=overload)
+def hmatmul_node(x: ir.Value, prefix: str, packed: list[ir.Value], overload: str = "") -> ir.Node:
+    """The layer's ``HMatMul`` node (contract: ``dehm_onnx.ops.hmatmul``)."""
+    name = f"{prefix}/hmatmul"
+    return ir.node(
+        hmatmul.OP_TYPE, [x, *packed], domain=hmatmul.DOMAIN, overload=overload, name=name,
+        outputs=[ir.Value(name=f"{prefix}/y")],
+    )
 
 
 class _FactorIndex:
@@ -91,84 +96,89 @@ class _FactorIndex:
 
 
 class _BodyBuilder:
-    """Turns the subgraph emission's initializers into function-body nodes."""
+    """Makes the ops emission's initializers the outputs of function-body nodes."""
 
-    def __init__(self, index: _FactorIndex):
+    def __init__(self, index: _FactorIndex, data: ir.Value):
         self.index = index
-        self.nodes: list[onnx.NodeProto] = []
+        self.data = data
+        self.nodes: list[ir.Node] = []
         self.copied = 0  # float values stored again because no factor matched
 
-    def const(self, name: str, value: np.ndarray) -> None:
-        self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name)))
+    def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
+        """A ``Constant`` node writing ``array`` into ``value`` (a new value for a name)."""
+        out = ir.Value(name=value) if isinstance(value, str) else value
+        tensor = ir.tensor(np.ascontiguousarray(array), name=out.name)
+        self.nodes.append(ir.node("Constant", [], {"value": tensor}, outputs=[out], name=""))
+        return out
 
-    def factor(self, name: str, value: np.ndarray) -> None:
-        pieces = self.index.pieces(value)
+    def factor(self, value: ir.Value, array: np.ndarray) -> None:
+        pieces = self.index.pieces(array)
         if pieces is None:
-            if np.any(value):
-                self.copied += value.size
-            self.const(name, value)
+            if np.any(array):
+                self.copied += array.size
+            self.const(value, array)
             return
         parts = []
         for i, (offset, shape) in enumerate(pieces):
             size = shape[0] * shape[1]
-            part = name if len(pieces) == 1 else f"{name}/part{i}"
-            self.const(f"{part}/start", np.array([offset], np.int64))
-            self.const(f"{part}/end", np.array([offset + size], np.int64))
-            self.const(f"{part}/shape", np.array(shape, np.int64))
-            self.nodes.append(helper.make_node("Slice", ["data", f"{part}/start", f"{part}/end"], [f"{part}/flat"]))
-            self.nodes.append(helper.make_node("Reshape", [f"{part}/flat", f"{part}/shape"], [part]))
-            parts.append(part)
+            stem = value.name if len(pieces) == 1 else f"{value.name}/part{i}"
+            start = self.const(f"{stem}/start", np.array([offset], np.int64))
+            end = self.const(f"{stem}/end", np.array([offset + size], np.int64))
+            dims = self.const(f"{stem}/shape", np.array(shape, np.int64))
+            flat = ir.node("Slice", [self.data, start, end], outputs=[ir.Value(name=f"{stem}/flat")], name="")
+            out = value if len(pieces) == 1 else ir.Value(name=stem)
+            self.nodes += [flat, ir.node("Reshape", [flat.outputs[0], dims], outputs=[out], name="")]
+            parts.append(out)
         if len(parts) > 1:
-            self.nodes.append(helper.make_node("Concat", parts, [name], axis=0))
+            self.nodes.append(ir.node("Concat", parts, {"axis": 0}, outputs=[value], name=""))
 
 
-def function_body(hm, prefix: str, dtype, overload: str) -> onnx.FunctionProto:
+def function_body(hm, prefix: str, dtype, overload: str) -> ir.Function:
     """The model-local function ``ai.dehm.HMatMul`` (this overload) computing ``X @ W_H``."""
-    nodes, inits, _ = emit_subgraph(hm, "X", "Y", prefix, dtype)
-    body = _BodyBuilder(_FactorIndex(hm, dtype))
-    for init in inits:
-        value = numpy_helper.to_array(init)
-        if np.issubdtype(value.dtype, np.floating):
-            body.factor(init.name, value)
+    inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
+    emission = emit_ops(hm, inputs[0], prefix, dtype)
+    body = _BodyBuilder(_FactorIndex(hm, dtype), inputs[1])
+    for value in emission.initializers:
+        array = value.const_value.numpy()
+        value.const_value = None  # the value becomes a body node's output
+        if np.issubdtype(array.dtype, np.floating):
+            body.factor(value, array)
         else:
-            body.const(init.name, value)
+            body.const(value, array)
     if body.copied:
         logger.info("function body of %r repeats %d weight values not found in the packed data", prefix, body.copied)
-    return helper.make_function(
-        hmatmul.DOMAIN,
-        hmatmul.OP_TYPE,
-        list(hmatmul.INPUTS),
-        list(hmatmul.OUTPUTS),
-        body.nodes + list(nodes),
-        opset_imports=[helper.make_opsetid("", FUNCTION_OPSET)],
-        overload=overload,
+    (y_name,) = hmatmul.OUTPUTS
+    emission.output.name = y_name
+    graph = ir.Graph(
+        inputs, [emission.output], nodes=body.nodes + emission.nodes, opset_imports={"": FUNCTION_OPSET},
+        name=hmatmul.OP_TYPE,
     )
+    return ir.Function(hmatmul.DOMAIN, hmatmul.OP_TYPE, overload, graph=graph, attributes=[])
 
 
-def fit_function_to_model(model: onnx.ModelProto, function: onnx.FunctionProto) -> None:
+def fit_function_to_model(model: ir.Model, function: ir.Function) -> None:
     """Make a function body from this module valid in ``model`` (called when splicing).
 
     The ONNX checker requires a function's opset imports to equal the model's for the same
     domain, and overloads need IR version 10, so both are raised to match the model.
     """
-    versions = {o.domain: o.version for o in model.opset_import}
-    for op in function.opset_import:
-        if op.domain in versions:
-            op.version = versions[op.domain]
+    for domain in list(function.opset_imports):
+        if domain in model.opset_imports:
+            function.opset_imports[domain] = model.opset_imports[domain]
     if model.ir_version < FUNCTION_IR_VERSION:
         model.ir_version = FUNCTION_IR_VERSION
 
 
-def emit_function(hm, x_name: str, y_name: str, prefix: str, dtype):
-    """Emit ``y = x @ W_H`` as one ``HMatMul`` node plus its model-local function body.
+def emit_function(hm, x: ir.Value, prefix: str, dtype) -> Emission:
+    """Emit ``x @ W_H`` as one ``HMatMul`` node plus its model-local function body.
 
     For activation dtypes the op does not support (anything but float32/float16) this
-    falls back to the ``subgraph`` emission.
+    falls back to the ``ops`` emission.
     """
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
-        logger.info("HMatMul does not support %s; %r uses the subgraph emission", dtype, prefix)
-        return emit_subgraph(hm, x_name, y_name, prefix, dtype)
-    inits, names = packed_inputs(hm, prefix, dtype)
-    node = hmatmul_node(x_name, y_name, prefix, names, overload=prefix)
-    return [node], inits, [function_body(hm, prefix, dtype, prefix)]
+        logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
+        return emit_ops(hm, x, prefix, dtype)
+    packed = packed_inputs(hm, prefix, dtype)
+    node = hmatmul_node(x, prefix, packed, overload=prefix)
+    return Emission([node], packed, node.outputs[0], [function_body(hm, prefix, dtype, prefix)])

@@ -1,4 +1,4 @@
-"""Standard-op emission: ``y = x @ W_H`` as Slice, MatMul, Concat, Add and Gather nodes.
+"""Standard-op emission (``--emit ops``): ``y = x @ W_H`` as Slice, MatMul, Concat, Add and Gather nodes.
 
 With the permuted weight ``Wp = W[row_perm][:, col_perm]`` tiled by blocks ``B`` over
 ``[r0, r1) x [c0, c1)``::
@@ -24,13 +24,30 @@ onnxruntime), so the emission is arranged to use few nodes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
 from ..hmatrix import Block, BlockKind
 
-__all__ = ["emit_subgraph"]
+__all__ = ["Emission", "emit_ops", "initializer"]
+
+
+@dataclass
+class Emission:
+    """What an emitter returns: new nodes (in order), the initializers they read, any
+    model-local functions they call, and the value holding ``x @ W_H``."""
+
+    nodes: list
+    initializers: list
+    output: ir.Value
+    functions: list = field(default_factory=list)
+
+
+def initializer(name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer value (no declared type, so no ``value_info`` is written for it)."""
+    return ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
 
 
 class _Builder:
@@ -39,44 +56,44 @@ class _Builder:
     def __init__(self, prefix: str, dtype: np.dtype):
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
         self._count = 0
-        self._int_consts: dict[tuple, str] = {}
+        self._int_consts: dict[tuple, ir.Value] = {}
 
     def _fresh(self, stem: str) -> str:
         self._count += 1
         return f"{self.prefix}/{stem}{self._count}"
 
-    def weight(self, stem: str, array: np.ndarray) -> str:
-        name = self._fresh(stem)
-        values = np.ascontiguousarray(array, dtype=self.dtype)
-        self.initializers.append(numpy_helper.from_array(values, name))
-        return name
+    def weight(self, stem: str, array: np.ndarray) -> ir.Value:
+        value = initializer(self._fresh(stem), np.asarray(array, dtype=self.dtype))
+        self.initializers.append(value)
+        return value
 
-    def ints(self, values: list[int] | np.ndarray) -> str:
+    def ints(self, values: list[int] | np.ndarray) -> ir.Value:
         key = tuple(int(v) for v in values)
         if key not in self._int_consts:
-            name = self._fresh("i")
-            self.initializers.append(numpy_helper.from_array(np.asarray(key, dtype=np.int64), name))
-            self._int_consts[key] = name
+            value = initializer(self._fresh("i"), np.asarray(key, dtype=np.int64))
+            self.initializers.append(value)
+            self._int_consts[key] = value
         return self._int_consts[key]
 
-    def node(self, op: str, inputs: list[str], stem: str, **attrs) -> str:
+    def node(self, op: str, inputs: list[ir.Value], stem: str, **attrs) -> ir.Value:
         out = self._fresh(stem)
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
+        node = ir.node(op, inputs, attrs, name=out, outputs=[ir.Value(name=out)])
+        self.nodes.append(node)
+        return node.outputs[0]
 
 
-class _SubgraphEmitter:
-    def __init__(self, hm, x_name: str, builder: _Builder):
+class _OpsEmitter:
+    def __init__(self, hm, x: ir.Value, builder: _Builder):
         self.hm = hm
         self.b = builder
-        self.x = x_name
-        self._slices: dict[tuple[int, int], str] = {}
-        self._left: dict[int, str] = {}
+        self.x = x
+        self._slices: dict[tuple[int, int], ir.Value] = {}
+        self._left: dict[int, ir.Value] = {}
 
-    def run(self) -> str:
+    def run(self) -> ir.Value:
         m, n = self.hm.shape
         if self.hm.row_perm is not None:
             self.x = self.b.node("Gather", [self.x, self.b.ints(self.hm.row_perm)], "row_perm", axis=-1)
@@ -88,7 +105,7 @@ class _SubgraphEmitter:
             y = self.b.node("Gather", [y, self.b.ints(inverse)], "col_perm", axis=-1)
         return y
 
-    def rows(self, r0: int, r1: int) -> str:
+    def rows(self, r0: int, r1: int) -> ir.Value:
         """``x[..., r0:r1]``, sliced once per range."""
         if (r0, r1) == (0, self.hm.shape[0]):
             return self.x
@@ -97,18 +114,18 @@ class _SubgraphEmitter:
             self._slices[(r0, r1)] = b.node("Slice", [self.x, b.ints([r0]), b.ints([r1]), b.ints([-1])], "x_rows")
         return self._slices[(r0, r1)]
 
-    def zeros(self, width: int) -> str:
+    def zeros(self, width: int) -> ir.Value:
         """A tensor of zeros shaped ``(..., width)`` (x's leading dimensions)."""
         return self.b.node("MatMul", [self.rows(0, 1), self.b.weight("zero", np.zeros((1, width)))], "zeros")
 
-    def left_factor(self, blk: Block) -> str:
+    def left_factor(self, blk: Block) -> ir.Value:
         """``x_b @ U`` of a low-rank block, computed once even when its columns are split."""
         key = id(blk.u)
         if key not in self._left:
             self._left[key] = self.b.node("MatMul", [self.rows(blk.r0, blk.r1), self.b.weight("u", blk.u)], "xu")
         return self._left[key]
 
-    def assemble(self, c0: int, c1: int, blocks: list[Block]) -> str:
+    def assemble(self, c0: int, c1: int, blocks: list[Block]) -> ir.Value:
         """``yp[..., c0:c1]`` from the nonzero blocks lying inside ``[c0, c1)``."""
         full = [blk for blk in blocks if (blk.c0, blk.c1) == (c0, c1)]
         rest = [blk for blk in blocks if (blk.c0, blk.c1) != (c0, c1)]
@@ -124,7 +141,7 @@ class _SubgraphEmitter:
             return terms[0]
         return self.b.node("Add", terms, "add")
 
-    def column_product(self, blocks: list[Block]) -> str:
+    def column_product(self, blocks: list[Block]) -> ir.Value:
         """``sum_b x_b @ B`` for blocks sharing one column range, as one MatMul."""
         lefts, rights = [], []
         for blk in blocks:
@@ -195,15 +212,13 @@ def _partition(c0: int, c1: int, blocks: list[Block]) -> list[tuple[int, int, li
     return parts
 
 
-def emit_subgraph(hm, x_name: str, y_name: str, prefix: str, dtype):
-    """Emit ``y = x @ W_H`` with standard ONNX ops (opset >= 11); see the module docstring.
+def emit_ops(hm, x: ir.Value, prefix: str, dtype) -> Emission:
+    """Emit ``x @ W_H`` with standard ONNX ops (opset >= 11); see the module docstring.
 
     Returns:
-        ``(nodes, initializers, functions)`` with ``functions`` empty; the last node writes
-        ``y_name``.
+        An ``Emission`` with no functions; its ``output`` is the last node's output.
     """
     builder = _Builder(prefix, dtype)
-    y = _SubgraphEmitter(hm, x_name, builder).run()
-    assert builder.nodes and builder.nodes[-1].output[0] == y, "Bug: the result is not the last node's output"
-    builder.nodes[-1].output[0] = y_name
-    return builder.nodes, builder.initializers, []
+    y = _OpsEmitter(hm, x, builder).run()
+    assert builder.nodes and builder.nodes[-1].outputs[0] is y, "Bug: the result is not the last node's output"
+    return Emission(builder.nodes, builder.initializers, y)

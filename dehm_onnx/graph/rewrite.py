@@ -8,8 +8,11 @@ For each candidate found by ``scan`` (``Y = X @ W`` orientation, see its table):
     Gemm(W, B, C; α, β, tB)   -> α · Transpose(E(op(B)ᵀ)) + β · C
 
 where ``E(x) = x @ W_H`` is what the chosen emitter writes (``EMITTERS``), ``α·`` is a Mul
-only when α ≠ 1 and ``β·C`` a Mul only when β ≠ 1. The last node writes the original
-output name, so every other node, graph input and output stays as it was.
+only when α ≠ 1 and ``β·C`` a Mul only when β ≠ 1. The last node takes over the original
+output value, so every other node, graph input and output stays as it was. W is the float
+tensor the weight's ``WeightSource`` computes (an initializer, a Constant, or a dequantize /
+cast / reshape / transpose chain of one); the chain's nodes and stored tensors are removed
+when nothing else reads them.
 
 Clamp step: when X is provably nonnegative (``graph/nonneg.py``), W has no negative entry,
 ``α >= 0`` and there is no bias (or a nonnegative one with ``β >= 0``), the original layer's
@@ -23,55 +26,74 @@ candidates is compressed once (per orientation) and its factors are stored once;
 also read by any node that stays dense is left alone for all of its users (compressing it
 would store it twice). Emitted nodes carry ``dehm.*`` metadata and are never candidates,
 so running the pass again changes nothing.
+
+Extension points: ``CompressWeightsPass(config, compressor=...)`` replaces how the weights
+are compressed (``Compressor``: ``LayerTask`` list in, ``LayerResult`` list out, in order);
+``select_candidates`` is the selection the pass makes, for callers that transform the same
+weights otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
 from .. import __version__
-from ..config import OptimizeConfig
-from ..parallel import LayerTask, compress_layers
-from ..report import LayerRecord, Report
-from .checks import Skip, SkipReason, check_candidate, check_weight
-from .emit import EMITTERS
-from .external import weight_slice
+from ..compression.parallel import LayerResult, LayerTask, compress_layers
+from ..compression.skips import Skip, SkipReason
+from ..report import LayerRecord, Report, read_layers, write_layers
+from .checks import check_candidate, check_weight
+from .emit import EMITTERS, Emission
 from .emit_function import fit_function_to_model
-from .nonneg import nonnegative_tensors
-from .scan import Candidate, ConstRef, activation_ranks, iter_graphs, scan
+from .emit_ops import initializer
+from .inline import inline_weight_functions
+from .nonneg import nonnegative_values
+from .scan import Candidate, scan
 
-__all__ = ["CompressWeightsPass", "PassResult", "select_candidates", "LAYERS_KEY", "VERSION_KEY", "read_layers"]
+__all__ = ["CompressWeightsPass", "CompressResult", "Compressor", "Selection", "select_candidates"]
 
 logger = logging.getLogger(__name__)
 
-LAYERS_KEY = "dehm.layers"
-VERSION_KEY = "dehm.version"
+# compressor(tasks, jobs, on_done) -> results in task order (``compress_layers``'s contract).
+Compressor = Callable[[Sequence[LayerTask], int, Callable[[LayerTask, LayerResult], None] | None], list[LayerResult]]
 
 
 @dataclass
-class PassResult:
-    """The (mutated) model, whether anything changed, and the per-layer report."""
+class CompressResult(ir.passes.PassResult):
+    """``PassResult`` plus the per-layer report."""
 
-    model: onnx.ModelProto
-    modified: bool
-    report: Report
+    report: Report = field(default_factory=Report)
 
 
 @dataclass
 class _Group:
-    """Candidates sharing one constant."""
+    """Candidates whose weights come from one stored tensor."""
 
-    const: ConstRef
+    stored: ir.Value
     cands: list[Candidate] = field(default_factory=list)
 
 
-class CompressWeightsPass:
+@dataclass
+class Selection:
+    """What ``select_candidates`` found: every candidate in graph order, the candidates
+    grouped by stored tensor, the skip of each skipped candidate (keyed by ``id``), and the
+    model-local functions inlined to reach weights passed into them."""
+
+    candidates: list[Candidate]
+    groups: list[_Group]
+    skips: dict[int, Skip]
+    inlined: list[str] = field(default_factory=list)
+
+    def live(self, group: _Group) -> list[Candidate]:
+        """The candidates of ``group`` that are not skipped."""
+        return [c for c in group.cands if id(c) not in self.skips]
+
+
+class CompressWeightsPass(ir.passes.InPlacePass):
     """Compress every eligible constant MatMul/Gemm weight of a model, in place.
 
     Args:
@@ -80,70 +102,104 @@ class CompressWeightsPass:
             tighten single layers); a shared weight takes the smallest tol of its users.
         progress: optional ``dehm_onnx.progress.ProgressBar`` (or any object with
             ``start(total)`` and ``layer(name, params, dense_params)``).
+        compressor: how the weights are compressed; default ``compress_layers`` (H-matrices,
+            ``config.jobs`` worker processes).
     """
 
-    def __init__(self, config, layer_tols: dict[str, float] | None = None, progress=None):
+    def __init__(self, config, layer_tols: dict[str, float] | None = None, progress=None, compressor: Compressor | None = None):
+        super().__init__()
         self.config = config
         self.layer_tols = dict(layer_tols or {})
         self.emitter = EMITTERS[config.emit]
         self.progress = progress
-        self._nonneg: set = set()
+        self.compressor = compressor or compress_layers
+        self._written: list[ir.Value] = []
+        self._nonneg: set[str] = set()
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        """Rewrite ``model`` in place and return it with the report."""
-        candidates, groups, skips = select_candidates(model, self.config)
-        compressed = self._compress_groups(groups, skips)
+    def requires(self, model: ir.Model) -> None:
+        """No name is written twice: new names are made unique against the existing ones, and
+        the last emitted node takes over an output's name. (An empty name is an omitted
+        optional output.)"""
+        seen: set[str] = set()
+        for graph in model.graphs():
+            for value in (*graph.inputs, *graph.initializers.values()):
+                seen.add(value.name)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            for value in node.outputs:
+                if not value.name:
+                    continue
+                if value.name in seen:
+                    raise ir.passes.PreconditionError(f"node {node.name!r} writes {value.name!r}, which is not a new name")
+                seen.add(value.name)
+
+    def ensures(self, model: ir.Model) -> None:
+        """Every value a node reads is defined, and every initializer the pass wrote is read."""
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            for value in node.inputs:
+                if value is not None and value.producer() is None and not (value.is_initializer() or value.is_graph_input()):
+                    raise ir.passes.PostconditionError(f"node {node.name!r} reads {value.name!r}, which nothing defines")
+        for value in self._written:
+            if not value.uses():
+                raise ir.passes.PostconditionError(f"initializer {value.name!r} written by the pass is unused")
+
+    def call(self, model: ir.Model) -> CompressResult:
+        """Rewrite ``model`` in place; return it with the report."""
+        self._written = []
+        selection = select_candidates(model, self.config)
+        compressed = self._compress_groups(selection)
         # Signs are read from the model as it was, before any layer is spliced.
-        self._nonneg = nonnegative_tensors(model) if len(skips) < len(candidates) else set()
-
+        live = len(selection.skips) < len(selection.candidates)
+        self._nonneg = nonnegative_values(model) if live else set()
         names = _all_names(model)
         records: dict[int, LayerRecord] = {}
-        emitted: dict[tuple, list[onnx.TensorProto]] = {}
-        for cand in candidates:
-            skip = skips.get(id(cand))
+        emitted: dict[tuple, list[ir.Value]] = {}
+        for cand in selection.candidates:
+            skip = selection.skips.get(id(cand))
             if skip is not None:
                 logger.info("skipped %s %r: %s", cand.op, cand.name, skip.sentence)
                 records[id(cand)] = _skipped_record(cand, skip)
                 continue
             hm, tol = compressed[cand.share_key]
-            nodes, factors, local, functions = self._emit(cand, hm, tol, names)
+            emission, local = self._emit(cand, hm, tol, names)
             shared = emitted.get(cand.share_key)
             if shared is None:
-                emitted[cand.share_key] = factors
+                emitted[cand.share_key] = emission.initializers
+                factors = emission.initializers
             else:
-                _reuse_initializers(nodes, factors, shared)
+                _reuse_initializers(emission, shared)
                 factors = []
-            _splice(model, cand, nodes, factors, local, functions)
-            records[id(cand)] = self._compressed_record(cand, hm, tol, len(nodes))
+            _splice(model, cand, emission, factors, local)
+            self._written += list(factors) + list(local)
+            records[id(cand)] = self._compressed_record(cand, hm, tol, len(emission.nodes))
             logger.info("compressed %s %r: %d -> %d params", cand.op, cand.name, hm.dense_params, hm.params)
-        for group in groups:
-            if all(id(c) not in skips for c in group.cands):
-                _remove_constant(group.const)
-
+        for group in selection.groups:
+            if not any(id(c) in selection.skips for c in group.cands):
+                for cand in group.cands:
+                    cand.source.remove_unused()
         report = Report(
-            layers=[records[id(c)] for c in candidates],
+            layers=[records[id(c)] for c in selection.candidates],
             tol=self.config.tol,
             emit=self.config.emit,
             version=__version__,
+            inlined_functions=selection.inlined,
         )
-        modified = bool(report.compressed)
-        if modified:
-            _write_metadata(model, report)
-        return PassResult(model, modified, report)
+        modified = bool(report.compressed) or bool(selection.inlined)
+        if report.compressed:
+            write_layers(model.metadata_props, read_layers(model) + [r.metadata_entry() for r in report.compressed])
+        return CompressResult(model, modified, report)
 
     def _tol(self, cand: Candidate) -> float:
         return float(self.layer_tols.get(cand.name, self.config.tol))
 
-    def _compress_groups(self, groups: list[_Group], skips: dict[int, Skip]) -> dict[tuple, tuple]:
+    def _compress_groups(self, selection: Selection) -> dict[tuple, tuple]:
         """Compress each (weight, orientation) once; skip the whole group when any part fails.
 
-        The weights are compressed by ``dehm_onnx.parallel.compress_layers`` (``config.jobs``
-        worker processes); results come back in task order, so the model does not depend on
-        the number of workers.
+        Results come back in task order, so the model does not depend on the number of
+        workers.
         """
         tasks, owners = [], []
-        for group in groups:
-            live = [c for c in group.cands if id(c) not in skips]
+        for group in selection.groups:
+            live = selection.live(group)
             for key in dict.fromkeys(c.share_key for c in live):
                 users = [c for c in live if c.share_key == key]
                 tol = min(self._tol(c) for c in users)
@@ -151,12 +207,12 @@ class CompressWeightsPass:
                 owners.append((live, key, tol))
         if self.progress is not None:
             self.progress.start(len(tasks))
-        results = compress_layers(tasks, getattr(self.config, "jobs", 1), self._on_done)
+        results = self.compressor(tasks, getattr(self.config, "jobs", 1), self._on_done)
         out: dict[tuple, tuple] = {}
         for (live, key, tol), result in zip(owners, results):
             if result.skip is not None:
                 for cand in live:
-                    skips.setdefault(id(cand), result.skip)
+                    selection.skips.setdefault(id(cand), result.skip)
             else:
                 out[key] = (result.hm, tol)
         return out
@@ -166,30 +222,27 @@ class CompressWeightsPass:
             params = result.hm.params if result.hm is not None else result.dense_params
             self.progress.layer(task.name, int(params), int(result.dense_params))
 
-    def _emit(self, cand: Candidate, hm, tol: float, names: set[str]):
+    def _emit(self, cand: Candidate, hm, tol: float, names: set[str]) -> tuple[Emission, list[ir.Value]]:
         """Nodes replacing ``cand``: optional transpose of X, the emitter's ``x @ W_H``, then
-        transpose / alpha / bias steps; returns ``(nodes, factors, local_inits, functions)``."""
+        transpose / alpha / bias steps; returns the emission and the Gemm scalars."""
         prefix = _unique_prefix(f"{cand.weight_name}.hm", names)
-        dtype = cand.const.value.dtype
+        dtype = cand.source.dtype
         pre = _pre_nodes(cand, prefix)
-        x = pre[-1].output[0] if pre else cand.x_name
-        steps = _post_steps(cand) + (["clamp"] if self._clamps(cand) else [])
-        product = f"{prefix}/y_h" if steps else cand.output
-        nodes, inits, functions = self.emitter(hm, x, product, prefix, dtype)
-        post, local = _post_nodes(cand, steps, product, prefix, dtype)
-        all_nodes = pre + list(nodes) + post
-        _tag(all_nodes, cand, hm, tol)
-        return all_nodes, list(inits), local, list(functions)
+        x = pre[-1].outputs[0] if pre else cand.x
+        emission = self.emitter(hm, x, prefix, dtype)
+        post, local = _post_nodes(cand, emission.output, prefix, dtype, clamp=self._clamps(cand))
+        nodes = pre + list(emission.nodes) + post
+        _tag(nodes, cand, hm, tol)
+        output = post[-1].outputs[0] if post else emission.output
+        return Emission(nodes, list(emission.initializers), output, list(emission.functions)), local
 
     def _clamps(self, cand: Candidate) -> bool:
         """Whether the layer's true output is provably ``>= 0`` (see the module docstring)."""
-        if cand.graph_path != "main" or cand.alpha < 0:
+        if cand.graph_path != "main" or cand.alpha < 0 or cand.x_name not in self._nonneg:
             return False
-        if cand.x_name not in self._nonneg:
+        if cand.c is not None and not (cand.beta >= 0 and cand.c_name in self._nonneg):
             return False
-        if cand.c_name and not (cand.beta >= 0 and cand.c_name in self._nonneg):
-            return False
-        weight = cand.const.value
+        weight = cand.weight
         clamp = bool(weight.size == 0 or float(np.min(weight)) >= 0.0)
         if clamp:
             logger.info("layer %r: input and weight are nonnegative; its output is clamped at 0", cand.name)
@@ -202,87 +255,93 @@ class CompressWeightsPass:
             compressed=True,
             tol=tol,
             # The output bound is the user's, even for a layer whose weight tol was tightened.
-            tol_out=self.config.tol_out if self.config.tol_out is not None else self.config.tol,
-            certified_error=float(hm.rel_certified_error),
+            tol_out=self.config.layer_tol_out,
+            rel_certified_error=float(hm.rel_certified_error),
             params=int(hm.params),
             dense_params=int(hm.dense_params),
             blocks=hm.counts(),
             max_rank=int(hm.max_rank),
             permuted=hm.row_perm is not None or hm.col_perm is not None,
-            emit=self.config.emit,
+            emit=_emitted_mode(self.config.emit, cand.source.dtype),
             nodes=node_count,
         )
 
 
-def _pre_nodes(cand: Candidate, prefix: str) -> list[onnx.NodeProto]:
+def _emitted_mode(requested: str, dtype) -> str:
+    """The mode actually written: HMatMul takes float32/float16 only, others use ``ops``."""
+    from .emit_function import SUPPORTED_DTYPES
+
+    return requested if requested == "ops" or np.dtype(dtype) in SUPPORTED_DTYPES else "ops"
+
+
+def _transpose(x: ir.Value, name: str, rank: int | None) -> ir.Node:
+    rank = rank or 2
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return ir.node("Transpose", [x], {"perm": perm}, name=name, outputs=[ir.Value(name=f"{name}_out")])
+
+
+def _pre_nodes(cand: Candidate, prefix: str) -> list[ir.Node]:
     """``Transpose(X)`` when the candidate's activation must be transposed, else nothing."""
     if not cand.trans_x:
         return []
-    return [_transpose(cand.x_name, f"{prefix}/x_t", cand.x_rank, f"{prefix}/transpose_x")]
+    node = _transpose(cand.x, f"{prefix}/transpose_x", cand.x_rank)
+    node.outputs[0].name = f"{prefix}/x_t"
+    return [node]
 
 
-def _post_steps(cand: Candidate) -> list[str]:
-    """What follows ``x @ W_H``, in order: transpose back, scale by alpha, add beta*C."""
-    steps = []
+def _post_nodes(cand: Candidate, current: ir.Value, prefix: str, dtype, clamp: bool = False) -> tuple[list[ir.Node], list[ir.Value]]:
+    """What follows ``x @ W_H``, in order: transpose back, scale by alpha, add beta*C, clamp at 0."""
+    nodes: list[ir.Node] = []
+    scalars: list[ir.Value] = []
     if cand.trans_y:
-        steps.append("transpose")
+        nodes.append(_transpose(current, f"{prefix}/transpose_y", cand.x_rank))
+        nodes[-1].outputs[0].name = f"{prefix}/transpose_out"
+        current = nodes[-1].outputs[0]
     if cand.alpha != 1.0:
-        steps.append("alpha")
-    if cand.c_name:
-        steps.append("bias")
-    return steps
+        scalars.append(initializer(f"{prefix}/alpha", np.asarray(cand.alpha, dtype=dtype)))
+        nodes.append(ir.node("Mul", [current, scalars[-1]], name=f"{prefix}/mul_alpha", outputs=[ir.Value(name=f"{prefix}/alpha_out")]))
+        current = nodes[-1].outputs[0]
+    if cand.c is not None:
+        bias = cand.c
+        if cand.beta != 1.0:
+            scalars.append(initializer(f"{prefix}/beta", np.asarray(cand.beta, dtype=dtype)))
+            nodes.append(ir.node("Mul", [cand.c, scalars[-1]], name=f"{prefix}/mul_beta", outputs=[ir.Value(name=f"{prefix}/beta_c")]))
+            bias = nodes[-1].outputs[0]
+        nodes.append(ir.node("Add", [current, bias], name=f"{prefix}/add_bias", outputs=[ir.Value(name=f"{prefix}/bias_out")]))
+        current = nodes[-1].outputs[0]
+    if clamp:
+        nodes.append(ir.node("Relu", [current], name=f"{prefix}/clamp", outputs=[ir.Value(name=f"{prefix}/clamp_out")]))
+    return nodes, scalars
 
 
-def _post_nodes(cand: Candidate, steps: list[str], current: str, prefix: str, dtype):
-    """Nodes for ``steps`` starting from ``current``; the last writes the original output."""
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    for i, step in enumerate(steps):
-        out = cand.output if i == len(steps) - 1 else f"{prefix}/{step}_out"
-        if step == "transpose":
-            nodes.append(_transpose(current, out, cand.x_rank, f"{prefix}/transpose_y"))
-        elif step == "clamp":
-            nodes.append(helper.make_node("Relu", [current], [out], name=f"{prefix}/clamp"))
-        elif step == "alpha":
-            inits.append(numpy_helper.from_array(np.asarray(cand.alpha, dtype=dtype), f"{prefix}/alpha"))
-            nodes.append(helper.make_node("Mul", [current, f"{prefix}/alpha"], [out], name=f"{prefix}/mul_alpha"))
-        else:
-            bias = cand.c_name
-            if cand.beta != 1.0:
-                inits.append(numpy_helper.from_array(np.asarray(cand.beta, dtype=dtype), f"{prefix}/beta"))
-                bias = f"{prefix}/beta_c"
-                nodes.append(helper.make_node("Mul", [cand.c_name, f"{prefix}/beta"], [bias], name=f"{prefix}/mul_beta"))
-            nodes.append(helper.make_node("Add", [current, bias], [out], name=f"{prefix}/add_bias"))
-        current = out
-    return nodes, inits
-
-
-def _task(cand: Candidate, tol: float, config: OptimizeConfig) -> LayerTask:
+def _task(cand: Candidate, tol: float, config) -> LayerTask:
     """The compression of the candidate's weight as a self-contained task.
 
-    An external weight travels as its validated file slice and is memory-mapped by the
-    worker; an in-memory weight travels as its array.
+    An external weight travels as its validated file slice (with the steps computing the
+    float weight from it) and is memory-mapped by the worker; an in-memory weight travels as
+    its array.
     """
-    where = weight_slice(cand.const.tensor)
-    source = where if where is not None else cand.const.value
-    return LayerTask(cand.weight_name, source, cand.trans_w, tol, config.seed, config.max_ratio)
+    return LayerTask(cand.weight_name, cand.source.recipe(), cand.trans_w, tol, config.seed, config.max_ratio)
 
 
 def _record(cand: Candidate, **fields) -> LayerRecord:
-    """A report record with the candidate's identity (names, graph) and the given fields."""
+    """A report record with the candidate's identity (names, graph, source) and the given fields."""
     return LayerRecord(
         name=cand.name,
         op=cand.op,
         output=cand.output,
         weight=cand.weight_name,
         graph=cand.graph_path,
-        weight_graph=cand.const.graph_path,
+        weight_graph=cand.weight_graph,
+        source=cand.source.kind,
+        x=cand.x_name,
+        x_transposed=cand.trans_x,
         **fields,
     )
 
 
 def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:
-    shape = list(cand.weight.shape)
+    shape = list(cand.shape)
     dense = int(np.prod(shape)) if shape else 0
     return _record(
         cand,
@@ -294,48 +353,59 @@ def _skipped_record(cand: Candidate, skip: Skip) -> LayerRecord:
     )
 
 
-def select_candidates(model: onnx.ModelProto, config: OptimizeConfig):
+def select_candidates(model: ir.Model, config) -> Selection:
     """Scan ``model`` and decide which candidates are skipped, and why.
 
-    Returns:
-        ``(candidates, groups, skips)``: every candidate in graph order, the candidates grouped
-        by the constant they read (a shared weight is compressed once), and the skip of each
-        skipped candidate keyed by ``id(candidate)``.
+    Model-local functions that receive a constant weight and use it in a MatMul/Gemm are
+    inlined first (``inline_weight_functions``), so that their weights become candidates.
     """
-    found = scan(model)
-    if any(c.needs_x_rank for c in found.candidates):
-        found = scan(model, activation_ranks(model))
-    opset = _default_opset(model)
+    inlined = inline_weight_functions(model)
+    candidates = scan(model).candidates
+    opset = model.opset_imports.get("", 0)
     skips: dict[int, Skip] = {}
-    for cand in found.candidates:
+    for cand in candidates:
         skip = check_candidate(cand, config, opset) or check_weight(cand, config)
         if skip:
             skips[id(cand)] = skip
-    groups = _group_by_const(found.candidates)
+    groups = _group_by_stored(candidates)
     for group in groups:
         _skip_shared(group, skips)
-    return found.candidates, groups, skips
+    return Selection(candidates, groups, skips, inlined)
 
 
-def _group_by_const(cands: list[Candidate]) -> list[_Group]:
+def _group_by_stored(cands: list[Candidate]) -> list[_Group]:
     groups: dict[int, _Group] = {}
     for cand in cands:
-        groups.setdefault(id(cand.const), _Group(cand.const)).cands.append(cand)
+        groups.setdefault(id(cand.source.stored), _Group(cand.source.stored)).cands.append(cand)
     return list(groups.values())
 
 
 def _skip_shared(group: _Group, skips: dict[int, Skip]) -> None:
-    """Skip every user of a weight that some node or graph output keeps reading densely."""
-    live = {id(c.node) for c in group.cands if id(c) not in skips}
-    keepers = []
-    for user in group.const.users:
-        if id(user) not in live:
-            keepers.append(user.name or user.op_type)
+    """Skip every user of a stored tensor that some node or graph output keeps reading densely.
+
+    The reads are followed through the chain nodes of the group's sources: a read by a
+    chain node leads on to that node's output; a read by a live candidate at its weight
+    input is covered; any other read keeps the tensor (or a value computed from it) dense.
+    """
+    chain = {id(n) for c in group.cands for n in c.source.nodes}
+    live = {(id(c.node), c.weight_index) for c in group.cands if id(c) not in skips}
+    keepers, seen, frontier = [], set(), [group.stored]
+    while frontier:
+        value = frontier.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.is_graph_output():
+            keepers.append("a graph output")
+        for use in value.uses():
+            if id(use.node) in chain:
+                frontier.extend(use.node.outputs)
+            elif (id(use.node), use.idx) not in live:
+                keepers.append(use.node.name or use.node.op_type)
     for cand in group.cands:
-        others = [n for i, n in enumerate(cand.node.input) if i != cand.weight_index]
-        if cand.weight_name in others:
+        others = [v for i, v in enumerate(cand.node.inputs) if i != cand.weight_index]
+        if any(v is cand.source.value or v is group.stored for v in others):
             keepers.append(cand.name)
-    keepers += ["a graph output"] * group.const.output_uses
     if not keepers:
         return
     users = ", ".join(repr(k) for k in dict.fromkeys(keepers))
@@ -344,33 +414,21 @@ def _skip_shared(group: _Group, skips: dict[int, Skip]) -> None:
             skips[id(cand)] = Skip.of(SkipReason.SHARED_WEIGHT, weight=cand.weight_name, users=users)
 
 
-def _transpose(x: str, y: str, rank: int | None, name: str) -> onnx.NodeProto:
-    rank = rank or 2
-    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
-    return helper.make_node("Transpose", [x], [y], name=name, perm=perm)
-
-
-def _tag(nodes: list[onnx.NodeProto], cand: Candidate, hm, tol: float) -> None:
+def _tag(nodes: list[ir.Node], cand: Candidate, hm, tol: float) -> None:
     """Provenance: which node a new node replaces, with which bound."""
     for node in nodes:
-        for key, value in (
-            ("dehm.source_node", cand.name),
-            ("dehm.tol", repr(float(tol))),
-            ("dehm.certified_error", repr(float(hm.rel_certified_error))),
-        ):
-            entry = node.metadata_props.add()
-            entry.key, entry.value = key, value
+        node.metadata_props["dehm.source_node"] = cand.name
+        node.metadata_props["dehm.tol"] = repr(float(tol))
+        node.metadata_props["dehm.rel_certified_error"] = repr(float(hm.rel_certified_error))
 
 
-def _all_names(model: onnx.ModelProto) -> set[str]:
+def _all_names(model: ir.Model) -> set[str]:
     names: set[str] = set()
-    for graph, _ in iter_graphs(model.graph):
-        names.update(i.name for i in graph.input)
-        names.update(o.name for o in graph.output)
-        names.update(t.name for t in graph.initializer)
-        for node in graph.node:
-            names.update(node.output)
-            names.update(node.input)
+    for graph in model.graphs():
+        names.update(v.name for v in (*graph.inputs, *graph.outputs, *graph.initializers.values()) if v.name)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        names.update(v.name for v in node.outputs if v.name)
+        if node.name:
             names.add(node.name)
     return names
 
@@ -385,86 +443,31 @@ def _unique_prefix(base: str, names: set[str]) -> str:
     return candidate
 
 
-def _reuse_initializers(nodes, inits, shared) -> None:
-    """Point ``nodes`` at the initializers of the first emission of the same weight."""
-    assert len(inits) == len(shared), "Bug: emitters must be deterministic for shared weights"
-    rename = {new.name: old.name for new, old in zip(inits, shared)}
-    for node in nodes:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+def _reuse_initializers(emission: Emission, shared: list[ir.Value]) -> None:
+    """Point ``emission``'s nodes at the initializers of the first emission of the same weight."""
+    assert len(emission.initializers) == len(shared), "Bug: emitters must be deterministic for shared weights"
+    for new, old in zip(emission.initializers, shared):
+        ir.convenience.replace_all_uses_with(new, old)
 
 
-def _splice(model, cand: Candidate, nodes, factors, local, functions) -> None:
-    """Replace ``cand.node`` by ``nodes`` at its position; add initializers and functions.
+def _splice(model: ir.Model, cand: Candidate, emission: Emission, factors: list[ir.Value], local: list[ir.Value]) -> None:
+    """Replace ``cand.node`` by the emitted nodes at its position; add initializers and functions.
 
-    The factors live beside the weight they replace (so a subgraph node can share an
+    The factors live beside the stored weight they replace (so a subgraph node can share an
     outer-scope weight's factors); the Gemm scalars live beside the node.
     """
     graph = cand.graph
-    index = next(i for i, n in enumerate(graph.node) if list(n.output) == [cand.output])
-    del graph.node[index]
-    for offset, node in enumerate(nodes):
-        graph.node.insert(index + offset, node)
-    cand.const.graph.initializer.extend(factors)
-    graph.initializer.extend(local)
-    _add_functions(model, functions)
-    _add_domains(model, nodes)
-
-
-def _add_functions(model, functions) -> None:
-    have = {(f.domain, f.name, getattr(f, "overload", "")) for f in model.functions}
-    for fn in functions:
-        key = (fn.domain, fn.name, getattr(fn, "overload", ""))
-        if key not in have:
-            fit_function_to_model(model, fn)  # opsets and IR version (emit_function)
-            model.functions.append(fn)
-            have.add(key)
-
-
-def _add_domains(model, nodes) -> None:
-    have = {o.domain for o in model.opset_import}
-    for node in nodes:
-        if node.domain not in ("", "ai.onnx") and node.domain not in have:
-            model.opset_import.append(helper.make_opsetid(node.domain, 1))
-            have.add(node.domain)
-
-
-def _remove_constant(const: ConstRef) -> None:
-    """Drop a weight that every user stopped reading, with its ``value_info`` entry."""
-    graph = const.graph
-    if const.node is not None:
-        index = next(i for i, n in enumerate(graph.node) if list(n.output) == [const.name])
-        del graph.node[index]
-    else:
-        index = next(i for i, t in enumerate(graph.initializer) if t.name == const.name)
-        del graph.initializer[index]
-    for index in reversed([i for i, v in enumerate(graph.value_info) if v.name == const.name]):
-        del graph.value_info[index]
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return int(op.version)
-    return 0
-
-
-def read_layers(model: onnx.ModelProto) -> list[dict]:
-    """The ``dehm.layers`` metadata of an optimized model (empty list when absent)."""
-    for prop in model.metadata_props:
-        if prop.key == LAYERS_KEY:
-            return json.loads(prop.value)
-    return []
-
-
-def _write_metadata(model: onnx.ModelProto, report: Report) -> None:
-    """Append the compressed layers to ``dehm.layers`` and set ``dehm.version``."""
-    layers = read_layers(model) + [r.metadata_entry() for r in report.compressed]
-    values = {LAYERS_KEY: json.dumps(layers), VERSION_KEY: __version__}
-    for prop in model.metadata_props:
-        if prop.key in values:
-            prop.value = values.pop(prop.key)
-    for key, value in values.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    old = cand.node
+    ir.convenience.replace_nodes_and_values(graph, old, [old], emission.nodes, [old.outputs[0]], [emission.output])
+    home = cand.source.graph
+    for value in factors:
+        home.register_initializer(value)
+    for value in local:
+        graph.register_initializer(value)
+    for function in emission.functions:
+        if function.identifier() not in model.functions:
+            fit_function_to_model(model, function)  # opsets and IR version (emit_function)
+            model.functions[function.identifier()] = function
+    for node in emission.nodes:
+        if node.domain not in ("", "ai.onnx") and node.domain not in model.opset_imports:
+            model.opset_imports[node.domain] = 1

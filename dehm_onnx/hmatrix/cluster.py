@@ -14,32 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["split_sizes", "bisection_levels", "pca_order"]
+__all__ = ["split_sizes", "pca_order"]
 
 
 def split_sizes(size: int) -> tuple[int, int]:
     """Sizes of the two children of a node of ``size`` indices."""
     half = size // 2
     return half, size - half
-
-
-def bisection_levels(size: int, leaf_size: int) -> list[np.ndarray]:
-    """Levels of the bisection tree over ``[0, size)``.
-
-    Returns:
-        One ``(k, 2)`` int array of ``[start, end)`` intervals per level; level 0 is the root.
-        A node that is not split (size <= leaf_size) is not repeated on the next level.
-    """
-    levels = [np.array([[0, size]], dtype=np.int64)]
-    while True:
-        children = []
-        for start, end in levels[-1]:
-            if end - start > leaf_size:
-                left, _ = split_sizes(end - start)
-                children += [(start, start + left), (start + left, end)]
-        if not children:
-            return levels
-        levels.append(np.array(children, dtype=np.int64))
 
 
 def _leading_direction(points: np.ndarray, mean: np.ndarray, rng: np.random.Generator, iterations: int = 6) -> np.ndarray:

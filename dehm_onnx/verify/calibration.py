@@ -43,6 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..config import DEFAULT_NUM_SAMPLES
 from ..errors import ConfigError
 
 __all__ = [
@@ -63,7 +64,6 @@ __all__ = [
     "resolve_calibration",
 ]
 
-DEFAULT_NUM_SAMPLES = 16
 DEFAULT_INT_RANGE = (0, 9)
 # Sizes tried for dynamic non-batch axes when 1 does not run (audio front ends need a
 # minimum length for their Pad/STFT).

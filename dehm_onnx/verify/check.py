@@ -1,6 +1,6 @@
 """Per-layer and model-level error checks of an optimized model against its original.
 
-Definitions (DESIGN.md section 2), **per calibration sample** ``s`` (one feed of the model):
+Definitions (docs/verify.md), **per calibration sample** ``s`` (one feed of the model):
 
 * layer output error ``e_s = ||Y_orig,s - Y_opt,s||_F / ||Y_orig,s||_F``, where ``Y_orig`` is
   the layer's output in the original model and ``Y_opt`` the optimized layer's output *on the
@@ -21,8 +21,10 @@ Definitions (DESIGN.md section 2), **per calibration sample** ``s`` (one feed of
   that sample's error infinite; positions where the original itself is not finite are left
   out of every error.
 
-Layers are read from the optimized model's ``dehm.layers`` metadata (contract 2), so a pair of
-models needs no flags to be verified; a model without it is refused.
+Layers are read from the optimized model's ``dehm.layers`` metadata (``dehm_onnx.report``):
+each entry names the layer's output, its activation input ``x`` and whether ``x`` enters
+``Y = X @ W`` transposed, so a pair of models needs no flags to be verified and nothing is
+re-derived from the original graph; a model without it is refused.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ import math
 import numpy as np
 
 from ..errors import BoundViolation, InvalidModelError
+from ..model_io import load_model
+from ..report import LAYERS_KEY, has_layers
+from ..report import read_layers as _read_layer_entries
 from .calibration import resolve_calibration
-from .runner import expose_outputs, extract_layer_model, load_model, make_cpu_session, release_memory, run_samples
+from .runner import expose_outputs, extract_layer_model, make_cpu_session, release_memory, run_samples
 
 __all__ = [
     "LAYERS_KEY",
@@ -50,9 +55,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-LAYERS_KEY = "dehm.layers"
-_REQUIRED_KEYS = ("name", "output")
 
 
 @dataclasses.dataclass
@@ -70,7 +72,7 @@ class LayerCheck:
     shape: tuple
     tol: float | None
     tol_out: float
-    certified_error: float | None
+    rel_certified_error: float | None
     rel_fro_error: float | None = None
     held_out_error: float | None = None
     median_error: float | None = None
@@ -283,7 +285,7 @@ def _format_table(result: VerifyResult) -> str:
             layer.op,
             "x".join(str(d) for d in layer.shape) or "?",
             _fmt(layer.tol_out),
-            _fmt(layer.certified_error),
+            _fmt(layer.rel_certified_error),
             _fmt(layer.rel_fro_error),
             _fmt(layer.held_out_error) if held else "",
             _fmt(layer.median_error),
@@ -321,34 +323,29 @@ def _columns(rows) -> list:
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _model(model_or_path):
+    """A ModelProto as given (the caller holds it, checked); a path read by ``model_io.load_model``."""
+    return model_or_path if hasattr(model_or_path, "graph") else load_model(model_or_path)
+
+
 def read_layers(model) -> list:
-    """The layer records in the model's ``dehm.layers`` metadata (contract 2).
+    """The layer records in the model's ``dehm.layers`` metadata (``dehm_onnx.report.read_layers``).
 
     Raises:
         InvalidModelError: no such metadata, not JSON, or a record lacks a required key.
     """
-    props = {p.key: p.value for p in model.metadata_props}
-    if LAYERS_KEY not in props:
+    if not has_layers(model):
         raise InvalidModelError(f"OPT has no compressed layers (no {LAYERS_KEY} metadata); was it written by "
                                 "dehm_onnx optimize with at least one layer compressed?")
-    try:
-        layers = json.loads(props[LAYERS_KEY])
-    except json.JSONDecodeError as e:
-        raise InvalidModelError(f"{LAYERS_KEY!r} metadata is not valid JSON: {e}") from e
-    if not isinstance(layers, list):
-        raise InvalidModelError(f"{LAYERS_KEY!r} metadata must be a JSON list, got {type(layers).__name__}")
+    layers = _read_layer_entries(model)
     if not layers:
         raise InvalidModelError(f"OPT has no compressed layers (its {LAYERS_KEY} metadata is empty)")
-    for index, record in enumerate(layers):
-        missing = [k for k in _REQUIRED_KEYS if not isinstance(record, dict) or k not in record]
-        if missing or ("tol_out" not in record and "tol" not in record):
-            raise InvalidModelError(f"{LAYERS_KEY!r} record {index} lacks {missing or ['tol_out']}: {record!r}")
     return layers
 
 
 def _new_check(record: dict) -> LayerCheck:
     tol = record.get("tol")
-    tol_out = record.get("tol_out", tol)
+    tol_out = record["tol_out"] if record.get("tol_out") is not None else tol  # layers= may be hand-written
     return LayerCheck(
         name=str(record["name"]),
         op=str(record.get("op", "?")),
@@ -356,7 +353,7 @@ def _new_check(record: dict) -> LayerCheck:
         shape=tuple(record.get("shape") or ()),
         tol=None if tol is None else float(tol),
         tol_out=float(tol_out),
-        certified_error=None if record.get("certified_error") is None else float(record["certified_error"]),
+        rel_certified_error=None if record.get("rel_certified_error") is None else float(record["rel_certified_error"]),
     )
 
 
@@ -377,44 +374,19 @@ class _LayerPlan:
     worst: list = dataclasses.field(default_factory=list)
 
 
-def _constant_names(graph) -> set:
-    """Tensors computable from initializers and Constant nodes alone (e.g. a dequantized weight)."""
-    constant = {t.name for t in graph.initializer} - {i.name for i in graph.input}
-    for node in graph.node:  # nodes are topologically sorted
-        if all(not name or name in constant for name in node.input):
-            constant.update(o for o in node.output if o)
-    return constant
-
-
-def _layer_input(node, weight: str | None, constants: set) -> tuple[str, bool]:
-    """The activation input of a MatMul/Gemm node and whether it enters ``X @ W`` transposed.
-
-    The activation is the non-constant one of the first two inputs. It is transposed (last two
-    axes) for ``MatMul(W_const, X)`` and for Gemm with the constant in A or with ``transA``.
-    """
-    first_is_weight = node.input[0] == weight or (node.input[0] in constants and node.input[1] not in constants)
-    x_index = 1 if first_is_weight else 0
-    if node.op_type == "Gemm":
-        trans = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
-        transposed = not trans.get("transB", 0) if first_is_weight else bool(trans.get("transA", 0))
-    else:
-        transposed = first_is_weight
-    return node.input[x_index], transposed
-
-
 def _plan_layers(orig, records: list) -> list:
-    producer = {out: node for node in orig.graph.node for out in node.output if out}
-    constants = _constant_names(orig.graph)
+    """One plan per record: its input is the record's ``x`` (in the original model), entering
+    ``X @ W`` transposed when ``x_transposed``; a record without ``x`` is measured in-model only."""
+    produced = {out for node in orig.graph.node for out in node.output if out}
     plans = []
     for record in records:
         plan = _LayerPlan(_new_check(record), record.get("weight"))
-        node = producer.get(plan.check.output)
-        if node is None:
+        if plan.check.output not in produced:
             plan.check.note = "output not produced in the original model's main graph"
-        elif node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2:
-            plan.x_name, plan.transpose_x = _layer_input(node, plan.weight, constants)
+        elif record.get("x"):
+            plan.x_name, plan.transpose_x = str(record["x"]), bool(record.get("x_transposed", False))
         else:
-            plan.check.note = f"original producer is {node.op_type}, not MatMul/Gemm; measured in-model only"
+            plan.check.note = "the record names no activation input (x); measured in-model only"
         plans.append(plan)
     return plans
 
@@ -666,7 +638,7 @@ def verify(
             layers and their bounds unless ``layers`` is given.
         calibration: None (generate from the original model's inputs), a CalibrationSet, a
             dict name -> samples array, or one or more ``.npz`` paths.
-        layers: layer records (contract 2 dicts) overriding the metadata.
+        layers: layer records (``dehm.layers`` entries) overriding the metadata.
         input_shapes: ``{name: shape}`` or ``["name=1x128", ...]`` for generated inputs.
         input_ranges: ``{name: (lo, hi)}`` or ``["name=LO:HI", ...]`` for integer inputs.
         num_samples: number of generated samples (default ``DEFAULT_NUM_SAMPLES``; must be >= 1).
@@ -688,7 +660,7 @@ def verify(
 
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
         raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    orig_model, opt_model = load_model(orig), load_model(opt)
+    orig_model, opt_model = _model(orig), _model(opt)
     records = list(layers) if layers is not None else read_layers(opt_model)
     _check_same_inputs(orig_model, opt_model)
     calib = resolve_calibration(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -23,7 +22,6 @@ __all__ = [
     "ExposedModel",
     "expose_outputs",
     "extract_layer_model",
-    "load_model",
     "make_cpu_session",
     "run_samples",
 ]
@@ -31,37 +29,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def load_model(model):
-    """Return a ModelProto for a path or a ModelProto (external data is loaded too).
+def _nested_outputs(model) -> set:
+    """Names produced inside If/Loop/Scan bodies (onnx-ir's recursive iterator)."""
+    import onnx_ir as ir
 
-    Raises:
-        InvalidModelError: the file is missing or not a readable ONNX model.
-    """
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = os.fspath(model)
-    if not os.path.isfile(path):
-        raise InvalidModelError(f"model file {path!r} does not exist")
-    try:
-        return onnx.load(path)
-    except Exception as e:  # protobuf raises its own DecodeError, not a ValueError
-        raise InvalidModelError(f"cannot read ONNX model {path!r}: {e}") from e
-
-
-def _subgraphs(graph) -> Iterator:
-    import onnx
-
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield attr.g
-                yield from _subgraphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield g
-                    yield from _subgraphs(g)
+    main = ir.serde.deserialize_model(model).graph
+    return {v.name for node in ir.traversal.RecursiveGraphIterator(main) if node.graph is not main for v in node.outputs}
 
 
 def _produced_in(graph) -> set:
@@ -104,7 +77,7 @@ def expose_outputs(model, names: Iterable[str]) -> ExposedModel:
     graph = model.graph
     present = {o.name for o in graph.output}
     main = _produced_in(graph) | {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    nested = set().union(*(_produced_in(g) for g in _subgraphs(graph)))
+    nested = None
     infos = None
     exposed, notes = [], []
     for name in dict.fromkeys(names):
@@ -112,6 +85,7 @@ def expose_outputs(model, names: Iterable[str]) -> ExposedModel:
             exposed.append(name)
             continue
         if name not in main:
+            nested = _nested_outputs(model) if nested is None else nested
             where = "inside a subgraph (If/Loop/Scan body)" if name in nested else "nowhere in the model"
             notes.append(f"tensor {name!r} is produced {where}; not checked")
             continue
@@ -124,86 +98,24 @@ def expose_outputs(model, names: Iterable[str]) -> ExposedModel:
     return ExposedModel(model, exposed, notes)
 
 
-# protobuf cannot serialize a message of 2 GiB or more; such models go through a file.
-_PROTO_LIMIT = 2**31 - 1
-
-
-def _session_from_file(model, options):
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="dehm_verify_") as folder:
-        path = os.path.join(folder, "model.onnx")
-        # onnx.save moves tensors to external references in place; keep the caller's model intact.
-        onnx.save(copy.deepcopy(model), path, save_as_external_data=True, location="model.onnx.data")
-        try:
-            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise InvalidModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
-
-
-def _read_external_data_in_place(model, options) -> None:
-    """Let onnxruntime read a model's external tensors from their files, memory-mapped.
-
-    A model loaded with its weights left in external files (``optimize_file``) is handed to
-    onnxruntime as bytes with the folder its locations are relative to (the enclosing
-    ``graph.external.weights_from`` block). Pre-packing is turned off for such models:
-    onnxruntime then computes on the mapped pages and holds no second, packed copy of each
-    weight (measured: peak RSS 1.08x the weights instead of 1.2x).
-
-    Raises:
-        InvalidModelError: the model has external tensors and no folder is known.
-    """
-    from ..graph import external
-
-    if not external.external_tensors(model):
-        return
-    folder = external.current_folder()
-    if folder is None:
-        raise InvalidModelError("the model keeps tensors in external data, but its folder is unknown; load it from its path")
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    options.add_session_config_entry("session.disable_prepacking", "1")
-
-
-def _uses_custom_domain(model) -> bool:
-    from ..ops.hmatmul import DOMAIN
-
-    return any(o.domain == DOMAIN for o in model.opset_import)
-
-
 def make_cpu_session(model, quiet: bool = False):
-    """An onnxruntime CPU InferenceSession for a ModelProto.
+    """An onnxruntime CPU session for a ModelProto, as verification needs it.
 
-    A model with ``HMatMul`` nodes that stock onnxruntime cannot run (emitted without a
-    function fallback) gets the compiled HMatMul library registered (built on first use).
-    ``quiet`` silences onnxruntime's own error log (for runs that are allowed to fail).
+    ``dehm_onnx.ops.library.make_session`` with ``kernel="if_needed"``: stock onnxruntime,
+    and the compiled HMatMul library only for ``HMatMul`` nodes it cannot run (emit ``custom``).
+    A model that keeps its weights in external files (``api.optimize_file``) is handed over
+    as bytes with the folder of the enclosing ``model_io.weights_from`` block: onnxruntime
+    maps the weights from their files (``make_session``'s ``data_folder``). ``quiet``
+    silences onnxruntime's own error log (for runs that are allowed to fail).
 
     Raises:
-        InvalidModelError: onnxruntime refuses the model.
+        InvalidModelError: onnxruntime refuses the model, or it has external tensors and no
+            folder is known.
     """
-    import onnxruntime as ort
+    from ..model_io import session_data_folder
+    from ..ops.library import make_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4 if quiet else 3
-    _read_external_data_in_place(model, options)
-    if model.ByteSize() >= _PROTO_LIMIT:
-        return _session_from_file(model, options)
-    data = model.SerializeToString()
-    try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        first = str(e).splitlines()[0]
-        if not (_uses_custom_domain(model) and "not a registered function/op" in first):
-            raise InvalidModelError(f"onnxruntime cannot load the model: {first}") from e
-    from ..ops.library import custom_op_library
-
-    options.register_custom_ops_library(str(custom_op_library()))
-    try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise InvalidModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+    return make_session(model, kernel="if_needed", quiet=quiet, data_folder=session_data_folder(model))
 
 
 def release_memory() -> None:

@@ -132,12 +132,12 @@ def tighter_tol(w: np.ndarray, stats, tol: float, tol_out: float, measured: floa
 
 
 def _weights_by_layer(model) -> dict:
-    from ..graph.scan import activation_ranks, scan
+    """Candidates by layer name; their weights are read on use (external ones from the
+    ``model_io.weights_from`` folder)."""
+    from ..graph.scan import scan
+    from ..model_io import from_proto
 
-    found = scan(model)
-    if any(c.needs_x_rank for c in found.candidates):
-        found = scan(model, activation_ranks(model))
-    return {c.name: c for c in found.candidates}
+    return {c.name: c for c in scan(from_proto(model)).candidates}
 
 
 def _set_tol_out(report, tol_out: float, per_layer: dict) -> None:
@@ -147,7 +147,7 @@ def _set_tol_out(report, tol_out: float, per_layer: dict) -> None:
 
 def _write_layers_metadata(model, report) -> None:
     """Make the model's ``dehm.layers`` match the final records (their tol_out may differ per layer)."""
-    from .check import LAYERS_KEY
+    from ..report import LAYERS_KEY
 
     value = json.dumps([r.metadata_entry() for r in report.compressed])
     for prop in model.metadata_props:
@@ -317,7 +317,7 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
     calib = calibration_for(original, config)
     held = held_out_count(calib.num_samples)
     checked = calib.subset(range(calib.num_samples - held))
-    tol_out = config.tol_out if config.tol_out is not None else config.tol
+    tol_out = config.layer_tol_out
     allocation = None
     if config.max_model_error is not None:
         allocation = _allocate(original, checked, config, rewrite)
@@ -325,7 +325,7 @@ def verify_and_tighten(original, optimized, report, config, rewrite):
             return _unreachable(original, allocation, config, rewrite)
         config = allocation.config
         optimized, report = rewrite(original, config, allocation.layer_tols)
-        tol_out = config.tol_out if config.tol_out is not None else config.tol
+        tol_out = config.layer_tol_out
     model_tol = None if config.no_model_check else (
         config.max_model_error if config.max_model_error is not None else tol_out)
     # Under max_model_error each layer's output bound is its allocated tol, unless tol_out was given.

@@ -9,17 +9,23 @@ import sys
 
 import numpy as np
 import onnx
+import onnx_ir
 import pytest
 
 from dehm_onnx import api
-from dehm_onnx.errors import ConfigError
-from dehm_onnx.graph import external
+from dehm_onnx.errors import ConfigError, InvalidModelError
 from dehm_onnx.progress import ProgressBar
 from tests.conftest import output_bound, rel_fro, run_model
 
 from ._models import mlp, save_external, weights
 
 TOL = 1e-3
+
+
+def _external(model):
+    """The main-graph tensors (initializers, Constant values) of ``model`` whose data is external."""
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def _cli(*args, timeout=120):
@@ -45,7 +51,7 @@ def test_optimize_file_reads_external_weights_lazily_and_writes_out_data(source,
     def no_materialize(*args, **kwargs):
         raise AssertionError("the weights must not be loaded as a whole")
 
-    monkeypatch.setattr(external, "materialize", no_materialize)
+    monkeypatch.setattr(onnx_ir.external_data, "load_to_model", no_materialize)
     out = tmp_path / "out.onnx"
     report = api.optimize_file(path, out, tol=TOL, min_size=8, no_verify=True, jobs=1)
     assert len(report.compressed) == 4
@@ -53,7 +59,7 @@ def test_optimize_file_reads_external_weights_lazily_and_writes_out_data(source,
     assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before  # input untouched
     assert report.bytes_after == out.stat().st_size + (tmp_path / "out.onnx.data").stat().st_size
     lazy = onnx.load(out, load_external_data=False)
-    locations = {e.value for t in external.external_tensors(lazy) for e in t.external_data if e.key == "location"}
+    locations = {e.value for t in _external(lazy) for e in t.external_data if e.key == "location"}
     assert locations == {"out.onnx.data"}
     # The lazy path computes exactly what the in-memory API does (whose numerics are tested
     # elsewhere): same nodes, same factors.
@@ -89,7 +95,7 @@ def test_external_constant_node_weights_and_dense_weights_are_handled(tmp_path):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     onnx.save(copy, path, save_as_external_data=True, location="m.data", size_threshold=0, convert_attribute=True)
-    assert len(external.external_tensors(onnx.load(path, load_external_data=False))) == 2
+    assert len(_external(onnx.load(path, load_external_data=False))) == 2
     out = tmp_path / "out.onnx"
     report = api.optimize_file(path, out, tol=TOL, min_size=8, no_verify=True, jobs=1)
     assert [r.name for r in report.compressed] == ["fc_const"]
@@ -98,7 +104,7 @@ def test_external_constant_node_weights_and_dense_weights_are_handled(tmp_path):
     x = np.random.default_rng(1).standard_normal((2, 96)).astype(np.float32)
     (h,) = run_model(onnx.load(out), {"x": x}, outputs=["h"])
     w = kernel_weight(96, 0.3)
-    assert rel_fro(h, x @ w) <= output_bound(x, w, report.compressed[0].certified_error)
+    assert rel_fro(h, x @ w) <= output_bound(x, w, report.compressed[0].rel_certified_error)
 
 
 def test_output_bytes_identical_across_runs_and_jobs(source, tmp_path):
@@ -133,14 +139,29 @@ def test_cli_on_external_model_verifies_in_memory_when_small(source, tmp_path):
 
 def test_external_model_is_verified_with_its_weights_left_in_their_files(source, tmp_path, monkeypatch):
     """No size limit: onnxruntime maps the weights from the input's data file (issue 11, item 14)."""
-    from dehm_onnx.graph import external
-
     path, _ = source
     materialized = []
-    monkeypatch.setattr(external, "materialize", lambda *a, **k: materialized.append(a))
+    monkeypatch.setattr(onnx_ir.external_data, "load_to_model", lambda *a, **k: materialized.append(a))
     report = api.optimize_file(path, tmp_path / "out.onnx", tol=TOL, min_size=8, jobs=1)
     assert report.verification["performed"] is True and not materialized
     assert all(r.measured_error is not None and r.measured_error <= r.tol_out for r in report.compressed)
+
+
+def test_verification_sessions_map_external_weights_from_the_weights_from_folder(source, tmp_path, monkeypatch):
+    """The session seam of item 14: a proto that keeps its external references runs in
+    onnxruntime only with the folder of its data files, never read from the working folder."""
+    from dehm_onnx import model_io
+    from dehm_onnx.verify.runner import make_cpu_session
+
+    path, model = source
+    lazy = onnx.load(path, load_external_data=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidModelError, match="folder is unknown"):
+        make_cpu_session(lazy)
+    with model_io.weights_from(path.parent):
+        session = make_cpu_session(lazy)
+    x = np.random.default_rng(0).standard_normal((2, 96)).astype(np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], run_model(model, {"x": x})[0])
 
 
 def test_output_data_file_may_not_be_the_inputs(tmp_path):
@@ -172,7 +193,7 @@ def test_optimize_file_refuses_output_equal_to_input(source):
 def test_in_memory_api_materializes_validated_external_data(source):
     path, model = source
     optimized, report = api.optimize(path, tol=TOL, min_size=8, no_verify=True, jobs=1)
-    assert not external.external_tensors(optimized) and len(report.compressed) == 4
+    assert not _external(optimized) and len(report.compressed) == 4
 
 
 def test_progress_bar_shows_layers_and_running_ratio():

@@ -6,10 +6,13 @@ import os
 
 import numpy as np
 import onnx
+import onnx_ir
 import pytest
 
+import dehm_onnx
+from dehm_onnx import model_io as external
 from dehm_onnx.errors import ConfigError, InvalidModelError
-from dehm_onnx.graph import external
+from dehm_onnx.graph.sources import find_source
 
 from ._models import mlp, save_external, set_entry, weights
 
@@ -95,57 +98,62 @@ def test_validate_refuses_a_directory(saved):
         _validate(path)
 
 
-def test_tensor_array_memory_maps_the_validated_slice(saved):
+def test_weights_are_memory_mapped_from_the_validated_slice(saved):
     path, model = saved
-    lazy = onnx.load(path, load_external_data=False)
-    with external.weights_from(path.parent):
-        arrays = {t.name: external.tensor_array(t) for t in lazy.graph.initializer}
+    lazy, _ = external.load_lazy(path)
+    arrays = {name: find_source(value).array() for name, value in lazy.graph.initializers.items()}
     assert all(isinstance(a, np.memmap) for a in arrays.values())
     for name, expected in weights(model).items():
         np.testing.assert_array_equal(arrays[name], expected)
 
 
-def test_tensor_array_without_a_folder_is_an_error_not_a_read_from_the_cwd(saved):
+def test_external_tensors_without_a_folder_are_an_error_not_a_read_from_the_cwd(saved):
     path, _ = saved
     lazy = onnx.load(path, load_external_data=False)
     with pytest.raises(InvalidModelError, match="folder is unknown"):
-        external.tensor_array(lazy.graph.initializer[0])
+        dehm_onnx.optimize(lazy, no_verify=True)
 
 
-def test_write_model_puts_data_in_out_data_and_copies_lazily_loaded_tensors(saved, tmp_path):
+def test_save_model_puts_data_in_out_data_and_copies_lazily_loaded_tensors(saved, tmp_path):
     path, model = saved
-    lazy = onnx.load(path, load_external_data=False)
+    lazy, _ = external.load_lazy(path)
     out = tmp_path / "out" / "result.onnx"
     out.parent.mkdir()
-    with external.weights_from(path.parent):
-        external.write_model(lazy, out, external=False)  # lazy tensors force external output
+    external.save_model(lazy, out, external=False)  # lazy tensors force external output
     assert sorted(p.name for p in out.parent.iterdir()) == ["result.onnx", "result.onnx.data"]
     written = onnx.load(out)
     for name, expected in weights(model).items():
         np.testing.assert_array_equal(weights(written)[name], expected)
-    assert lazy.graph.initializer[0].external_data[0].value == "model.onnx.data"  # not modified
+    assert lazy.graph.initializers["w0"].const_value.location == "model.onnx.data"  # not modified
 
 
-def test_write_model_refuses_to_overwrite_the_inputs_data_file(saved):
+def test_save_model_refuses_to_overwrite_the_inputs_data_file(saved):
     path, _ = saved
-    lazy = onnx.load(path, load_external_data=False)
+    lazy, _ = external.load_lazy(path)
     before = (path.parent / "model.onnx.data").read_bytes()
-    with external.weights_from(path.parent), pytest.raises(ConfigError, match="data file the input model uses"):
-        external.write_model(lazy, path.parent / "model.onnx", external=True)
+    with pytest.raises(ConfigError, match="data file the input model uses"):
+        external.save_model(lazy, path.parent / "model.onnx", external=True)
     assert (path.parent / "model.onnx.data").read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 
-def test_write_model_in_memory_model_small_stays_one_file_unless_forced(tmp_path):
+def test_save_model_in_memory_model_small_stays_one_file_unless_forced(tmp_path):
     model = mlp(layers=1, n=32)
-    external.write_model(model, tmp_path / "a.onnx", external=False)
-    external.write_model(model, tmp_path / "b.onnx", external=True)
+    external.save_model(model, tmp_path / "a.onnx", external=False)
+    external.save_model(model, tmp_path / "b.onnx", external=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "b.onnx.data"]
     np.testing.assert_array_equal(weights(onnx.load(tmp_path / "b.onnx"))["w0"], weights(model)["w0"])
 
 
-def test_checkable_copy_passes_the_checker_without_reading_data(saved):
+def test_light_proto_passes_the_checker_without_reading_data(saved):
     path, _ = saved
-    lazy = onnx.load(path, load_external_data=False)
-    onnx.checker.check_model(external.checkable_copy(lazy))
-    assert external.external_tensors(lazy)  # the original is untouched
+    lazy, _ = external.load_lazy(path)
+    onnx.checker.check_model(external.light_proto(lazy))
+    assert all(isinstance(v.const_value, onnx_ir.ExternalTensor) for v in lazy.graph.initializers.values())
+
+
+def test_validate_refuses_a_data_file_with_another_hard_link(saved, tmp_path):
+    path, _ = saved
+    os.link(path.parent / "model.onnx.data", tmp_path / "elsewhere.data")
+    with pytest.raises(InvalidModelError, match="hard links"):
+        _validate(path)

@@ -1,4 +1,4 @@
-"""dehm_onnx.parallel: worker processes, task order, automatic job count, BLAS threads."""
+"""dehm_onnx.compression.parallel: worker processes, task order, automatic job count, BLAS threads."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from dehm_onnx import parallel
+from dehm_onnx.compression import parallel
 from dehm_onnx.errors import CompressionError
 from dehm_onnx.hmatrix import pack
-from dehm_onnx.parallel import LayerTask, compress_layers
-from dehm_onnx.weights import WeightSlice
+from dehm_onnx.compression.parallel import LayerTask, compress_layers
+from dehm_onnx.compression.weights import WeightSlice
 from tests.conftest import low_rank, smooth_kernel
 
 

@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 import dehm_onnx
 from dehm_onnx.errors import CompressionError, ConfigError
-from dehm_onnx.graph.checks import SkipReason
+from dehm_onnx.compression.skips import SkipReason
 from tests.conftest import low_rank, make_model, smooth_kernel
 
 
@@ -113,7 +113,7 @@ def test_skip_compression_failed(rng, monkeypatch):
     def fail(w, tol, *, seed=0):
         raise CompressionError("SVD did not converge")
 
-    monkeypatch.setattr("dehm_onnx.parallel.compress", fail)  # the pass compresses via dehm_onnx.parallel
+    monkeypatch.setattr("dehm_onnx.compression.parallel.compress", fail)  # the pass compresses via dehm_onnx.compression.parallel
     _assert_skipped(_single(low_rank(rng, 96, 96)), SkipReason.COMPRESSION_FAILED, "SVD did not converge")
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
+from dehm_onnx.config import EMIT_MODES
 from dehm_onnx.graph.emit import EMITTERS
-from dehm_onnx.graph.emit_ops import emit_subgraph
+from dehm_onnx.graph.emit_ops import emit_ops
 from dehm_onnx.hmatrix import Block, BlockKind, HMatrix
 from tests.conftest import run_model
 
@@ -33,18 +35,22 @@ def _block(rng, kind, r0, r1, c0, c1, rank=2):
     return Block(kind, r0, r1, c0, c1)
 
 
+def emission_model(hm, dtype, x_shape, prefix="w.hm") -> onnx.ModelProto:
+    """A model ``y = x @ W_H`` made of exactly what ``emit_ops`` returns."""
+    elem = ir.DataType.from_numpy(np.dtype(dtype))
+    x = ir.Value(name="x", type=ir.TensorType(elem), shape=ir.Shape(list(x_shape)))
+    emission = emit_ops(hm, x, prefix, dtype)
+    assert emission.functions == [] and emission.nodes[-1].outputs[0] is emission.output
+    y = emission.output
+    y.name, y.type, y.shape = "y", ir.TensorType(elem), ir.Shape(list(x_shape[:-1]) + [hm.shape[1]])
+    graph = ir.Graph([x], [y], nodes=emission.nodes, initializers=emission.initializers, opset_imports={"": 17}, name="emit")
+    return ir.serde.serialize_model(ir.Model(graph, ir_version=10))
+
+
 def _run(hm, x):
-    nodes, inits, functions = emit_subgraph(hm, "x", "y", "w.hm", np.float64)
-    assert functions == [] and nodes[-1].output[0] == "y"
+    model = emission_model(hm, np.float64, x.shape)
+    nodes, inits = model.graph.node, model.graph.initializer
     assert all(n.name.startswith("w.hm/") for n in nodes) and all(t.name.startswith("w.hm/") for t in inits)
-    graph = helper.make_graph(
-        nodes,
-        "emit",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, list(x.shape))],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, list(x.shape[:-1]) + [hm.shape[1]])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     return run_model(model, {"x": x})[0], nodes
 
@@ -57,8 +63,9 @@ def _check(hm, rng, lead=(3,)):
     return nodes
 
 
-def test_emitters_registry_starts_with_subgraph():
-    assert list(EMITTERS)[0] == "subgraph" and EMITTERS["subgraph"] is emit_subgraph
+def test_emitters_registry_starts_with_ops_and_matches_the_config_modes():
+    assert list(EMITTERS)[0] == "ops" and EMITTERS["ops"] is emit_ops
+    assert tuple(EMITTERS) == EMIT_MODES
 
 
 def test_emit_hierarchical_blocks_with_permutations(rng):
@@ -160,7 +167,7 @@ def test_emit_random_tilings_match_reference(case):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_emit_stores_factors_in_activation_dtype(rng, dtype):
     hm = _hm((4, 4), [_block(rng, BlockKind.LOWRANK, 0, 4, 0, 4)])
-    _, inits, _ = emit_subgraph(hm, "x", "y", "p", dtype)
+    inits = emission_model(hm, dtype, (2, 4), prefix="p").graph.initializer
     float_types = {t.data_type for t in inits if t.data_type != onnx.TensorProto.INT64}
     assert float_types == {helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}
 
@@ -171,15 +178,7 @@ def test_onnxruntime_does_not_fold_factors_back_into_dense_blocks(rng, tmp_path)
 
     blocks = [_block(rng, BlockKind.LOWRANK, 0, 64, 0, 64, rank=3), _block(rng, BlockKind.LOWRANK, 64, 128, 0, 64, rank=3)]
     hm = _hm((128, 64), blocks)
-    nodes, inits, _ = emit_subgraph(hm, "x", "y", "w.hm", np.float32)
-    graph = helper.make_graph(
-        nodes,
-        "emit",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 128])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 64])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    model = emission_model(hm, np.float32, ("B", 128))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(tmp_path / "session.onnx")

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 import dehm_onnx
 from dehm_onnx.config import OptimizeConfig
-from dehm_onnx.graph.rewrite import LAYERS_KEY, read_layers
+from dehm_onnx.report import LAYERS_KEY, read_layers
 from dehm_onnx.graph.scan import is_emitted
 from dehm_onnx.report import METADATA_KEYS
 from tests.conftest import low_rank, make_model, output_bound, rel_fro, run_model, smooth_kernel
@@ -61,7 +61,7 @@ def test_rewrite_writes_layer_metadata_contract(rng):
         assert tuple(entry) == METADATA_KEYS
         assert entry["op"] == "MatMul" and entry["emit"] == OptimizeConfig().emit
         assert entry["tol_out"] == entry["tol"] == 1e-3
-        assert 0 <= entry["certified_error"] <= entry["tol"]
+        assert 0 <= entry["rel_certified_error"] <= entry["tol"]
         assert entry["params"] < entry["dense_params"]
     assert layers[0]["shape"] == [128, 96] and layers[0]["output"] == "h" and layers[0]["weight"] == "w1"
     provenance = [n for n in out.graph.node if is_emitted(n)]
@@ -87,10 +87,10 @@ def test_rewrite_layer_error_within_certified_bound(rng):
     out, report = dehm_onnx.optimize(model, tol=1e-2)
     (record,) = report.layers
     assert record.compressed and record.params < record.dense_params
-    assert record.certified_error <= 1e-2
+    assert record.rel_certified_error <= 1e-2
     x = rng.standard_normal((16, m)).astype(np.float32)
     measured = rel_fro(run_model(out, {"x": x})[0], x.astype(np.float64) @ w.astype(np.float64))
-    assert measured <= output_bound(x, w, record.certified_error)
+    assert measured <= output_bound(x, w, record.rel_certified_error)
 
 
 def _gemm_model(rng, trans_a, trans_b, alpha, beta, bias, const_side):
@@ -191,7 +191,7 @@ def test_rewrite_fp16_weights_stay_fp16(rng):
     y = run_model(out, {"x": x})[0]
     assert y.dtype == np.float16
     exact = x.astype(np.float64) @ w.astype(np.float64)
-    assert rel_fro(y, exact) <= output_bound(x, w, report.layers[0].certified_error, np.float16)
+    assert rel_fro(y, exact) <= output_bound(x, w, report.layers[0].rel_certified_error, np.float16)
 
 
 def test_rewrite_shared_weight_compressed_once(rng):
@@ -316,7 +316,7 @@ def test_rewrite_every_form_within_certified_bound(rng):
     )
     optimized, report = dehm_onnx.optimize(model, tol=1e-2, no_verify=True)
     assert [r.compressed for r in report.layers] == [True] * 4
-    assert all(0 < r.certified_error <= 1e-2 for r in report.layers)
+    assert all(0 < r.rel_certified_error <= 1e-2 for r in report.layers)
     measured = assert_layers_within_bound(model, optimized, report, rng, batch=8)
     assert set(measured) == {"right", "left", "gemm_b", "gemm_a"}
 
@@ -331,8 +331,37 @@ def test_rewrite_float64_weights(rng):
     )
     out, report = dehm_onnx.optimize(model, tol=1e-6)
     (record,) = report.layers
-    assert record.compressed and record.certified_error <= 1e-6
+    assert record.compressed and record.rel_certified_error <= 1e-6
     assert {t.data_type for t in out.graph.initializer if t.data_type != onnx.TensorProto.INT64} == {onnx.TensorProto.DOUBLE}
     x = rng.standard_normal((3, 128))
     y = run_model(out, {"x": x})[0]
-    assert y.dtype == np.float64 and rel_fro(y, x @ w) <= output_bound(x, w, record.certified_error, np.float64)
+    assert y.dtype == np.float64 and rel_fro(y, x @ w) <= output_bound(x, w, record.rel_certified_error, np.float64)
+
+
+def test_emit_subgraph_is_an_alias_of_ops():
+    from dehm_onnx.config import OptimizeConfig
+
+    assert OptimizeConfig(emit="subgraph").emit == "ops"
+
+
+def test_record_says_the_mode_actually_emitted(rng):
+    # HMatMul takes float32/float16: a float64 layer asked for as 'function' is written as ops.
+    w = smooth_kernel(128, 96, dtype=np.float64)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [("x", np.float64, ["B", 128])], [("y", np.float64, ["B", 96])], [("w", w)])
+    out, report = dehm_onnx.optimize(model, emit="function", no_verify=True)
+    (record,) = report.layers
+    assert record.compressed and record.emit == "ops" and not out.functions
+    assert {e["emit"] for e in read_layers(out)} == {"ops"}
+
+
+def test_omitted_optional_outputs_are_not_a_rewrite_error(rng):
+    w = smooth_kernel(96, 80)
+    nodes = [
+        helper.make_node("Dropout", ["x"], ["d", ""]),  # the mask output omitted
+        helper.make_node("MatMul", ["d", "w"], ["y"], name="mm"),
+    ]
+    model = make_model(nodes, [("x", np.float32, [2, 96])], [("y", np.float32, [2, 80])], [("w", w)])
+    out, report = dehm_onnx.optimize(model, no_verify=True)
+    assert report.layers[0].compressed and out.graph.node[0].output[0] == "d"  # a trailing "" may be dropped
+    onnx.checker.check_model(out)

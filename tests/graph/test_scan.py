@@ -19,7 +19,7 @@ def test_scan_constant_node_weight_in_main_graph(rng):
     ]
     model = make_model(nodes, [("x", np.float32, [2, 96])], [("y", np.float32, [2, 80])])
     (cand,) = scan(model).candidates
-    assert cand.const.node is not None and cand.weight.shape == (96, 80)
+    assert cand.source.constant_node is not None and cand.source.kind == "constant" and cand.weight.shape == (96, 80)
     model.graph.value_info.append(helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [96, 80]))
     out, report = dehm_onnx.optimize(model)
     assert report.layers[0].compressed and "Constant" not in [n.op_type for n in out.graph.node]

@@ -75,11 +75,11 @@ def lowrank_optimized(model: onnx.ModelProto, tols: dict, tol_out: dict | None =
         new_nodes.append(helper.make_node("MatMul", [x, f"{wname}.u"], [f"{node.output[0]}.t"], name=f"{node.name}.a"))
         new_nodes.append(helper.make_node("MatMul", [f"{node.output[0]}.t", f"{wname}.vt"], [node.output[0]], name=f"{node.name}.b"))
         layers.append({
-            "name": node.name, "op": "MatMul", "output": node.output[0], "weight": wname,
+            "name": node.name, "op": "MatMul", "output": node.output[0], "weight": wname, "x": x, "x_transposed": False,
             "shape": list(w.shape), "tol": tols[node.name],
             "tol_out": (tol_out or {}).get(node.name, tols[node.name]),
-            "certified_error": err, "params": int(u.size + vt.size), "dense_params": int(w.size),
-            "emit": "subgraph",
+            "rel_certified_error": err, "params": int(u.size + vt.size), "dense_params": int(w.size),
+            "emit": "ops",
         })
     del graph.node[:]
     graph.node.extend(new_nodes)

@@ -43,7 +43,7 @@ def test_verify_good_model_holds_every_bound(pair):
     assert set(by_name) == {"fc0", "fc1"}
     assert all(layer.isolated and layer.rel_fro_error <= layer.tol_out for layer in result.layers)
     # fc0 sees isotropic X: its output error equals the certified weight error (float32 rounding aside).
-    assert by_name["fc0"].rel_fro_error == pytest.approx(by_name["fc0"].certified_error, rel=1e-3)
+    assert by_name["fc0"].rel_fro_error == pytest.approx(by_name["fc0"].rel_certified_error, rel=1e-3)
     # In the full model fc1 also sees fc0's error, so its in-model error is larger.
     assert by_name["fc1"].rel_fro_error_in_model > by_name["fc1"].rel_fro_error
     (out,) = result.outputs
@@ -80,7 +80,7 @@ def test_verify_detects_inputs_in_weak_directions():
     orig = mlp([w])
     opt = lowrank_optimized(orig, {"fc0": 0.05})
     (layer,) = read_layers(opt)
-    assert layer["certified_error"] <= 0.05
+    assert layer["rel_certified_error"] <= 0.05
     u, _, _ = np.linalg.svd(w)
     weak = u[:, 30:48]  # left singular directions dropped by the truncation
     x = (rng.standard_normal((32, 18)) @ weak.T).astype(np.float32)[:, None, :]
@@ -135,6 +135,8 @@ def test_verify_of_a_model_never_optimized_is_bad_input(pair):
 def test_verify_rejects_models_with_different_inputs(pair):
     orig, opt = pair
     opt.graph.input[0].name = "other"
+    for node in opt.graph.node:  # a valid model whose input has another name
+        node.input[:] = ["other" if name == "x" else name for name in node.input]
     with pytest.raises(InvalidModelError, match="different inputs"):
         verify(orig, opt, _calib(2))
 
@@ -162,8 +164,8 @@ def _gemm_pair(tol=0.02):
                  numpy_helper.from_array(vt.astype(np.float32), "B.vt"), inits[1]]
     opt = helper.make_model(helper.make_graph(opt_nodes, "g", list(graph.input), list(graph.output), opt_inits),
                             opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    record = dict(name="proj", op="Gemm", output="y", weight="B", shape=[40, 24], tol=tol, tol_out=tol,
-                  certified_error=err, params=int(u.size + vt.size), dense_params=960, emit="subgraph")
+    record = dict(name="proj", op="Gemm", output="y", weight="B", x="x", x_transposed=False, shape=[40, 24], tol=tol, tol_out=tol,
+                  rel_certified_error=err, params=int(u.size + vt.size), dense_params=960, emit="ops")
     helper.set_model_props(opt, {"dehm.layers": json.dumps([record])})
     return orig, opt, err
 
@@ -223,11 +225,11 @@ def test_extract_layer_model_reproduces_the_layer(pair):
 
 
 def test_sessions_for_models_beyond_protobuf_limit_go_through_a_file(pair, monkeypatch):
-    from dehm_onnx.verify import runner
+    from dehm_onnx.ops import library
 
     orig, opt = pair
     before = orig.SerializeToString()
-    monkeypatch.setattr(runner, "_PROTO_LIMIT", 1)  # every model takes the file route
+    monkeypatch.setattr(library, "_PROTO_LIMIT", 1)  # every model takes the file route
     result = verify(orig, opt, _calib(4))
     assert result.ok and all(layer.isolated for layer in result.layers)
     assert orig.SerializeToString() == before
@@ -329,3 +331,13 @@ def test_layer_model_carries_only_its_own_functions():
     assert 1 <= len(layer.functions) < len(opt.functions)
     x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32)
     assert make_cpu_session(layer).run(["h1"], {"a0": x})[0].shape == (3, 64)
+
+
+def test_verify_takes_the_activation_input_from_the_record(pair):
+    orig, opt = pair
+    records = read_layers(opt)
+    without_x = [{k: v for k, v in r.items() if k not in ("x", "x_transposed")} for r in records]
+    result = verify(orig, opt, _calib(4), layers=without_x)
+    assert not any(layer.isolated for layer in result.layers)
+    assert all("names no activation input" in layer.note for layer in result.layers)
+    assert all(layer.isolated for layer in verify(orig, opt, _calib(4), layers=records).layers)

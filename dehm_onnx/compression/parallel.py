@@ -1,11 +1,13 @@
 """Compress many weights, in worker processes when ``jobs > 1``.
 
-Each ``LayerTask`` is self-contained: its weight is an in-memory array or a ``WeightSlice``
-(a validated external-data file and offset, memory-mapped by whoever runs the task), its
-``tol`` and its ``seed``. The seed comes from the configuration, never from the task's
+Each ``LayerTask`` is self-contained: its weight is an in-memory array, a ``WeightSlice``
+(a validated external-data file and offset, memory-mapped by whoever runs the task) or a
+``WeightRecipe`` (one of those plus dequantize/cast/reshape steps), its ``tol`` and its
+``seed``. The seed comes from the configuration, never from the task's
 position, and results are returned in task order, so the output is the same for any
 number of workers and any completion order. Workers are forked where the platform allows
-it, and touch only numpy/scipy (this module, ``dehm_onnx.hmatrix``, ``dehm_onnx.graph.checks``).
+it, and touch only numpy/scipy (``dehm_onnx.compression`` and ``dehm_onnx.hmatrix``).
+The NaN/Inf check of a weight is made here, once, on the float weight being compressed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CompressionError, InvalidWeightError
-from .graph.checks import Skip, SkipReason, check_gain
-from .hmatrix import HMatrix, compress
-from .weights import WeightSlice
+from ..errors import CompressionError, InvalidWeightError
+from ..hmatrix import HMatrix, compress
+from .skips import Skip, SkipReason, check_gain
+from .weights import WeightRecipe, WeightSlice, open_weight
 
 __all__ = ["LayerTask", "LayerResult", "available_cores", "resolve_jobs", "compress_layers"]
 
@@ -40,7 +42,7 @@ class LayerTask:
     """One weight to compress: ``compress(W, tol, seed=seed)`` with ``W = source`` (or its transpose)."""
 
     name: str
-    source: np.ndarray | WeightSlice
+    source: np.ndarray | WeightSlice | WeightRecipe
     transpose: bool
     tol: float
     seed: int
@@ -76,7 +78,7 @@ def _count_non_finite(w: np.ndarray) -> int:
 
 def run_task(task: LayerTask) -> LayerResult:
     """Load the weight, check it is finite, compress it; a failure becomes a skip reason."""
-    w = task.source.open() if isinstance(task.source, WeightSlice) else task.source
+    w = open_weight(task.source)
     try:
         dense = int(w.size)
         bad = _count_non_finite(w)
@@ -141,8 +143,7 @@ def _init_worker() -> None:
 
 
 def _elements(task: LayerTask) -> int:
-    shape = task.source.shape
-    return int(np.prod(shape, dtype=np.int64))
+    return int(np.prod(task.source.shape, dtype=np.int64))
 
 
 def _context():
