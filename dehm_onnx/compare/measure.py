@@ -4,8 +4,12 @@
   model-local functions), integers included; a ``MatMulNBits`` weight counts ``8 // bits``
   values per stored byte. Pruning adds its sparse-format correction (see ``methods``).
 * ``file_bytes``: the size of the model file (plus its external data file, if any).
+* ``file_ratio``: ``file_bytes`` over the input model's ``file_bytes``.
 * ``output_rel_error``: ``||Y - Y_orig||_2 / ||Y_orig||_2`` over the whole calibration set,
-  the largest over the graph outputs (``dehm_onnx.verify``).
+  the largest over the graph outputs (``dehm_onnx.verify``); ``output_max_abs``:
+  ``max |Y - Y_orig|``, the largest over the graph outputs; ``output_cosine``:
+  ``<Y, Y_orig> / (||Y|| ||Y_orig||)`` over the whole calibration set, the smallest over the
+  graph outputs. Each output's own three numbers are kept too (``CompareResult.outputs``).
 * ``max_layer_error``: the largest relative Frobenius output error of one MatMul/Gemm layer
   with a constant weight, the layer run alone on the original model's input to it
   (``dehm_onnx.verify``'s isolated measurement; layers inside If/Loop/Scan bodies are not
@@ -18,6 +22,10 @@
   standard-op function bodies, with a warning). Errors are measured by ``dehm_onnx.verify``,
   which runs function bodies on stock onnxruntime and registers the kernel only for models
   that cannot run without it (emit ``custom``).
+* ``stock_kernels``: what a stock onnxruntime session (default options, CPU) actually runs
+  for the matrix products of a model, read from the graph onnxruntime optimizes
+  (``SessionOptions.optimized_model_filepath``): e.g. whether ``DequantizeLinear -> MatMul``
+  became ``MatMulNBits`` and at which ``accuracy_level``.
 """
 
 from __future__ import annotations
@@ -32,7 +40,17 @@ import onnx
 
 from ..verify import verify
 
-__all__ = ["LATENCY_THREADS", "stored_params", "file_bytes", "layer_records", "measure_errors", "measure_latency"]
+__all__ = [
+    "LATENCY_THREADS",
+    "stored_params",
+    "file_bytes",
+    "layer_records",
+    "measure_errors",
+    "measure_latency",
+    "output_summary",
+    "stock_kernels",
+    "summarize_kernels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +107,95 @@ def layer_records(model: onnx.ModelProto) -> list:
 
 
 def measure_errors(original_path: Path, path: Path, calibration, records: list) -> tuple:
-    """``(output_rel_error, max_layer_error, {layer name: error})`` of ``path`` against the original."""
+    """``(outputs, max_layer_error, {layer name: error})`` of ``path`` against the original.
+
+    ``outputs`` is one dict per graph output: ``name``, ``rel_l2``, ``max_abs``, ``cosine``.
+    """
     result = verify(original_path, path, calibration, layers=records)
     per_layer = {layer.name: layer.rel_fro_error for layer in result.layers if layer.checked}
     max_layer = max(per_layer.values(), default=None)
-    return result.max_rel_l2, max_layer, per_layer
+    outputs = [{"name": o.name, "rel_l2": o.rel_l2, "max_abs": o.max_abs, "cosine": o.cosine} for o in result.outputs]
+    return outputs, max_layer, per_layer
+
+
+def _nan_max(values) -> float | None:
+    """The largest value, NaN if any is NaN (a NaN output must not hide), None if empty."""
+    values = list(values)
+    if not values:
+        return None
+    return float("nan") if any(v != v for v in values) else max(values)
+
+
+def output_summary(outputs: list) -> dict:
+    """The row numbers of per-output errors: worst rel. L2, worst max abs, smallest cosine."""
+    return {
+        "output_rel_error": _nan_max(o["rel_l2"] for o in outputs) if outputs else 0.0,
+        "output_max_abs": _nan_max(o["max_abs"] for o in outputs) if outputs else 0.0,
+        "output_cosine": -_nan_max(-o["cosine"] for o in outputs) if outputs else 1.0,
+    }
+
+
+# Op types that carry a model's matrix products (and their quantized forms) in onnxruntime's
+# optimized graph; the others are not summarized.
+_PRODUCT_OPS = (
+    "MatMul",
+    "Gemm",
+    "FusedMatMul",
+    "FusedGemm",
+    "MatMulNBits",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "DequantizeLinear",
+    "HMatMul",
+)
+
+
+def summarize_kernels(model: onnx.ModelProto) -> dict:
+    """``{op description: count}`` of the product ops of a (optimized) model's main graph.
+
+    ``MatMulNBits`` is described with its ``bits`` and ``accuracy_level`` (0 when unset,
+    onnxruntime's default for the attribute).
+    """
+    counts: dict = {}
+    for node in model.graph.node:
+        if node.op_type not in _PRODUCT_OPS:
+            continue
+        name = node.op_type
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+            name = f"MatMulNBits(bits={attrs.get('bits', 4)}, accuracy_level={attrs.get('accuracy_level', 0)})"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def stock_kernels(path: Path) -> str:
+    """What stock onnxruntime runs for the products of ``path``, e.g. ``MatMulNBits(bits=8, accuracy_level=4) x1``.
+
+    The session has onnxruntime's default options (the compiled HMatMul library is registered
+    only for models that cannot run without it, emit ``custom``). Returns a short note
+    instead when onnxruntime cannot load the model.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    from ..ops.library import make_session
+
+    with tempfile.TemporaryDirectory(prefix="dehm_kernels_") as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = 1
+        options.optimized_model_filepath = str(optimized)
+        try:
+            make_session(path, kernel="if_needed", quiet=True, sess_options=options)
+            model = onnx.load(str(optimized), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - a note in the table, not a failure of the row
+            return f"not read ({type(e).__name__})"
+    counts = summarize_kernels(model)
+    return ", ".join(f"{name} x{count}" for name, count in counts.items()) or "no matrix products"
 
 
 def _session(path: Path):
