@@ -87,9 +87,15 @@ def register(subparsers) -> None:
     # Shared with optimize and verify: one definition, the OptimizeConfig fields.
     add_config_arguments(parser, CALIBRATION_OPTIONS + ("min_size",))
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N", help=f"timed latency rounds (default: {DEFAULT_ROUNDS})")
-    parser.add_argument("--json", metavar="FILE.json", help='write {"rows": [...]}')
+    parser.add_argument(
+        "--stock-latency",
+        action="store_true",
+        help="time --emit function models on their standard-op function bodies, as stock onnxruntime "
+        "runs them (default: with the compiled HMatMul kernel)",
+    )
+    parser.add_argument("--json", metavar="FILE.json", help="write the rows (with their pareto flags), per-output errors and stock kernels as JSON")
     parser.add_argument("--report", metavar="FILE.md", help="write the Markdown table")
-    parser.add_argument("--plot", metavar="FILE.png", help="write error-vs-size plots (needs matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a Pareto plot, output error against file bytes and latency (needs matplotlib)")
     parser.add_argument("--keep-models", metavar="DIR", help="keep every method's model in DIR (created if missing)")
     parser.set_defaults(func=run)
 
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         seed=config.seed,
         config=config,
         rounds=args.rounds,
+        stock_latency=args.stock_latency,
         workdir=args.keep_models,
     )
     print(markdown_table(result))

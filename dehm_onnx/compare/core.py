@@ -26,6 +26,7 @@ __all__ = [
     "JSON_KEYS",
     "METHODS",
     "PARETO_AXES",
+    "PARETO_ERROR_TIES",
     "DEFAULT_TOLS",
     "DEFAULT_ROUNDS",
     "CompareResult",
@@ -53,8 +54,12 @@ ROW_KEYS = (
 )
 METHODS = ("original",) + TOL_METHODS + FIXED_METHODS
 # A row's ``pareto`` flag: no other row has at most its file bytes and at most its error,
-# and less of one (``pareto.pareto_flags``).
+# and less of one (``pareto.pareto_flags``). Output errors within 1 % plus 1e-6 of each other
+# count as equal: the same weights run by standard ops and by the compiled kernel differ by
+# float rounding (a float32 model's output rounding is ~1e-7..1e-6 relative), which must not
+# decide the front.
 PARETO_AXES = ("file_bytes", "output_rel_error")
+PARETO_ERROR_TIES = (1e-2, 1e-6)
 DEFAULT_TOLS = (1e-3, 1e-2)
 DEFAULT_ROUNDS = 21
 
@@ -97,6 +102,7 @@ class CompareResult:
         out = {
             "rows": [{k: _json_number(row[k]) for k in ROW_KEYS} for row in self.rows],
             "pareto_axes": list(PARETO_AXES),
+            "pareto_error_ties": list(PARETO_ERROR_TIES),
             "outputs": {label: [{k: _json_number(v) for k, v in o.items()} for o in outs] for label, outs in self.outputs.items()},
             "kernels": dict(self.kernels),
         }
@@ -106,7 +112,7 @@ class CompareResult:
 
 
 # Top-level keys of ``CompareResult.to_dict`` (``errors`` only when a method failed).
-JSON_KEYS = ("rows", "pareto_axes", "outputs", "kernels", "errors")
+JSON_KEYS = ("rows", "pareto_axes", "pareto_error_ties", "outputs", "kernels", "errors")
 
 
 def _json_number(value):
@@ -205,6 +211,7 @@ def compare(
     seed: int = 0,
     config: OptimizeConfig | None = None,
     rounds: int = DEFAULT_ROUNDS,
+    stock_latency: bool = False,
     workdir=None,
 ) -> CompareResult:
     """Compress ``model`` by every method and measure each result on one calibration set.
@@ -223,6 +230,8 @@ def compare(
             as for ``dehm_onnx.verify`` (generated from the input signature by default).
         config: optimize options shared by dehm, svd and pruning (``tol`` is overridden).
         rounds: timed latency rounds.
+        stock_latency: time models written with ``--emit function`` on their standard-op
+            function bodies (what stock onnxruntime runs), not with the compiled kernel.
         workdir: folder to keep every method's model in; default a temporary folder,
             removed on return.
 
@@ -253,7 +262,7 @@ def compare(
             seed=seed,
         )
         config = _with_calibration(config, calib, folder)
-        return _run(specs, original, source, config, folder, calib, rounds)
+        return _run(specs, original, source, config, folder, calib, rounds, stock_latency)
     finally:
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
@@ -275,7 +284,7 @@ def _with_calibration(config: OptimizeConfig, calib, folder: Path) -> OptimizeCo
     return make_config(config, calibration=(str(path),), input_shape=(), input_range=(), num_samples=calib.num_samples)
 
 
-def _run(specs, original, source, config, folder, calib, rounds) -> CompareResult:
+def _run(specs, original, source, config, folder, calib, rounds, stock_latency) -> CompareResult:
     result = CompareResult(calibration=calib.source)
     records = layer_records(original)
     original_bytes = file_bytes(source)
@@ -310,7 +319,7 @@ def _run(specs, original, source, config, folder, calib, rounds) -> CompareResul
             result.certified[label] = item.certified
         result.models[label] = item.path
     first_sample = next(calib.samples())
-    latency = _latency(built, first_sample, rounds, result.errors)
+    latency = _latency(built, first_sample, rounds, result.errors, stock_latency)
     for spec in specs:
         label = spec.label
         values = measured.get(label)
@@ -326,14 +335,15 @@ def _run(specs, original, source, config, folder, calib, rounds) -> CompareResul
 def _mark_pareto(rows: list) -> None:
     """Set every row's ``pareto`` flag on ``PARETO_AXES`` (None for rows not measured)."""
     x, y = PARETO_AXES
-    flags = pareto_flags([(row[x], row[y]) for row in rows])
+    rel_tie, abs_tie = PARETO_ERROR_TIES
+    flags = pareto_flags([(row[x], row[y]) for row in rows], rel_tie, abs_tie)
     for row, flag in zip(rows, flags):
         row["pareto"] = flag
 
 
-def _latency(built: dict, feed: dict, rounds: int, errors: dict) -> dict:
+def _latency(built: dict, feed: dict, rounds: int, errors: dict, stock: bool) -> dict:
     """Latency of every built model; one that onnxruntime cannot run gets an error note."""
-    latency, failures = measure_latency({label: item.path for label, item in built.items()}, feed, rounds)
+    latency, failures = measure_latency({label: item.path for label, item in built.items()}, feed, rounds, stock)
     for label, error in failures.items():
         errors[label] = f"latency: {_one_line(error)}"
     return latency

@@ -19,7 +19,8 @@
   the median per method is reported. A model with ``HMatMul`` nodes (emit ``function``,
   optimize's default, or ``custom``) is timed with the compiled kernel library registered
   (``dehm_onnx.ops.library``; if it cannot be built, a ``function`` model is timed on its
-  standard-op function bodies, with a warning). Errors are measured by ``dehm_onnx.verify``,
+  standard-op function bodies, with a warning); with ``stock_latency``, ``function`` models
+  are timed on their function bodies, as a stock onnxruntime runs them. Errors are measured by ``dehm_onnx.verify``,
   which runs function bodies on stock onnxruntime and registers the kernel only for models
   that cannot run without it (emit ``custom``).
 * ``stock_kernels``: what a stock onnxruntime session (default options, CPU) actually runs
@@ -198,9 +199,11 @@ def stock_kernels(path: Path) -> str:
     return ", ".join(f"{name} x{count}" for name, count in counts.items()) or "no matrix products"
 
 
-def _session(path: Path):
-    """A timing session; models with HMatMul nodes (emit "function" or "custom") get the
-    compiled kernel when it can be built (``make_session``'s ``prefer``)."""
+def _session(path: Path, stock: bool = False):
+    """A timing session. Models with HMatMul nodes (emit "function" or "custom") get the
+    compiled kernel when it can be built (``make_session``'s ``prefer``); with ``stock``, only
+    models that cannot run without it do (emit "custom"), and "function" models run their
+    standard-op bodies, as on a stock onnxruntime."""
     import onnxruntime as ort
 
     from ..ops.library import make_session
@@ -209,7 +212,8 @@ def _session(path: Path):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     spin = {"session.intra_op.allow_spinning": "0"}
-    return make_session(path, threads=LATENCY_THREADS, config=spin, kernel="prefer", sess_options=options)
+    kernel = "if_needed" if stock else "prefer"
+    return make_session(path, threads=LATENCY_THREADS, config=spin, kernel=kernel, sess_options=options)
 
 
 def _timed(session, feed: dict, inner: int) -> float:
@@ -219,13 +223,14 @@ def _timed(session, feed: dict, inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def measure_latency(paths: dict, feed: dict, rounds: int) -> tuple:
+def measure_latency(paths: dict, feed: dict, rounds: int, stock: bool = False) -> tuple:
     """Median milliseconds per run of each model, timed alternately in this process.
 
     Args:
         paths: label -> model file.
         feed: one input feed (the first calibration sample).
         rounds: timed rounds; each round runs every model once (or ``inner`` times).
+        stock: time "function" models on their function bodies (see ``_session``).
 
     Returns:
         ``({label: ms}, {label: error})``: a model that onnxruntime cannot load or run is
@@ -234,7 +239,7 @@ def measure_latency(paths: dict, feed: dict, rounds: int) -> tuple:
     sessions, inner, failures = {}, {}, {}
     for label, path in paths.items():
         try:
-            session = _session(path)
+            session = _session(path, stock)
             first = _timed(session, feed, 1)  # warm-up, also sizes the inner loop
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; reported per row
             failures[label] = e

@@ -7,7 +7,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dehm_onnx.compare.core import _mark_pareto
+from dehm_onnx.compare.core import PARETO_ERROR_TIES, _mark_pareto
 from dehm_onnx.compare.pareto import beats, pareto_flags
 
 
@@ -65,13 +65,42 @@ def test_pareto_front_is_exactly_the_unbeaten_points(points):
         assert smallest in front
 
 
+def test_pareto_error_ties_absorb_rounding_noise():
+    # The same layer by standard ops (err 3.6700e-4) and by the compiled kernel (3.6702e-4):
+    # exactly compared, the larger ops file stays on the front; with the tie it is beaten.
+    ops, kernel = (120_000, 3.6700e-4), (80_000, 3.6702e-4)
+    assert pareto_flags([ops, kernel]) == [True, True]
+    assert pareto_flags([ops, kernel], rel_tie=1e-2) == [False, True]
+    # A clearly smaller error still counts at the same size, and rounding of an exact model
+    # (0 against 5e-7) is a tie within abs_tie.
+    assert pareto_flags([(10, 1e-3), (10, 0.9e-3)], rel_tie=1e-2) == [False, True]
+    assert pareto_flags([(100, 0.0), (100, 5e-7)], abs_tie=1e-6) == [True, True]
+    assert pareto_flags([(100, 0.0), (90, 5e-7)], abs_tie=1e-6) == [False, True]
+    # ties never make a finite error lose to an infinite one, nor the reverse
+    assert pareto_flags([(5, math.inf), (5, 1.0)], 1e-2, 1e-6) == [False, True]
+
+
+@given(st.lists(st.tuples(st.integers(1, 50), _finite), max_size=25), st.sampled_from([0.0, 1e-2]), st.sampled_from([0.0, 1e-6]))
+def test_pareto_with_ties_is_antisymmetric_and_flags_the_unbeaten(points, rel_tie, abs_tie):
+    flags = pareto_flags(points, rel_tie, abs_tie)
+    for p, flag in zip(points, flags):
+        assert flag == (not any(beats(q, p, rel_tie, abs_tie) for q in points))
+        for q in points:
+            assert not (beats(q, p, rel_tie, abs_tie) and beats(p, q, rel_tie, abs_tie))
+    if points:
+        assert any(flags)  # the smallest point with the least error among the smallest is unbeaten
+
+
 def test_mark_pareto_on_rows_uses_file_bytes_and_output_error():
+    rel_tie, _ = PARETO_ERROR_TIES
     rows = [
         {"method": "original", "file_bytes": 1000, "output_rel_error": 0.0},
         {"method": "dehm@1e-02", "file_bytes": 200, "output_rel_error": 1e-3},
         {"method": "nbits8", "file_bytes": 280, "output_rel_error": 5e-3},
         {"method": "nbits4", "file_bytes": 150, "output_rel_error": 8e-2},
         {"method": "int8", "file_bytes": None, "output_rel_error": None},
+        # the same layer in standard ops: larger, and more accurate only by rounding noise
+        {"method": "dehm-ops@1e-02", "file_bytes": 300, "output_rel_error": 1e-3 * (1 - rel_tie / 4)},
     ]
     _mark_pareto(rows)
-    assert [r["pareto"] for r in rows] == [True, True, False, True, None]
+    assert [r["pareto"] for r in rows] == [True, True, False, True, None, False]
