@@ -35,8 +35,9 @@ Models (``--models``; default all):
   task metric: the smallest cosine similarity of a sentence embedding to the original's;
 * ``gp_mean``: GP posterior mean, 2048 training points (``bench_compare_operators.gp_mean``).
 
-Writes ``docs/compare/pareto_<model>.json`` and ``.png`` and ``docs/compare/pareto.md`` (every
-table, with the command); models are kept in ``$DEHM_CACHE/compare/pareto_<model>/``.
+Writes ``docs/compare/pareto_<model>.json``, ``.png`` and ``.md`` (the table, with the command
+and commit), and ``docs/compare/pareto.md``, every model's ``.md`` present, in the order above;
+models are kept in ``$DEHM_CACHE/compare/pareto_<model>/``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import dataclasses
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -70,7 +71,7 @@ class Case:
     tols: tuple
     emits: tuple
     task: object = None  # (CompareResult, calibration) -> {"header": {label: text}}
-    kwargs: dict = field(default_factory=dict)
+    precisions: tuple | None = None  # dehm precisions, when optimize has them (default: --precisions)
 
 
 def _matmul_case(name: str, k: np.ndarray, calib: np.ndarray) -> tuple:
@@ -162,8 +163,9 @@ CASES = {
     "whisper128": Case("onnx-asr whisper128 preprocessor, 10 s", _asr("whisper128"), (1e-4, 1e-3, 1e-2), ALL_EMITS),
     "nemo128": Case("onnx-asr nemo128 preprocessor, 10 s", _asr("nemo128"), (1e-4, 1e-3, 1e-2), ALL_EMITS),
     "kaldi": Case("onnx-asr kaldi preprocessor, 10 s", _asr("kaldi"), (1e-4, 1e-3, 1e-2), ALL_EMITS),
-    "minilm": Case("all-MiniLM-L6-v2, mean-pooled sentence embeddings", make_minilm, (1e-2, 5e-2), ("function",), minilm_task),
-    "gp_mean": Case("GP posterior mean, 2048 x 1024", make_gp_mean, (1e-4, 1e-3, 1e-2), ("function", "custom")),
+    # float storage cannot compress these weights (DESIGN.md section 3); each dehm row costs minutes
+    "minilm": Case("all-MiniLM-L6-v2, mean-pooled sentence embeddings", make_minilm, (1e-2, 5e-2), ("function",), minilm_task, ("auto",)),
+    "gp_mean": Case("GP posterior mean, 2048 x 1024", make_gp_mean, (1e-4, 1e-3, 1e-2), ("function",)),
 }
 
 
@@ -178,10 +180,10 @@ def _commit() -> str:
 
 
 def run_case(name: str, case: Case, args) -> str:
-    """Compare one model; write its JSON and plot; return its Markdown section."""
+    """Compare one model; write its JSON, plot and Markdown section; return the section."""
     start = time.perf_counter()
     path, calibration = case.make()
-    precisions = args.precisions if has_precision() else None
+    precisions = (case.precisions or args.precisions) if has_precision() else None
     result = compare(
         path,
         tols=args.tols or case.tols,
@@ -200,11 +202,14 @@ def run_case(name: str, case: Case, args) -> str:
     write_plot(result, DOCS / f"pareto_{name}.png", title=case.title)
     seconds = time.perf_counter() - start
     kernels = "\n".join(f"- `{label}`: {text}" for label, text in result.kernels.items())
-    return (
-        f"**{case.title}** (`docs/compare/pareto_{name}.json`; calibration: {result.calibration}; "
-        f"{seconds:.0f} s)\n\n{pareto_table(result, extra)}\n\n"
+    section = (
+        f"**{case.title}** (`python benchmarks/bench_pareto.py --models {name}`, commit `{_commit()}`, "
+        f"dehm precision option: {'yes' if has_precision() else 'no (float storage)'}; "
+        f"`docs/compare/pareto_{name}.json`; {seconds:.0f} s)\n\n{pareto_table(result, extra)}\n\n"
         f"What stock onnxruntime runs for the products (its optimized graph):\n\n{kernels}\n"
     )
+    (DOCS / f"pareto_{name}.md").write_text(section)
+    return section
 
 
 def main() -> None:
@@ -215,19 +220,11 @@ def main() -> None:
     parser.add_argument("--emits", nargs="+", default=None, choices=list(EMIT_MODES), help="dehm emission modes (default: per model)")
     parser.add_argument("--rounds", type=int, default=11)
     args = parser.parse_args()
-    command = "python benchmarks/bench_pareto.py --models " + " ".join(args.models)
-    sections = []
     for name in args.models:
-        section = run_case(name, CASES[name], args)
-        print(f"\n{section}", flush=True)
-        sections.append(section)
-    header = (
-        f"# Pareto tables\n\n`{command}` on commit `{_commit()}`; dehm precision option: "
-        f"{'yes' if has_precision() else 'no (float storage)'}.\n\n"
-    )
-    out = DOCS / ("pareto.md" if set(args.models) == set(CASES) else f"pareto_{'_'.join(args.models)}.md")
-    out.write_text(header + "\n".join(sections))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+        print(f"\n{run_case(name, CASES[name], args)}", flush=True)
+    sections = [(DOCS / f"pareto_{name}.md").read_text() for name in CASES if (DOCS / f"pareto_{name}.md").is_file()]
+    (DOCS / "pareto.md").write_text("# Pareto tables (written by benchmarks/bench_pareto.py)\n\n" + "\n".join(sections))
+    print(f"wrote {(DOCS / 'pareto.md').relative_to(ROOT)} ({len(sections)} models)")
 
 
 if __name__ == "__main__":

@@ -204,16 +204,12 @@ def _session(path: Path, stock: bool = False):
     compiled kernel when it can be built (``make_session``'s ``prefer``); with ``stock``, only
     models that cannot run without it do (emit "custom"), and "function" models run their
     standard-op bodies, as on a stock onnxruntime."""
-    import onnxruntime as ort
-
     from ..ops.library import make_session
 
-    options = ort.SessionOptions()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    # No shared SessionOptions: make_session builds fresh ones for a retry with the library.
     spin = {"session.intra_op.allow_spinning": "0"}
     kernel = "if_needed" if stock else "prefer"
-    return make_session(path, threads=LATENCY_THREADS, config=spin, kernel=kernel, sess_options=options)
+    return make_session(path, threads=LATENCY_THREADS, config=spin, kernel=kernel, quiet=True)
 
 
 def _timed(session, feed: dict, inner: int) -> float:
