@@ -165,18 +165,29 @@ def minilm_task(result, calibration: dict) -> dict:
 
 
 ALL_EMITS = tuple(EMIT_MODES)
+
+
+def emits(*modes: str) -> tuple:
+    """``modes``, after optimize's per-layer ``auto`` emission where this dehm_onnx has one."""
+    return (("auto",) if "auto" in EMIT_MODES else ()) + tuple(m for m in modes if m in EMIT_MODES)
+
+
+# One emission mode where every dehm row costs minutes: optimize's per-layer choice, else function.
+ONE_EMIT = ("auto",) if "auto" in EMIT_MODES else ("function",)
+
+
 CASES = {
-    "log4096": Case("1-D log-kernel layer, 4096 x 4096", make_log4096, (1e-4, 1e-3, 1e-2), ("function", "custom")),
-    "gauss1024": Case("Gaussian random layer, 1024 x 1024", make_gauss1024, (1e-2, 5e-2, 1e-1), ("function", "custom")),
+    "log4096": Case("1-D log-kernel layer, 4096 x 4096", make_log4096, (1e-4, 1e-3, 1e-2), emits("function", "custom")),
+    "gauss1024": Case("Gaussian random layer, 1024 x 1024", make_gauss1024, (1e-2, 5e-2, 1e-1), emits("function", "custom")),
     # issue 13's speed target: at tol 1e-2 within 1.25x of nbits8's batch-1 latency
-    "gauss4096": Case("Gaussian random layer, 4096 x 4096", make_gauss4096, (1e-2,), ("function", "custom")),
+    "gauss4096": Case("Gaussian random layer, 4096 x 4096", make_gauss4096, (1e-2,), emits("function", "custom")),
     "demo": Case("demo model (models/make_demo.py)", make_demo, (1e-3, 1e-2, 1e-1), ALL_EMITS),
     "whisper128": Case("onnx-asr whisper128 preprocessor, 10 s", _asr("whisper128"), (1e-4, 1e-3, 1e-2), ALL_EMITS),
     "nemo128": Case("onnx-asr nemo128 preprocessor, 10 s", _asr("nemo128"), (1e-4, 1e-3, 1e-2), ALL_EMITS),
     "kaldi": Case("onnx-asr kaldi preprocessor, 10 s", _asr("kaldi"), (1e-4, 1e-3, 1e-2), ALL_EMITS),
     # float storage cannot compress these weights (DESIGN.md section 3); each dehm row costs minutes
-    "minilm": Case("all-MiniLM-L6-v2, mean-pooled sentence embeddings", make_minilm, (1e-2, 5e-2), ("function",), minilm_task, ("auto",)),
-    "gp_mean": Case("GP posterior mean, 2048 x 1024", make_gp_mean, (1e-4, 1e-3, 1e-2), ("function",)),
+    "minilm": Case("all-MiniLM-L6-v2, mean-pooled sentence embeddings", make_minilm, (1e-2, 5e-2), ONE_EMIT, minilm_task, ("auto",)),
+    "gp_mean": Case("GP posterior mean, 2048 x 1024", make_gp_mean, (1e-4, 1e-3, 1e-2), ONE_EMIT),
 }
 
 

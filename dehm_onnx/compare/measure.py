@@ -149,19 +149,21 @@ _PRODUCT_OPS = (
     "MatMulInteger",
     "QLinearMatMul",
     "DequantizeLinear",
-    "HMatMul",
 )
 
 
 def summarize_kernels(model: onnx.ModelProto) -> dict:
     """``{op description: count}`` of the product ops of a (optimized) model's main graph.
 
-    ``MatMulNBits`` is described with its ``bits`` and ``accuracy_level`` (0 when unset,
-    onnxruntime's default for the attribute).
+    Counted: standard and onnxruntime product ops (``_PRODUCT_OPS``) and every node of dehm's
+    own domain (HMatMul and its versions). ``MatMulNBits`` is described with its ``bits`` and
+    ``accuracy_level`` (0 when unset, onnxruntime's default for the attribute).
     """
+    from ..ops.hmatmul import DOMAIN
+
     counts: dict = {}
     for node in model.graph.node:
-        if node.op_type not in _PRODUCT_OPS:
+        if node.op_type not in _PRODUCT_OPS and node.domain != DOMAIN:
             continue
         name = node.op_type
         if node.op_type == "MatMulNBits":
