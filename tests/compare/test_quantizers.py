@@ -129,3 +129,23 @@ def test_compare_json_has_its_keys_and_pareto_flags(rng, tmp_path):
     table = pareto_table(result, extra={"task": {"nbits4": "0.5"}})
     assert table.splitlines()[0].startswith("| method | file bytes (× original) |") and "| task |" in table
     assert "| nbits4 |" in table and "| 0.5 |" in table
+
+
+def test_summarize_kernels_counts_products_nbits_levels_and_dehm_nodes():
+    from dehm_onnx.compare.measure import summarize_kernels
+    from dehm_onnx.ops.hmatmul import DOMAIN
+
+    nodes = [
+        helper.make_node("MatMulNBits", ["x", "b", "s"], ["y1"], domain="com.microsoft", bits=8, block_size=32, K=4, N=4),
+        helper.make_node("MatMulNBits", ["x", "b", "s"], ["y2"], domain="com.microsoft", bits=4, block_size=32, K=4, N=4, accuracy_level=4),
+        helper.make_node("HMatMulV2", ["x"], ["y3"], domain=DOMAIN),  # any version of dehm's op
+        helper.make_node("MatMul", ["x", "w"], ["y4"]),
+        helper.make_node("Relu", ["y4"], ["y5"]),  # not a product: not listed
+    ]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert summarize_kernels(helper.make_model(graph)) == {
+        "MatMulNBits(bits=8, accuracy_level=0)": 1,
+        "MatMulNBits(bits=4, accuracy_level=4)": 1,
+        "HMatMulV2": 1,
+        "MatMul": 1,
+    }
