@@ -49,6 +49,8 @@ def mlp_result(mlp_path):
 def _layer_bound(x: np.ndarray, w: np.ndarray, rel_weight_error: float) -> float:
     """``||X (W - W~)||_F / ||X W||_F <= ||X||_2 ||W - W~||_F / ||X W||_F``, plus float32 rounding."""
     x64, w64 = x.reshape(-1, w.shape[0]).astype(np.float64), w.astype(np.float64)
+    if not np.any(x64):  # a zero sample (all of fc2's input cut by the Relu): both products are 0
+        return 0.0
     exact = np.linalg.norm(x64 @ w64)
     rounding = 4 * w.shape[0] * np.finfo(np.float32).eps * np.linalg.norm(np.abs(x64) @ np.abs(w64))
     return float((np.linalg.norm(x64, 2) * rel_weight_error * np.linalg.norm(w64) + rounding) / exact)
