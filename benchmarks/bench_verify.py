@@ -56,7 +56,7 @@ def tightening_table(model: Path, folder: Path) -> None:
                                ("--tol 0.05 --calibration high.npz", tight, tight_report)):
         (layer,) = report.compressed
         result = verify(model, opt, [calib])
-        print(f"| {label} | {layer.tol:.2g} | {layer.params} of {layer.dense_params} | {layer.certified_error:.2g} "
+        print(f"| {label} | {layer.tol:.2g} | {layer.params} of {layer.dense_params} | {layer.rel_certified_error:.2g} "
               f"| {result.layers[0].rel_fro_error:.2g} | {_features(result).rel_l2:.2g} |")
 
 

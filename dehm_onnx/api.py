@@ -15,7 +15,6 @@ until each is compressed and streams the rest to ``OUT.data`` (docs/big_models.m
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -36,9 +35,6 @@ __all__ = ["optimize", "optimize_file", "load_model", "save_model", "rewrite", "
 logger = logging.getLogger(__name__)
 
 _PROTO_LIMIT = model_io.PROTO_LIMIT
-# Verification runs both models in onnxruntime, in memory: external data up to this size is
-# loaded for it; beyond, optimize_file skips verification (the weight bound still holds).
-VERIFY_IN_MEMORY_LIMIT = 1 << 30
 load_model = model_io.load_model
 
 
@@ -161,7 +157,8 @@ def _load_in_onnxruntime(model: onnx.ModelProto) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    make_session(model, kernel="if_needed", sess_options=options)
+    # External weights are mapped from their files (the enclosing model_io.weights_from block).
+    make_session(model, kernel="if_needed", sess_options=options, data_folder=model_io.session_data_folder(model))
 
 
 def _input_roles(source, config: OptimizeConfig) -> list[PathRole]:
@@ -200,9 +197,9 @@ def optimize_file(
     External weights stay in their files and are memory-mapped one at a time when their
     layer is compressed; the output keeps its tensors in ``OUT.data`` when the input had
     external data, when ``config.external_data`` is set, or when it exceeds 2 GB. Options,
-    verification and errors are those of ``optimize``; a model with more than
-    ``VERIFY_IN_MEMORY_LIMIT`` bytes of external data is not verified on calibration data
-    (onnxruntime would need it in memory), which the report says.
+    verification and errors are those of ``optimize``. Verification runs both models in
+    onnxruntime with their external weights memory-mapped from the files (never read into
+    this process), so a model of any size is verified by default (docs/big_models.md).
 
     Before any work, every file it will write (OUT, ``OUT.data``, ``report_path``) must lie
     in an existing folder, not be a folder, and differ from every file it reads (IN, IN's
@@ -226,30 +223,24 @@ def optimize_file(
     data_files = [PathRole("a data file of IN", f) for f in sorted(model_io.source_files(model))]
     check_paths(data_files, writes)
     data_bytes = model_io.external_bytes(model)
-    skip_verify = None
-    if data_bytes and not config.no_verify and data_bytes > VERIFY_IN_MEMORY_LIMIT:
-        skip_verify = (
-            f"skipped: {data_bytes / 2**30:.1f} GiB of external data is more than the "
-            f"{VERIFY_IN_MEMORY_LIMIT / 2**30:.0f} GiB verified in memory (weight bounds still hold)"
-        )
-        logger.warning("verification %s", skip_verify)
-        config = dataclasses.replace(config, no_verify=True)
-    if config.no_verify:
-        # No second look at the original: the pass runs on the lazy model itself.
-        optimized, report = _rewrite_ir(model, config, progress=progress)
-        optimized, report = _after_rewrite(None, optimized, report, config)
-    else:
-        original = model_io.to_proto(model)
-        _probe_onnxruntime(original, config, _what(input_path))
-        original, inlined = _inline_weight_functions(original)
-        optimized, report = rewrite(original, config, progress=progress)
-        optimized, report = _after_rewrite(original, optimized, report, config)
-        report.inlined_functions = inlined
-    if skip_verify:
-        report.verification = {"performed": False, "reason": skip_verify}
-    model_io.check_model(optimized, "the optimized model", carried=defects)
-    report.notes.extend(d.describe() for d in defects)
-    written = save_model(optimized, target, refuse=source, external_data=config.external_data or bool(data_bytes))
+    with model_io.weights_from(source.parent):
+        if config.no_verify:
+            # No second look at the original: the pass runs on the lazy model itself.
+            optimized, report = _rewrite_ir(model, config, progress=progress)
+            optimized, report = _after_rewrite(None, optimized, report, config)
+        else:
+            # The original keeps its external references: the pass maps one weight at a time,
+            # and onnxruntime maps them all from their files (verify.runner.make_cpu_session).
+            original = ir.serde.serialize_model(model)
+            _probe_onnxruntime(original, config, _what(input_path))
+            original, inlined = _inline_weight_functions(original)
+            optimized, report = rewrite(original, config, progress=progress)
+            optimized, report = _after_rewrite(original, optimized, report, config)
+            report.inlined_functions = inlined
+        model_io.check_model(optimized, "the optimized model", carried=defects)
+        report.notes.extend(d.describe() for d in defects)
+        # Tensors still in IN's data files are copied file to file into OUT.data.
+        written = save_model(optimized, target, refuse=source, external_data=config.external_data or bool(data_bytes))
     report.bytes_before = source.stat().st_size + data_bytes
     report.bytes_after = written
     if report_path is not None:

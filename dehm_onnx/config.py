@@ -193,11 +193,25 @@ class OptimizeConfig:
         default=None,
         metadata={
             "help": "end-to-end target: choose the largest per-layer tols (a shared tol, then single "
-            "layers loosened) whose relative L2 error on every graph output stays <= this on "
-            "calibration data (overrides tol), in (0, 1)",
+            "layers loosened) whose relative L2 error on every graph output and calibration sample "
+            "stays <= this (overrides tol; also the model tolerance of the end-to-end check), in (0, 1)",
             "metavar": "E",
             "type": float,
             "default_text": "off",
+        },
+    )
+    no_model_check: bool = field(
+        default=False,
+        metadata={
+            "help": "skip the end-to-end check (every graph output's per-sample relative L2 error <= "
+            "max_model_error, else tol_out, else tol; layers are tightened or left dense until it holds)"
+        },
+    )
+    accept_dense: bool = field(
+        default=False,
+        metadata={
+            "help": "when --max-model-error is reachable only by leaving every layer dense, write that "
+            "model and exit 0 (default: exit 1, nothing written)"
         },
     )
 

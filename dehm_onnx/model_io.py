@@ -27,10 +27,17 @@ the input are copied file to file, never held in memory), both through
 ``dehm_onnx.files.StagedFile`` (temporary names, ``fsync``, renamed into place, the data
 file first). It writes nothing outside OUT's folder and refuses to overwrite any file the
 model reads from.
+
+Verifying a model whose weights stay in their files (``api.optimize_file``): the protos
+handed to verification keep their external references, and within a ``weights_from(folder)``
+block ``from_proto`` reads them relative to that folder and onnxruntime sessions map them
+from there (``session_data_folder``), so no weight is copied into this process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import stat
@@ -50,6 +57,10 @@ __all__ = [
     "PROTO_LIMIT",
     "read_proto",
     "from_proto",
+    "weights_from",
+    "current_folder",
+    "has_external_data",
+    "session_data_folder",
     "data_files",
     "source_files",
     "stored_tensors",
@@ -76,6 +87,9 @@ _SIZE_THRESHOLD = 1024
 _ALIGN, _ALIGN_THRESHOLD = 4096, 1 << 20
 # Tensors at most this large stay in the copy made for the ONNX checker and shape inference.
 _LIGHT_BYTES = 1024
+
+# The folder external tensors of in-memory protos are relative to (``weights_from``).
+_DATA_FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("dehm_data_folder", default=None)
 
 # Element types stored two per byte.
 _PACKED_4BIT = {
@@ -224,6 +238,45 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+@contextlib.contextmanager
+def weights_from(folder: str | os.PathLike | None):
+    """Within the block, external tensors of in-memory protos are relative to ``folder``.
+
+    For protos that keep the external references of a model loaded from ``folder`` (validated
+    by ``read_proto``): ``from_proto`` gives their tensors that base folder, and
+    ``session_data_folder`` tells onnxruntime where to map them from.
+    """
+    token = _DATA_FOLDER.set(Path(folder).resolve() if folder is not None else None)
+    try:
+        yield
+    finally:
+        _DATA_FOLDER.reset(token)
+
+
+def current_folder() -> Path | None:
+    """The folder of the innermost ``weights_from`` block (None outside any)."""
+    return _DATA_FOLDER.get()
+
+
+def has_external_data(proto: onnx.ModelProto) -> bool:
+    """Whether some tensor of ``proto`` (any graph or function) lives in an external file."""
+    return bool(_external_protos(proto))
+
+
+def session_data_folder(proto: onnx.ModelProto) -> Path | None:
+    """The folder onnxruntime reads ``proto``'s external tensors from; None when it has none.
+
+    Raises:
+        InvalidModelError: ``proto`` has external tensors outside any ``weights_from`` block.
+    """
+    if not has_external_data(proto):
+        return None
+    folder = current_folder()
+    if folder is None:
+        raise InvalidModelError("the model keeps tensors in external data, but its folder is unknown; load it from its path")
+    return folder
+
+
 def read_proto(path) -> onnx.ModelProto:
     """Parse a model file without its external data, and validate that data's locations.
 
@@ -266,11 +319,15 @@ def from_proto(proto: onnx.ModelProto, what: str = "the model") -> ir.Model:
 
     onnx-ir gives every initializer a type, and would write a ``value_info`` for each;
     clearing the ones the file did not have keeps a saved model as small as its source.
+    External tensors are read relative to the ``weights_from`` folder, when one is set.
     """
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # noqa: BLE001 - inconsistent protos fail in many ways
         raise InvalidModelError(f"{what} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+    folder = current_folder()
+    if folder is not None:
+        ir.external_data.set_base_dir(model.graph, str(folder))
     described = _value_info_names(proto)
     for graph in model.graphs():
         for value in graph.initializers.values():

@@ -239,7 +239,7 @@ class Report:
         before, after = self.weight_bytes_before, self.weight_bytes_after
         ratio = f" ({after / before:.3f}x)" if before else ""
         text = (
-            f"{len(self.compressed)} of {len(self.layers)} layers compressed at tol={_num(self.tol)}; "
+            f"{len(self.compressed)} of {len(self.layers)} layers compressed at {_tols_used(self)}; "
             f"their weight bytes {before} -> {after}{ratio}"
         )
         if self.bytes_before is not None and self.bytes_after is not None:
@@ -248,13 +248,34 @@ class Report:
         return text
 
 
+def _tols_used(report: Report) -> str:
+    """``tol=1.00e-03``, or the range of per-layer tols actually used when they differ."""
+    tols = sorted({r.tol for r in report.compressed if r.tol is not None})
+    if not tols:
+        return f"tol={_num(report.tol)}"
+    if len(tols) == 1:
+        return f"tol={_num(tols[0])}"
+    return f"per-layer tol {_num(tols[0])}..{_num(tols[-1])}"
+
+
 def _verification_line(v: dict) -> str:
     if not v.get("performed"):
         return f"verification: not performed, {v.get('reason', '')}"
+    if v.get("unreachable"):
+        return f"verification: {v['unreachable']}; every layer left dense"
+    lines = []
+    if v.get("generated"):
+        lines.append("WARNING: calibration inputs were GENERATED, not given (" + "; ".join(
+            f"{name}: {how}" for name, how in (v.get("inputs") or {}).items())
+            + "). They need not resemble the model's real inputs; pass --calibration FILE.npz to verify on your data.")
+    held = v.get("held_out") or 0
+    checked = (v.get("num_samples") or 0) - held
     text = (
-        f"verification: every compressed layer's output error <= tol_out={_num(v.get('tol_out'))} "
-        f"on {v.get('num_samples')} calibration samples ({v.get('calibration')})"
+        f"verification: every compressed layer's output error <= tol_out={_num(v.get('tol_out'))} on each of "
+        f"{checked} calibration samples ({v.get('calibration')}); {held} more held out, reported only"
     )
+    if v.get("model_tol") is not None:
+        text += f"; every graph output's error <= {_num(v['model_tol'])} on all {v.get('num_samples')} samples"
     if v.get("tightened"):
         text += f"; {len(v['tightened'])} tightening step(s)"
     if v.get("left_dense"):
@@ -262,11 +283,9 @@ def _verification_line(v: dict) -> str:
     allocation = v.get("allocation")
     if allocation:
         text += f"; max_model_error {allocation['target']:.2e}: shared tol {_num(allocation['tol'])}"
-    outputs = (v.get("result") or {}).get("outputs") or []
-    if outputs:
-        worst = max(outputs, key=lambda o: o["rel_l2"])
-        text += f"; max output rel. L2 error {worst['rel_l2']:.2e} ({worst['name']!r})"
-    return text
+    lines.append(text)
+    lines += list(v.get("summary") or [])
+    return "\n".join(lines)
 
 
 def _dense_count(record: LayerRecord) -> int:

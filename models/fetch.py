@@ -8,7 +8,8 @@ Command line: ``python models/fetch.py PACKAGE VERSION MEMBER`` prints the path.
 
 Models used here (both MIT licensed):
 
-- ``onnx-asr`` 0.12.0: ``onnx_asr/preprocessors/data/whisper128.onnx`` (mel filterbank MatMul);
+- ``onnx-asr`` 0.12.0: ``onnx_asr/preprocessors/data/whisper128.onnx``, ``nemo80.onnx``,
+  ``nemo128.onnx``, ... (mel filterbank MatMuls; NeMo's is followed by a ``Log``);
 - ``silero-vad`` 6.2.3: ``silero_vad/data/silero_vad_op18_ifless.onnx`` and
   ``silero_vad/data/silero_vad.onnx`` (weights inside ``If`` branches).
 """
@@ -22,9 +23,17 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["cache_dir", "fetch_wheel_member", "WHISPER128", "SILERO_VAD", "SILERO_VAD_IFLESS"]
+__all__ = ["cache_dir", "fetch_wheel_member", "WHISPER128", "NEMO80", "NEMO128", "ONNX_ASR_PREPROCESSORS",
+           "SILERO_VAD", "SILERO_VAD_IFLESS"]
 
 WHISPER128 = ("onnx-asr", "0.12.0", "onnx_asr/preprocessors/data/whisper128.onnx")
+NEMO80 = ("onnx-asr", "0.12.0", "onnx_asr/preprocessors/data/nemo80.onnx")
+NEMO128 = ("onnx-asr", "0.12.0", "onnx_asr/preprocessors/data/nemo128.onnx")
+# Every speech front end in the onnx-asr wheel (mel/fbank MatMuls; Pad/STFT need a minimum length).
+ONNX_ASR_PREPROCESSORS = tuple(
+    ("onnx-asr", "0.12.0", f"onnx_asr/preprocessors/data/{name}.onnx")
+    for name in ("gigaam_v2", "gigaam_v3", "kaldi", "nemo80", "nemo128", "wespeaker", "whisper80", "whisper128")
+)
 SILERO_VAD = ("silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx")
 SILERO_VAD_IFLESS = ("silero-vad", "6.2.3", "silero_vad/data/silero_vad_op18_ifless.onnx")
 

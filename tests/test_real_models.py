@@ -42,14 +42,19 @@ def test_silero_vad_ifless_gemms_in_if_branches(rng):
     path = fetch_wheel_member(*SILERO_VAD_IFLESS)
     original = onnx.load(path)
     # At the default tol these 512x128 weights have no structure to use in float (left dense);
-    # in float16 they take half the bytes, and a looser tol compresses them further, which
-    # exercises the Gemm-in-If-branch wiring.
+    # float16 makes them smaller, and a looser tol compresses them further, which exercises the
+    # Gemm-in-If-branch wiring.
     _, strict = dehm_onnx.optimize(original, precision="float")
     assert len(strict.layers) == 4 and strict.compressed == []
     assert {r.skip_reason for r in strict.layers} == {"NOT_SMALLER"}
-    _, half = dehm_onnx.optimize(original)
-    assert len(half.compressed) == 4 and all(r.byte_ratio <= 0.5 for r in half.compressed)
-    model, report = dehm_onnx.optimize(original, tol=0.1)
+    # By default the end-to-end check tightens their tol (to 1.25e-4 here), where float16
+    # still holds part of the blocks: smaller files, never larger.
+    _, default = dehm_onnx.optimize(original)
+    assert len(default.compressed) == 4 and all(r.byte_ratio < 0.9 for r in default.compressed)
+    assert all("fp16" in r.precision for r in default.compressed)
+    # The end-to-end check (generated inputs) would tighten these layers until dense; this test is
+    # about the Gemm-in-If wiring, which the per-layer bound check below covers.
+    model, report = dehm_onnx.optimize(original, tol=0.1, no_model_check=True)
     assert len(report.compressed) == 4
     assert all(".then_branch" in r.graph or ".else_branch" in r.graph for r in report.compressed)
     onnx.checker.check_model(model)

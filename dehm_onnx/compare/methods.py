@@ -4,18 +4,26 @@
 method     model written
 =========  ==================================================================================
 original   the input model, unchanged
-dehm       ``dehm_onnx.optimize`` at ``tol`` (H-matrices, standard ops)
+dehm       ``dehm_onnx.optimize`` at ``tol``, and optionally at a given ``precision`` and
+           ``emit`` mode (``dehm_config``: the dehm rows are a function of these three)
 svd        every eligible weight W -> ``(X @ U) @ Vt``, the lowest rank meeting ``tol``
            (``baselines.truncated_svd``), spliced by the optimize pass itself
 pruning    every eligible weight W -> its magnitude-pruned copy meeting ``tol``, stored dense
            (``baselines.magnitude_prune``)
 int8       ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights, per channel,
            MatMul nodes; activations are quantized at run time)
-int4       ``onnxruntime`` ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric, MatMul nodes)
+nbits4     onnxruntime's ``MatMulNBitsQuantizer``: 4-bit weight-only ``MatMulNBits``
+           (block 32, symmetric, MatMul nodes); ``int4`` is an older name of it
+nbits8     the same quantizer at 8 bits (block 32, symmetric)
+=========  ==================================================================================
+
+The ``MatMulNBits`` rows take an optional ``accuracy_level`` (the node attribute; the
+quantizer leaves it unset by default, which onnxruntime runs as level 0: float32
+arithmetic on the dequantized weight; level 4 quantizes the activations to int8 per block
+and runs integer kernels, much faster for 8 bits, less accurate).
 
 Both quantizers handle MatMul only: plain Gemms with a constant B are first rewritten as
 MatMul + Add (``gemm_as_matmul``), so that they quantize the same weights as the others.
-=========  ==================================================================================
 
 "Eligible" is decided by the optimize pass's own checks (``OptimizeConfig``: ``min_size``,
 ``include``/``exclude``, shared weights, dtype ...), so dehm, svd and pruning touch the same
@@ -26,6 +34,7 @@ when their compressed form would not store fewer parameters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,33 +50,101 @@ from ..compression.parallel import LayerResult
 from ..compression.skips import Skip, SkipReason, check_gain
 from ..compression.weights import open_weight
 from ..config import OptimizeConfig, make_config
-from ..errors import CompressionError, InvalidWeightError
+from ..errors import CompressionError, ConfigError, InvalidWeightError
 from ..graph.rewrite import CompressWeightsPass, select_candidates
 from ..hmatrix import Block, BlockKind, HMatrix
 from ..model_io import check_model, from_proto
 from .baselines import csr_params, magnitude_prune, truncated_svd
 
-__all__ = ["Built", "MethodSpec", "BUILDERS", "TOL_METHODS", "FIXED_METHODS", "build"]
+__all__ = [
+    "Built",
+    "MethodSpec",
+    "BUILDERS",
+    "TOL_METHODS",
+    "FIXED_METHODS",
+    "METHOD_ALIASES",
+    "NBITS_BLOCK_SIZE",
+    "ACCURACY_LEVELS",
+    "DEHM_OPTIONS",
+    "build",
+    "dehm_config",
+    "check_dehm_options",
+    "nbits_quantize",
+]
 
 logger = logging.getLogger(__name__)
 
 # Methods that take the --tol values (one row per tol) and those that run once.
 TOL_METHODS = ("dehm", "svd", "pruning")
-FIXED_METHODS = ("int8", "int4")
-INT4_BLOCK_SIZE = 32
+FIXED_METHODS = ("int8", "nbits4", "nbits8")
+# Older method names still accepted.
+METHOD_ALIASES = {"int4": "nbits4"}
+NBITS_BLOCK_SIZE = 32
+# MatMulNBits accuracy levels a row may ask for (None: the quantizer's default, unset).
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# The optimize options a dehm row may set besides tol. Each must be an ``OptimizeConfig``
+# field to be used; "precision" arrives with the quantized emission (issue 13 items 2/5):
+# until then a row that asks for it is refused by ``check_dehm_options``.
+DEHM_OPTIONS = ("precision", "emit")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One row to produce: a method and, for the certified methods, its tol."""
+    """One row to produce: a method and its parameters.
+
+    Attributes:
+        method: one of ``BUILDERS``.
+        tol: the certified weight bound (dehm, svd, pruning).
+        precision: dehm's ``OptimizeConfig.precision`` (None: optimize's default).
+        emit: dehm's ``OptimizeConfig.emit`` (None: the shared config's).
+        accuracy_level: the ``MatMulNBits`` attribute (nbits rows; None: left unset).
+    """
 
     method: str
     tol: float | None = None
+    precision: str | None = None
+    emit: str | None = None
+    accuracy_level: int | None = None
+
+    @property
+    def family(self) -> str:
+        """The method and its variant, without tol: ``dehm``, ``dehm-int8-ops``, ``nbits8-acc4``."""
+        parts = [self.method, self.precision, self.emit]
+        if self.accuracy_level is not None:
+            parts.append(f"acc{self.accuracy_level}")
+        return "-".join(p for p in parts if p)
 
     @property
     def label(self) -> str:
-        """The row's ``method`` value, e.g. ``dehm@1e-03``."""
-        return self.method if self.tol is None else f"{self.method}@{self.tol:.0e}"
+        """The row's ``method`` value, e.g. ``dehm@1e-03``, ``dehm-int8@1e-02``, ``nbits8-acc4``."""
+        return self.family if self.tol is None else f"{self.family}@{self.tol:.0e}"
+
+    def dehm_overrides(self) -> dict:
+        """The ``OptimizeConfig`` options this row sets besides tol."""
+        return {name: getattr(self, name) for name in DEHM_OPTIONS if getattr(self, name) is not None}
+
+
+def check_dehm_options(overrides: dict) -> None:
+    """Refuse dehm options that this build's ``OptimizeConfig`` does not have.
+
+    Raises:
+        ConfigError: e.g. ``precision`` before the quantized emission exists.
+    """
+    known = {f.name for f in dataclasses.fields(OptimizeConfig)}
+    missing = [name for name in overrides if name not in known]
+    if missing:
+        raise ConfigError(
+            f"dehm option(s) {missing} are not options of this dehm_onnx's optimize "
+            f"(known: {sorted(n for n in DEHM_OPTIONS if n in known)})"
+        )
+    make_config(None, **overrides)  # validates the values (e.g. an unknown precision)
+
+
+def dehm_config(config: OptimizeConfig, spec: MethodSpec) -> OptimizeConfig:
+    """The optimize options of a dehm row: ``config`` at the row's tol, precision and emit."""
+    overrides = spec.dehm_overrides()
+    check_dehm_options(overrides)
+    return make_config(config, tol=spec.tol, **overrides)
 
 
 @dataclass
@@ -103,7 +180,7 @@ def _build_original(spec, original, source, config, workdir) -> Built:
 
 def _build_dehm(spec, original, source, config, workdir) -> Built:
     start = time.perf_counter()
-    model, report = optimize(original, make_config(config, tol=spec.tol))
+    model, report = optimize(original, dehm_config(config, spec))
     seconds = time.perf_counter() - start
     path = _target(workdir, spec)
     save_model(model, path)
@@ -263,19 +340,53 @@ def _build_int8(spec, original, source, config, workdir) -> Built:
     return Built(path, time.perf_counter() - start)
 
 
-def _build_int4(spec, original, source, config, workdir) -> Built:
-    # Needs the optional package onnx_ir; an ImportError becomes this row's error note.
+def nbits_quantize(model: onnx.ModelProto, bits: int, accuracy_level: int | None = None) -> onnx.ModelProto:
+    """onnxruntime's ``MatMulNBitsQuantizer`` on every MatMul with a constant weight.
+
+    Symmetric, blocks of ``NBITS_BLOCK_SIZE`` along K; ``accuracy_level`` None leaves the
+    attribute unset (the quantizer's default). ``model`` is left as it was (the quantizer
+    rewrites the model it is given, so it gets a copy).
+    """
+    # Needs the package onnx_ir (a dependency of dehm_onnx).
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    start = time.perf_counter()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(_matmul_source(original, source, workdir))), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, op_types_to_quantize=("MatMul",)
+        copy,
+        bits=bits,
+        block_size=NBITS_BLOCK_SIZE,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        op_types_to_quantize=("MatMul",),
     )
-    quantizer.process()
-    seconds = time.perf_counter() - start
-    path = _target(workdir, spec)
-    save_model(quantizer.model.model, path)
-    return Built(path, seconds)
+    with _quiet_quantizer_info():
+        quantizer.process()
+    return quantizer.model.model
+
+
+@contextlib.contextmanager
+def _quiet_quantizer_info():
+    """The quantizer logs two INFO lines per weight on its own logger; keep them at DEBUG."""
+    quantizer_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quantizer_logger.level
+    quantizer_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        quantizer_logger.setLevel(level)
+
+
+def _nbits_builder(bits: int):
+    def build_nbits(spec, original, source, config, workdir) -> Built:
+        start = time.perf_counter()
+        model = nbits_quantize(onnx.load(str(_matmul_source(original, source, workdir))), bits, spec.accuracy_level)
+        seconds = time.perf_counter() - start
+        path = _target(workdir, spec)
+        save_model(model, path)
+        return Built(path, seconds)
+
+    return build_nbits
 
 
 BUILDERS = {
@@ -284,5 +395,6 @@ BUILDERS = {
     "svd": _build_svd,
     "pruning": _build_pruning,
     "int8": _build_int8,
-    "int4": _build_int4,
+    "nbits4": _nbits_builder(4),
+    "nbits8": _nbits_builder(8),
 }

@@ -3,10 +3,13 @@
 Allocation rule: every compressed layer gets the same weight tol ``t`` (and, unless the user
 set ``tol_out``, the same output bound ``t``). ``t`` is searched on the geometric grid
 ``TOL_MAX * GRID_RATIO**k`` down to ``TOL_MIN`` by bisection, assuming the end-to-end error
-grows with ``t``: each probe rewrites the model at ``t`` and runs it on the calibration set;
-the end-to-end error is the largest relative L2 error over the graph outputs (all samples
-together). The largest grid ``t`` whose error is ``<= max_model_error`` wins. If even
-``TOL_MIN`` misses the target, no layer is compressed (``t`` is None).
+grows with ``t``: each probe rewrites the model at ``t`` and runs it on the calibration
+samples it is given (the checked ones; the caller holds some out); the end-to-end error is the
+largest per-sample relative L2 error over the graph outputs and samples, and infinite when an
+output is NaN/Inf where the original's is finite. The largest grid ``t`` whose error is
+``<= max_model_error`` wins. If even ``TOL_MIN`` misses the target, or only a tol at which no
+layer compresses any more meets it, the target is not reachable by compressing anything: ``t``
+is None and ``excluded`` names the layers some probe could compress.
 
 A shared tol is the allocation that needs no model of how errors propagate: each layer's
 relative output error stays about ``t``, and the grid search measures how the network
@@ -18,6 +21,7 @@ against ``max_model_error`` once more.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 
 import numpy as np
@@ -54,6 +58,8 @@ class Allocation:
     config: object = dataclasses.field(repr=False, default=None)
     layer_tols: dict = dataclasses.field(default_factory=dict)
     refinements: list = dataclasses.field(default_factory=list)
+    excluded: tuple = ()
+    best_tol: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary for the report."""
@@ -65,6 +71,7 @@ class Allocation:
             "probes": [{"tol": t, "error": e} for t, e in self.probes],
             "layer_tols": dict(self.layer_tols),
             "refinements": list(self.refinements),
+            "unreachable": self.tol is None,
         }
 
 
@@ -78,14 +85,15 @@ def _reference_outputs(original, samples: list) -> list:
 
 
 def model_error(candidate, reference: list, samples: list) -> float:
-    """Largest relative L2 error over graph outputs of ``candidate`` vs the reference runs."""
+    """Worst per-sample relative L2 error over the graph outputs of ``candidate`` vs the
+    reference runs (infinite where an output is NaN/Inf and the original's is finite)."""
     names = list(reference[0]) if reference else []
     session = make_cpu_session(candidate)
     accumulators = {name: _OutputAccumulator(name) for name in names}
     for ref, got in zip(reference, run_samples(session, samples, names, "optimized")):
         for name, acc in accumulators.items():
             acc.add(ref[name], got[name])
-    return max((acc.result().rel_l2 for acc in accumulators.values()), default=0.0)
+    return max((acc.result().worst for acc in accumulators.values()), default=0.0)
 
 
 def allocate_tol(original, calibration, config, rewrite) -> Allocation:
@@ -107,11 +115,13 @@ def allocate_tol(original, calibration, config, rewrite) -> Allocation:
     samples = list(calibration.samples())
     reference = _reference_outputs(original, samples)
     grid = tol_grid()
-    probes, cache = [], {}
+    probes, cache, compressible, compressed_at = [], {}, {}, {}
 
     def error_at(index: int) -> float:
         if index not in cache:
-            candidate, _ = rewrite(original, dataclasses.replace(config, tol=grid[index]))
+            candidate, report = rewrite(original, dataclasses.replace(config, tol=grid[index]))
+            compressed_at[index] = [r.name for r in report.compressed]
+            compressible.update(dict.fromkeys(compressed_at[index]))
             cache[index] = model_error(candidate, reference, samples)
             probes.append((grid[index], cache[index]))
             logger.info("max_model_error search: tol %.3e -> model error %.3e", grid[index], cache[index])
@@ -125,9 +135,14 @@ def allocate_tol(original, calibration, config, rewrite) -> Allocation:
             hi = mid
         else:
             lo = mid
-    if hi == len(grid):
-        chosen = dataclasses.replace(config, exclude=tuple(config.exclude) + ("*",))
-        return Allocation(None, None, target, probes, chosen)
+    if hi == len(grid) or (compressible and not compressed_at[hi]):
+        # Met only by compressing nothing (every layer dense at the tol that meets it).
+        names = tuple(compressible)
+        chosen = dataclasses.replace(config, exclude=tuple(config.exclude) + tuple(glob.escape(n) for n in names))
+        tried = [(grid[i], cache[i]) for i in cache if compressed_at[i]]
+        best = min(tried, key=lambda p: p[1]) if tried else None
+        return Allocation(None, best[1] if best else None, target, probes, chosen, excluded=names,
+                          best_tol=best[0] if best else None)
     shared = dataclasses.replace(config, tol=grid[hi])
     allocation = Allocation(grid[hi], cache[hi], target, probes, shared)
     _loosen_layers(allocation, original, rewrite, grid, hi, lambda m: model_error(m, reference, samples))

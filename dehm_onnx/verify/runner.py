@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InvalidModelError
 
 __all__ = [
+    "release_memory",
     "CalibrationRunError",
     "ExposedModel",
     "expose_outputs",
@@ -97,18 +98,41 @@ def expose_outputs(model, names: Iterable[str]) -> ExposedModel:
     return ExposedModel(model, exposed, notes)
 
 
-def make_cpu_session(model):
+def make_cpu_session(model, quiet: bool = False):
     """An onnxruntime CPU session for a ModelProto, as verification needs it.
 
     ``dehm_onnx.ops.library.make_session`` with ``kernel="if_needed"``: stock onnxruntime,
     and the compiled HMatMul library only for ``HMatMul`` nodes it cannot run (emit ``custom``).
+    A model that keeps its weights in external files (``api.optimize_file``) is handed over
+    as bytes with the folder of the enclosing ``model_io.weights_from`` block: onnxruntime
+    maps the weights from their files (``make_session``'s ``data_folder``). ``quiet``
+    silences onnxruntime's own error log (for runs that are allowed to fail).
 
     Raises:
-        InvalidModelError: onnxruntime refuses the model.
+        InvalidModelError: onnxruntime refuses the model, or it has external tensors and no
+            folder is known.
     """
+    from ..model_io import session_data_folder
     from ..ops.library import make_session
 
-    return make_session(model, kernel="if_needed")
+    return make_session(model, kernel="if_needed", quiet=quiet, data_folder=session_data_folder(model))
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS (Linux glibc; elsewhere only a garbage collection).
+
+    Sessions, trial compressions and statistics of a verification step are freed when it
+    ends, but glibc keeps freed heap blocks for reuse. Called before the original model runs
+    again with every weight mapped, so that what earlier steps left does not add to the peak.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 class CalibrationRunError(InvalidModelError):
@@ -186,5 +210,23 @@ def extract_layer_model(model, x_name: str, y_name: str, x_dtype):
     layer = onnx.helper.make_model(
         layer_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version
     )
-    layer.functions.extend(model.functions)
+    layer.functions.extend(_functions_used(model, nodes))
     return layer
+
+
+def _functions_used(model, nodes) -> list:
+    """The model-local functions that ``nodes`` call, directly or through other functions.
+
+    Only those go into a layer model: with ``--emit function`` every layer's factors live in
+    its own function, so copying them all into each of n layer models would hold n times
+    the compressed model in memory.
+    """
+    by_key = {(f.domain, f.name, getattr(f, "overload", "")): f for f in model.functions}
+    used, stack = {}, list(nodes)
+    while stack:
+        node = stack.pop()
+        key = (node.domain, node.op_type, getattr(node, "overload", ""))
+        if key in by_key and key not in used:
+            used[key] = by_key[key]
+            stack.extend(by_key[key].node)
+    return [f for key, f in by_key.items() if key in used]

@@ -13,7 +13,7 @@ import onnx_ir
 import pytest
 
 from dehm_onnx import api
-from dehm_onnx.errors import ConfigError
+from dehm_onnx.errors import ConfigError, InvalidModelError
 from dehm_onnx.progress import ProgressBar
 from tests.conftest import output_bound, rel_fro, run_model
 
@@ -138,12 +138,31 @@ def test_cli_on_external_model_verifies_in_memory_when_small(source, tmp_path):
     assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
 
 
-def test_large_external_model_skips_verification_with_a_reason(source, tmp_path, monkeypatch):
+def test_external_model_is_verified_with_its_weights_left_in_their_files(source, tmp_path, monkeypatch):
+    """No size limit: onnxruntime maps the weights from the input's data file (issue 11, item 14)."""
     path, _ = source
-    monkeypatch.setattr(api, "VERIFY_IN_MEMORY_LIMIT", 1000)
+    materialized = []
+    monkeypatch.setattr(onnx_ir.external_data, "load_to_model", lambda *a, **k: materialized.append(a))
     report = api.optimize_file(path, tmp_path / "out.onnx", tol=TOL, min_size=8, jobs=1)
-    assert report.verification["performed"] is False
-    assert "verified in memory" in report.verification["reason"]
+    assert report.verification["performed"] is True and not materialized
+    assert all(r.measured_error is not None and r.measured_error <= r.tol_out for r in report.compressed)
+
+
+def test_verification_sessions_map_external_weights_from_the_weights_from_folder(source, tmp_path, monkeypatch):
+    """The session seam of item 14: a proto that keeps its external references runs in
+    onnxruntime only with the folder of its data files, never read from the working folder."""
+    from dehm_onnx import model_io
+    from dehm_onnx.verify.runner import make_cpu_session
+
+    path, model = source
+    lazy = onnx.load(path, load_external_data=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidModelError, match="folder is unknown"):
+        make_cpu_session(lazy)
+    with model_io.weights_from(path.parent):
+        session = make_cpu_session(lazy)
+    x = np.random.default_rng(0).standard_normal((2, 96)).astype(np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], run_model(model, {"x": x})[0])
 
 
 def test_output_data_file_may_not_be_the_inputs(tmp_path):

@@ -113,7 +113,7 @@ def test_float64_weight_with_integer_precision_is_dequantized_exactly(rng):
     """DequantizeLinear has no float64 output: float64 layers keep integers folded at load."""
     w = rng.standard_normal((128, 96))
     model = _gemm(w)
-    out, report = dehm_onnx.optimize(model, tol=0.1, precision="int4", min_size=8)
+    out, report = dehm_onnx.optimize(model, tol=0.1, tol_out=0.12, precision="int4", min_size=8)
     (record,) = report.layers
     assert record.compressed and "int4" in record.precision and record.byte_ratio < 0.2
     assert "DequantizeLinear" not in {n.op_type for n in out.graph.node}
@@ -133,7 +133,8 @@ def test_never_more_bytes_than_the_input(rng, size):
     assert report.bytes_after <= report.bytes_before
     if size == 48:
         assert report.layers[0].skip_reason == "NOT_SMALLER"
-    _, report = dehm_onnx.optimize(model, tol=0.1, min_size=8)
+    # The bytes of the engine's choice (verification may tighten a layer on its worst sample).
+    _, report = dehm_onnx.optimize(model, tol=0.1, min_size=8, no_verify=True)
     assert report.bytes_after <= (0.25 if size == 48 else 0.15) * report.bytes_before  # int4 (and protobuf)
 
 

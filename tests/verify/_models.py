@@ -104,3 +104,38 @@ def tiered_matrix(rng, m: int, n: int, tiers) -> tuple[np.ndarray, np.ndarray]:
     u, _ = np.linalg.qr(rng.standard_normal((m, k)))
     v, _ = np.linalg.qr(rng.standard_normal((n, k)))
     return (u * s) @ v.T, u
+
+
+def gp_model(n: int = 200, length: float = 0.3, noise: float = 1e-3, seed: int = 0) -> onnx.ModelProto:
+    """A Gaussian-process regressor as skl2onnx writes one (float64): mean and posterior std.
+
+    Training points ``xt`` uniform in [0, 10], RBF kernel; ``std = sqrt(max(1 - k_x K^-1 k_x^T, 0))``
+    is a difference of nearly equal terms, so a tiny relative error of ``K^-1`` (an n x n
+    MatMul weight, layer ``kinv_product``) moves it a lot.
+    """
+    rng = np.random.default_rng(seed)
+    xt = np.sort(rng.uniform(0, 10, n))
+    yt = np.sin(xt) + 0.1 * rng.standard_normal(n)
+    k = np.exp(-((xt[:, None] - xt[None, :]) ** 2) / (2 * length**2)) + noise * np.eye(n)
+    kinv = np.linalg.inv(k)
+    inits = {"xt": xt[None, :], "scale": np.array(-0.5 / length**2), "kinv": kinv, "alpha": (kinv @ yt)[:, None],
+             "one": np.array(1.0), "zero": np.array(0.0), "axes": np.array([1], np.int64)}
+    nodes = [
+        helper.make_node("Sub", ["x", "xt"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["d2"]),
+        helper.make_node("Mul", ["d2", "scale"], ["e"]),
+        helper.make_node("Exp", ["e"], ["kx"]),
+        helper.make_node("MatMul", ["kx", "alpha"], ["mean"], name="mean"),
+        helper.make_node("MatMul", ["kx", "kinv"], ["t"], name="kinv_product"),
+        helper.make_node("Mul", ["t", "kx"], ["tk"]),
+        helper.make_node("ReduceSum", ["tk", "axes"], ["quad"], keepdims=1),
+        helper.make_node("Sub", ["one", "quad"], ["var"]),
+        helper.make_node("Max", ["var", "zero"], ["var0"]),
+        helper.make_node("Sqrt", ["var0"], ["std"]),
+    ]
+    double = onnx.TensorProto.DOUBLE
+    graph = helper.make_graph(nodes, "gp", [helper.make_tensor_value_info("x", double, ["N", 1])],
+                              [helper.make_tensor_value_info("mean", double, ["N", 1]),
+                               helper.make_tensor_value_info("std", double, ["N", 1])],
+                              [numpy_helper.from_array(np.asarray(v), name) for name, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)

@@ -44,7 +44,9 @@ def weak_case(tmp_path_factory):
 
 def test_optimize_tightens_layer_whose_inputs_lie_in_weak_directions(weak_case):
     orig, _, calib = weak_case
-    loose, loose_report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, no_verify=True)
+    # Float storage: with integers on onnxruntime's fused kernel (8-bit activations) the
+    # measured error depends on the batch the kernel sees (0.0093 in the pass, 0.0097 below).
+    loose, loose_report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, no_verify=True, precision="float")
     (loose_layer,) = loose_report.compressed
     assert loose_layer.rel_certified_error <= TOL  # the weight bound holds ...
     untightened = verify(orig, loose, calib)
@@ -52,7 +54,7 @@ def test_optimize_tightens_layer_whose_inputs_lie_in_weak_directions(weak_case):
     assert untightened.violations[0].rel_fro_error > 10 * TOL
     assert loose_report.verification == {"performed": False, "reason": "skipped (no_verify / --no-verify)"}
 
-    opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, calibration=(str(calib),))
+    opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, calibration=(str(calib),), precision="float")
     (layer,) = report.compressed
     assert layer.tol < TOL and layer.tol_out == TOL
     assert layer.params < layer.dense_params and layer.params > loose_layer.params
@@ -134,20 +136,25 @@ def test_max_model_error_meets_target_on_small_mlp():
     samples = list(calib.samples())
     reference = [dict(zip(["y"], ReferenceEvaluator(orig).run(None, s))) for s in samples]
     error = model_error(opt, reference, samples)
-    assert error <= target and error == pytest.approx(report.verification["result"]["outputs"][0]["rel_l2"], rel=1e-3)
+    out = report.verification["result"]["outputs"][0]
+    assert error <= target and error == pytest.approx(max(out["worst"], out["worst_held_out"]), rel=1e-3)
     # Maximal on the grid: the next larger grid tol misses the target.
     grid = tol_grid()
     chosen = grid.index(allocation["tol"])
     probes = {p["tol"]: p["error"] for p in allocation["probes"]}
     assert chosen > 0 and probes[grid[chosen - 1]] > target
     # Second stage: single layers loosened beyond the shared tol while the target still holds.
-    assert allocation["layer_tols"]  # here fc0 and fc1 take one grid step more
+    assert allocation["layer_tols"]  # here fc2 takes one grid step more
+    tightened = {s["layer"] for s in report.verification["tightened"]}
     for record in report.compressed:
-        assert record.tol == allocation["layer_tols"].get(record.name, allocation["tol"]) >= allocation["tol"]
-        assert record.tol_out == record.tol and record.measured_error <= record.tol_out
+        allocated = allocation["layer_tols"].get(record.name, allocation["tol"])
+        assert allocated >= allocation["tol"] and record.tol_out == allocated
+        # A layer over its output bound on its worst sample is tightened below its allocation.
+        assert record.tol == allocated or (record.name in tightened and record.tol < allocated)
+        assert record.measured_error <= record.tol_out
     kept = [r for r in allocation["refinements"] if r["error"] <= target]
     assert all(allocation["layer_tols"][r["layer"]] >= r["tol"] for r in kept)
-    assert {e["name"]: e["tol_out"] for e in read_layers(opt)} == {r.name: r.tol for r in report.compressed}
+    assert {e["name"]: e["tol_out"] for e in read_layers(opt)} == {r.name: r.tol_out for r in report.compressed}
 
 
 def _reshaping_model():
@@ -162,13 +169,13 @@ def _reshaping_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-def test_optimize_with_generated_inputs_the_original_rejects_is_unverified(caplog):
-    model = _reshaping_model()
-    with caplog.at_level("WARNING"):
-        _, report = dehm_onnx.optimize(model, tol=0.01, min_size=8)
-    assert report.compressed and report.verification["performed"] is False
-    assert "pass --calibration or --input-shape" in report.verification["reason"]
-    assert "verification not performed" in caplog.text
+def test_optimize_refuses_dynamic_axes_that_no_tried_size_fits(tmp_path):
+    model = _reshaping_model()  # T must be a multiple of 96: none of 1, 16, 64, ... is
+    with pytest.raises(ValueError, match=r"input 'x' axis 1 is dynamic and no size tried .* --input-shape x=1xN"):
+        dehm_onnx.optimize(model, tol=0.01, min_size=8)
+    path, out = tmp_path / "reshape.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    assert cli_main(["optimize", str(path), str(out), "--tol", "0.01", "--min-size", "8"]) == 2 and not out.exists()
     _, report = dehm_onnx.optimize(model, tol=0.01, min_size=8, input_shape=("x=1x192",))
     assert report.verification["performed"] is True and report.compressed[0].measured_error <= 0.01
     with pytest.raises(ValueError, match="original model on calibration sample 0"):
@@ -210,7 +217,7 @@ def test_verify_left_multiplied_weight_uses_transposed_input_rows():
     rows = np.swapaxes(x, -1, -2).reshape(-1, 96).astype(np.float64)
     np.testing.assert_allclose(result.stats["left"].gram, rows.T @ rows, rtol=1e-5, atol=1e-4)
     (layer,) = result.layers
-    assert layer.isolated and layer.ok
+    assert layer.isolated and len(layer.sample_errors) == 5 and layer.median_error <= TOL
 
 
 def test_verify_cli_catches_tampering_in_a_model_written_by_optimize(tmp_path, capsys):

@@ -10,7 +10,7 @@ import dehm_onnx
 from dehm_onnx.cli import main as cli_main
 from dehm_onnx.verify import verify
 from dehm_onnx.verify.allocate import tol_grid
-from models.fetch import WHISPER128, fetch_wheel_member
+from models.fetch import ONNX_ASR_PREPROCESSORS, SILERO_VAD, WHISPER128, fetch_wheel_member
 
 # One second of 16 kHz audio: the filterbank layer then sees 3000 STFT frames per sample.
 CALIBRATION = dict(input_shape=("waveforms=1x16000",), input_range=("waveforms_lens=16000:16000",), num_samples=2)
@@ -64,10 +64,11 @@ def test_verify_whisper128_with_user_calibration_file(whisper128, tmp_path):
     exposed = dehm_onnx.verify.runner.expose_outputs(original, ["spectrogram"])
     session = dehm_onnx.verify.runner.make_cpu_session(exposed.model)
     data = np.load(calib)
-    x = np.concatenate([session.run(["spectrogram"], {"waveforms": w, "waveforms_lens": n})[0].reshape(-1, 201)
-                        for w, n in zip(data["waveforms"], data["waveforms_lens"])]).astype(np.float64)
-    expected = np.linalg.norm(x @ (weight - w_h)) / np.linalg.norm(x @ weight)
-    assert layer.rel_fro_error == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    xs = [session.run(["spectrogram"], {"waveforms": w, "waveforms_lens": n})[0].reshape(-1, 201).astype(np.float64)
+          for w, n in zip(data["waveforms"], data["waveforms_lens"])]
+    expected = [np.linalg.norm(x @ (weight - w_h)) / np.linalg.norm(x @ weight) for x in xs]
+    assert layer.sample_errors == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert layer.rel_fro_error == max(layer.sample_errors)
 
 
 def test_optimize_tightens_whisper128_for_high_frequency_audio(whisper128, tmp_path):
@@ -90,3 +91,27 @@ def test_optimize_tightens_whisper128_for_high_frequency_audio(whisper128, tmp_p
     (layer,) = report.compressed
     assert layer.tol < 0.2 and layer.measured_error <= 0.2 and layer.params < layer.dense_params / 4
     assert verify(whisper128, opt, [calib]).ok
+
+
+def test_max_model_error_without_calibration_runs_on_a_front_end_needing_a_minimum_length():
+    """gigaam_v2's reflect Pad needs more than 200 samples (issue 11, item 7)."""
+    model = fetch_wheel_member(*ONNX_ASR_PREPROCESSORS[0])
+    opt, report = dehm_onnx.optimize(model, max_model_error=1e-2)
+    v = report.verification
+    assert v["generated"] and any("dynamic axes" in n for n in v["result"]["notes"])
+    assert "shape (1, 16384)" in v["inputs"]["waveforms"] and v["inputs"]["waveforms_lens"].startswith("16384")
+    assert max(max(o["worst"], o["worst_held_out"] or 0.0) for o in v["result"]["outputs"]) <= 1e-2
+
+
+def test_generated_calibration_runs_on_silero_vad():
+    """silero-vad's STFT needs more than 64 samples, its state keeps batch 1 (issue 11, items 7 and 8)."""
+    import onnxruntime as ort
+
+    from dehm_onnx.verify.calibration import generate_calibration
+
+    path = fetch_wheel_member(*SILERO_VAD)
+    calib = generate_calibration(onnx.load(path), num_samples=2)
+    assert calib.arrays["state"].shape == (2, 2, 1, 128) and calib.arrays["input"].shape[1] == 1
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for sample in calib.samples():
+        assert all(np.isfinite(o).all() for o in session.run(None, sample))
