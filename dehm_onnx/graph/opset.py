@@ -89,11 +89,42 @@ def upgrade_opset(model: ir.Model, target: int = INT_OPSET, keep=None) -> str | 
         graph.inputs.remove(value)
         value.const_value = tensor
         graph.register_initializer(value)
+    _restore_value_types(model, upgraded)
     if keep is not None and not keep(upgraded):
         return f"onnx's version converter changed the model's MatMul/Gemm layers (opset {current} -> {target})"
     _replace_contents(model, upgraded)
     logger.info("default-domain opset raised from %d to %d (onnx version converter)", current, target)
     return None
+
+
+def _values(model: ir.Model):
+    """Every named value of the model: graph inputs, outputs and initializers, node outputs,
+    in subgraphs too."""
+    graphs = [model.graph]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs.append(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attr.value)
+    for graph in graphs:
+        yield from graph.inputs
+        yield from graph.outputs
+        yield from graph.initializers.values()
+        for node in graph:
+            yield from node.outputs
+
+
+def _restore_value_types(model: ir.Model, upgraded: ir.Model) -> None:
+    """Give every value of ``upgraded`` the type and shape it had in ``model``: the converter
+    runs shape inference, which would otherwise add shapes (to graph outputs too) that the
+    model did not declare."""
+    before = {v.name: (v.type, v.shape) for v in _values(model) if v.name}
+    for value in _values(upgraded):
+        if value.name in before:
+            value.type, value.shape = before[value.name]
+            if value.shape is not None:
+                value.shape = ir.Shape(list(value.shape))
 
 
 def _replace_contents(model: ir.Model, upgraded: ir.Model) -> None:

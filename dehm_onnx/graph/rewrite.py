@@ -53,7 +53,7 @@ from .emit_function import fit_function_to_model
 from .emit_ops import initializer
 from .inline import inline_weight_functions
 from .nonneg import nonnegative_values
-from .cost import INITIALIZER_BYTES, NODE_BYTES
+from .cost import INITIALIZER_BYTES
 from .opset import INT_OPSET, upgrade_opset
 from .scan import Candidate, scan
 
@@ -242,11 +242,13 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         return fresh, moved
 
     def _byte_check(self, cand: Candidate, emission: Emission) -> Skip | None:
-        """Never more bytes than the weight took: the emitted tensors plus the protobuf of the
-        new nodes and initializers (estimated) against the stored tensor, the constants its
-        source chain reads and the node replaced (and at most ``max_ratio`` of them)."""
-        after = _emitted_bytes(emission) + NODE_BYTES * len(emission.nodes) + INITIALIZER_BYTES * len(emission.initializers)
-        before = _source_bytes(cand) + NODE_BYTES + INITIALIZER_BYTES
+        """Never more bytes than the weight took: the emitted tensors, the protobuf of the new
+        nodes and functions (serialized) and of the initializers' headers (bounded) against the
+        stored tensor, the constants its source chain reads and the node replaced (and at most
+        ``max_ratio`` of them)."""
+        after = _emitted_bytes(emission) + _protobuf_bytes(emission.nodes, emission.functions)
+        after += sum(_initializer_header_bytes(v) for v in emission.initializers)
+        before = _source_bytes(cand) + _protobuf_bytes([cand.node], []) + INITIALIZER_BYTES
         return check_gain(after, before, self._tol(cand), self.config.max_ratio)
 
     def _tol(self, cand: Candidate) -> float:
@@ -372,6 +374,20 @@ def precision_mix(hm) -> str:
 def _emitted_bytes(emission: Emission) -> int:
     """Bytes of the weight tensors an emission stores (int4 two to a byte)."""
     return sum(_tensor_bytes(v) for v in emission.inputs)
+
+
+def _protobuf_bytes(nodes, functions) -> int:
+    """Serialized bytes of ``nodes`` (with their metadata) and of the model-local ``functions``."""
+    total = sum(ir.serde.serialize_node(n).ByteSize() for n in nodes)
+    return total + sum(ir.serde.serialize_function(f).ByteSize() for f in functions)
+
+
+def _initializer_header_bytes(value: ir.Value) -> int:
+    """An upper bound on an initializer's protobuf bytes besides its values: name, dims
+    (at most 10 bytes each), data type and field tags."""
+    tensor = value.const_value
+    dims = len(tensor.shape) if tensor is not None else 0
+    return len((value.name or "").encode()) + 11 * dims + 16
 
 
 def _tensor_bytes(value: ir.Value) -> int:
