@@ -4,6 +4,7 @@
                                           [--threads 2]
                                           [--blocks 7] [--runs 20]
     python benchmarks/bench_emit.py bytes [--size 1024] [--tols 1e-2 0.1]
+    python benchmarks/bench_emit.py modes
 
 ``speed``: the log kernel of ``bench_kernel.log_kernel`` as one MatMul, optimized by
 ``dehm_onnx.optimize`` (``--emit``, default precision, no verification) and timed against the
@@ -14,6 +15,10 @@ median over all timed runs is printed with the ratio dense / compressed (> 1: fa
 ``bytes``: a Gaussian ``size x size`` float32 weight (seed 0) as one MatMul, optimized at each
 tol (default precision and emission), and the whole serialized file's bytes against the
 original file's.
+
+``modes``: the demo model (``models/make_demo.py``) and a two-user shared-weight model,
+optimized at the default tol in every emit mode (no verification): whole-file bytes, and
+each over the smallest.
 """
 
 from __future__ import annotations
@@ -108,6 +113,37 @@ def file_bytes(args) -> None:
               f"{record.emit} {record.family}, {record.nodes} nodes, {mix}")
 
 
+def shared_weight_model(size: int = 512):
+    """``y = relu(x @ W) @ W`` with one smooth-kernel ``W`` read by both MatMuls."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    s = np.linspace(0.0, 1.0, size)
+    w = (1.0 / (1.0 + 10.0 * np.abs(s[:, None] - s[None, :]))).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["h"], name="a"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W"], ["Y"], name="b")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", size])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["B", size])],
+                              [numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def modes(args) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    import make_demo
+
+    for name, model in (("demo", make_demo.build()), ("shared 512^2 kernel", shared_weight_model())):
+        sizes = {}
+        for emit in ("auto", "ops", "function", "custom"):
+            out, _ = dehm_onnx.optimize(model, emit=emit, no_verify=True)
+            sizes[emit] = len(out.SerializeToString())
+        smallest = min(sizes.values())
+        cells = ", ".join(f"{emit} {size} ({size / smallest:.3f})" for emit, size in sizes.items())
+        print(f"{name}: original {len(model.SerializeToString())} bytes; {cells}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--tols", type=float, nargs="+", default=[1e-2, 0.1])
     p.set_defaults(func=file_bytes)
+    p = sub.add_parser("modes")
+    p.set_defaults(func=modes)
     args = parser.parse_args(argv)
     args.func(args)
     return 0
