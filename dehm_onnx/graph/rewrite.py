@@ -36,6 +36,7 @@ weights otherwise.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ __all__ = ["CompressWeightsPass", "CompressResult", "Compressor", "Selection", "
 
 logger = logging.getLogger(__name__)
 
+# Allowance per compressed layer for what the model gains besides the layer's own entry: the
+# dehm.layers / dehm.version keys, the version string, the ai.dehm opset import.
+MODEL_METADATA_BYTES = 64
 # Bytes the engine counts per stored block or tier (``compress``'s ``block_overhead``): what
 # the emission adds per block beyond the arrays' values (measured, docs/hmatrix.md).
 BLOCK_OVERHEAD = 64
@@ -168,7 +172,8 @@ class CompressWeightsPass(ir.passes.InPlacePass):
                 continue
             hm, tol = compressed[cand.share_key]
             emission, local = self._emit(cand, hm, tol, names)
-            skip = self._byte_check(cand, emission)
+            users = [c for c in selection.candidates if c.share_key == cand.share_key and id(c) not in selection.skips]
+            skip = self._byte_check(cand, emission, hm, tol, users)
             if skip is None:
                 emitted[cand.share_key] = (emission, local)
             else:
@@ -241,14 +246,18 @@ class CompressWeightsPass(ir.passes.InPlacePass):
                 moved[cand.share_key] = compressed[old.share_key]
         return fresh, moved
 
-    def _byte_check(self, cand: Candidate, emission: Emission) -> Skip | None:
+    def _byte_check(self, cand: Candidate, emission: Emission, hm, tol: float, users: list[Candidate]) -> Skip | None:
         """Never more bytes than the weight took: the emitted tensors, the protobuf of the new
-        nodes and functions (serialized) and of the initializers' headers (bounded) against the
-        stored tensor, the constants its source chain reads and the node replaced (and at most
-        ``max_ratio`` of them)."""
-        after = _emitted_bytes(emission) + _protobuf_bytes(emission.nodes, emission.functions)
-        after += sum(_initializer_header_bytes(v) for v in emission.initializers)
-        before = _source_bytes(cand) + _protobuf_bytes([cand.node], []) + INITIALIZER_BYTES
+        nodes and functions (serialized), of the initializers' headers (bounded) and of the
+        layer's ``dehm.layers`` metadata entry against the stored tensor, the constants its
+        source chain reads and the node replaced (and at most ``max_ratio`` of them). The
+        nodes and entry are counted once per user of a shared weight (``users``, with
+        ``cand``), the tensors once."""
+        per_user = _protobuf_bytes(emission.nodes, emission.functions)
+        per_user += len(json.dumps(self._compressed_record(cand, hm, tol, emission, 0).metadata_entry()))
+        after = _emitted_bytes(emission) + sum(_initializer_header_bytes(v) for v in emission.initializers)
+        after += max(len(users), 1) * (per_user + MODEL_METADATA_BYTES)
+        before = _source_bytes(cand) + INITIALIZER_BYTES + _protobuf_bytes([u.node for u in users] or [cand.node], [])
         return check_gain(after, before, self._tol(cand), self.config.max_ratio)
 
     def _tol(self, cand: Candidate) -> float:
