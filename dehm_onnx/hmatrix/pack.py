@@ -38,25 +38,66 @@ values its certified error was measured on, but without their byte savings. It r
 (``ValueError``) when a dequantized value is not representable in the weight's dtype (a
 float16 weight with float32 scales).
 
-What a layout that keeps the storage must carry (``storage.py`` and ``hmatrix.py`` define it;
-the version that does is not defined here): per stored array its storage (``Storage``), and for
-integers its group size, its ``ceil(K / group) x N`` scales (in the scale dtype) and its int4 or
-int8 values, with ``K`` the array's contraction axis (rows of ``D``, rows of ``U``, rows of
-``Vt``); per low-rank block its tiers ``(U_t, Vt_t)`` in rank order. Zero blocks need no row
-(``HMatrix.nbytes`` counts none): the product starts from zero.
+Layout version 2: the storage kept
+----------------------------------
+``pack(hm, version=2)`` keeps every stored array (``storage.py``) as it is stored. A packed
+H-matrix of version 2 is the same four arrays, with:
+
+``data``
+    1-D **uint8** array of bytes (a ``uint8`` ``data`` is what marks version 2).
+``layout``
+    int64 array of shape ``(num_rows, 10)`` with the columns
+    ``KIND, ROW0, ROW1, COL0, COL1, RANK, A_FORMAT, A_OFFSET, B_FORMAT, B_OFFSET``
+    (``LAYOUT_V2_COLUMNS``). Every row is one *term* of the product:
+
+    - ``KIND`` 0 (zero): ``RANK`` and the last four columns are 0; no payload.
+    - ``KIND`` 1 (dense): ``RANK`` 0; array ``A`` is ``D`` (``rows x cols``); ``B_FORMAT`` and
+      ``B_OFFSET`` are 0.
+    - ``KIND`` 2 (low-rank): one *tier* ``t`` of the block, ``RANK`` its rank ``k_t >= 0``;
+      ``A`` is ``U_t`` (``rows x k_t``) and ``B`` is ``Vt_t`` (``k_t x cols``). Consecutive
+      low-rank rows with the same four ranges are the tiers of one block, in rank order; the
+      block is ``sum_t U_t @ Vt_t``.
+
+    The blocks (a block's tiers counted once) tile ``[0, m) x [0, n)`` exactly, as in version 1.
+``row_perm``, ``col_perm``
+    as in version 1.
+
+An array ``A`` of shape ``(K, N)`` (``K`` its contraction axis: rows of ``D``, ``U_t`` or, for
+``Vt_t``, the rank) is described by two integers:
+
+``FORMAT = ELEM + 16 * SCALE_ELEM + 256 * GROUP``
+    ``ELEM`` (``Elem``): 0 float32, 1 float16, 2 int8, 3 int4. For the integer elements
+    ``SCALE_ELEM`` is the scales' element (0 float32, 1 float16) and ``GROUP`` the rows per
+    scale group (one of ``GROUP_SIZES``); for float elements both are 0.
+``OFFSET``
+    byte offset of the array in ``data``, a multiple of ``ALIGN``. The payload is the ``K*N``
+    values row-major, little-endian: 4 or 2 bytes each for float32/float16, one byte each for
+    int8 (two's complement), and for int4 ``ceil(K*N / 2)`` bytes with value ``i`` in the low
+    nibble of byte ``i // 2`` when ``i`` is even and in the high nibble when odd (ONNX's int4
+    order), as two's complement in ``[-8, 7]``. An integer array's scales, ``ceil(K / GROUP) x N``
+    row-major, start at the next multiple of ``ALIGN`` after its payload.
+
+An integer array stands for ``A[i, j] = fl(q[i, j] * scales[i // GROUP, j])``, rounded once to
+the scale element (``storage.dequantize_groupwise``); ``unpack`` returns these exact values.
+Version 2 holds float32 and float16 values only (the weight dtypes ``HMatMul`` runs), and only
+``pack(hm, version=2)`` writes it; ``pack(hm)`` writes version 1 as before.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
 
 from .hmatrix import Block, BlockKind, HMatrix
+from .storage import GROUP_SIZES, Storage, StoredArray, group_count, pack_int4, unpack_int4
 
 __all__ = [
     "LAYOUT_VERSION",
+    "LAYOUT_VERSIONS",
     "LAYOUT_COLUMNS",
+    "LAYOUT_V2_COLUMNS",
     "KIND",
     "ROW0",
     "ROW1",
@@ -64,15 +105,40 @@ __all__ = [
     "COL1",
     "RANK",
     "OFFSET",
+    "A_FORMAT",
+    "A_OFFSET",
+    "B_FORMAT",
+    "B_OFFSET",
+    "ALIGN",
+    "Elem",
     "PackedHMatrix",
     "pack",
     "unpack",
     "validate_packed",
+    "format_code",
+    "decode_format",
 ]
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 1  # what ``pack(hm)`` writes
+LAYOUT_VERSIONS = (1, 2)
 LAYOUT_COLUMNS = ("kind", "row0", "row1", "col0", "col1", "rank", "offset")
 KIND, ROW0, ROW1, COL0, COL1, RANK, OFFSET = range(7)
+LAYOUT_V2_COLUMNS = ("kind", "row0", "row1", "col0", "col1", "rank", "a_format", "a_offset", "b_format", "b_offset")
+A_FORMAT, A_OFFSET, B_FORMAT, B_OFFSET = range(6, 10)
+ALIGN = 16  # byte alignment of every array and of its scales in a version-2 ``data``
+
+
+class Elem(enum.IntEnum):
+    """Element type of a stored array or of its scales in layout version 2."""
+
+    FLOAT32 = 0
+    FLOAT16 = 1
+    INT8 = 2
+    INT4 = 3
+
+
+_FLOAT_ELEMS = {np.dtype(np.float32): Elem.FLOAT32, np.dtype(np.float16): Elem.FLOAT16}
+_ELEM_DTYPES = {Elem.FLOAT32: np.dtype("<f4"), Elem.FLOAT16: np.dtype("<f2")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +151,11 @@ class PackedHMatrix:
     col_perm: np.ndarray
     shape: tuple[int, int]
 
+    @property
+    def version(self) -> int:
+        """2 when ``data`` is bytes (uint8), else 1."""
+        return 2 if self.data.dtype == np.uint8 else 1
+
 
 def _payload(block: Block) -> list[np.ndarray]:
     if block.kind == BlockKind.DENSE:
@@ -94,12 +165,24 @@ def _payload(block: Block) -> list[np.ndarray]:
     return []
 
 
-def pack(hm: HMatrix) -> PackedHMatrix:
-    """Pack an H-matrix into flat arrays in ``hm.dtype`` (layout version 1).
+def _perms(hm: HMatrix) -> tuple[np.ndarray, np.ndarray]:
+    row_perm = hm.row_perm if hm.row_perm is not None else np.zeros(0, np.int64)
+    col_perm = hm.col_perm if hm.col_perm is not None else np.zeros(0, np.int64)
+    return row_perm.astype(np.int64), col_perm.astype(np.int64)
+
+
+def pack(hm: HMatrix, version: int = LAYOUT_VERSION) -> PackedHMatrix:
+    """Pack an H-matrix into flat arrays: layout version 1 (in ``hm.dtype``) or 2 (storage kept).
 
     Raises:
-        ValueError: a block's dequantized values are not representable in ``hm.dtype``.
+        ValueError: version 1 and a block's dequantized values are not representable in
+            ``hm.dtype``; version 2 and an array or scale is neither float32 nor float16; an
+            unknown version.
     """
+    if version == 2:
+        return _pack_v2(hm)
+    if version != 1:
+        raise ValueError(f"layout version must be one of {LAYOUT_VERSIONS}, got {version!r}")
     rows = []
     pieces = []
     offset = 0
@@ -119,9 +202,112 @@ def pack(hm: HMatrix) -> PackedHMatrix:
                 f"layout v1 stores every block in {np.dtype(hm.dtype).name}, and this H-matrix's "
                 "dequantized values are not all representable in it (scales wider than the weight's dtype)"
             )
-    row_perm = hm.row_perm if hm.row_perm is not None else np.zeros(0, np.int64)
-    col_perm = hm.col_perm if hm.col_perm is not None else np.zeros(0, np.int64)
-    return PackedHMatrix(data, layout, row_perm.astype(np.int64), col_perm.astype(np.int64), hm.shape)
+    row_perm, col_perm = _perms(hm)
+    return PackedHMatrix(data, layout, row_perm, col_perm, hm.shape)
+
+
+def format_code(elem: Elem, scale_elem: Elem = Elem.FLOAT32, group: int = 0) -> int:
+    """``ELEM + 16 * SCALE_ELEM + 256 * GROUP`` (scale element and group only for integers)."""
+    if elem in (Elem.FLOAT32, Elem.FLOAT16):
+        return int(elem)
+    return int(elem) + 16 * int(scale_elem) + 256 * int(group)
+
+
+def decode_format(code: int) -> tuple[Elem, Elem, int]:
+    """``(elem, scale_elem, group)`` of a format code.
+
+    Raises:
+        ValueError: the code is not one ``format_code`` makes.
+    """
+    code = int(code)
+    elem, scale, group = code & 15, (code >> 4) & 15, code >> 8
+    if code < 0 or elem > Elem.INT4:
+        raise ValueError(f"unknown format {code} (element {elem})")
+    if elem <= Elem.FLOAT16:
+        if code != elem:
+            raise ValueError(f"format {code}: a float element has no scale element or group")
+        return Elem(elem), Elem.FLOAT32, 0
+    if scale > Elem.FLOAT16 or group not in GROUP_SIZES:
+        raise ValueError(f"format {code}: scale element {scale} must be 0 or 1 and group {group} one of {GROUP_SIZES}")
+    return Elem(elem), Elem(scale), group
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _elem_nbytes(elem: Elem, size: int) -> int:
+    return {Elem.FLOAT32: 4 * size, Elem.FLOAT16: 2 * size, Elem.INT8: size, Elem.INT4: (size + 1) // 2}[elem]
+
+
+def _float_elem(dtype, what: str) -> Elem:
+    try:
+        return _FLOAT_ELEMS[np.dtype(dtype)]
+    except KeyError:
+        raise ValueError(f"layout v2 stores float32 and float16 only; {what} is {np.dtype(dtype).name}") from None
+
+
+def _array_bytes(a: StoredArray) -> tuple[int, list[bytes]]:
+    """The format code and the byte pieces (payload, then scales at the next ``ALIGN``) of one array."""
+    if not a.storage.is_int:
+        elem = _float_elem(a.values.dtype, "a stored array")
+        return format_code(elem), [np.ascontiguousarray(a.values, _ELEM_DTYPES[elem]).tobytes()]
+    scale_elem = _float_elem(a.scales.dtype, "a scale array")
+    if a.storage == Storage.INT8:
+        payload = np.ascontiguousarray(a.values).view(np.uint8).tobytes()
+        elem = Elem.INT8
+    else:
+        payload = pack_int4(a.values).tobytes()
+        elem = Elem.INT4
+    scales = np.ascontiguousarray(a.scales, _ELEM_DTYPES[scale_elem]).tobytes()
+    return format_code(elem, scale_elem, a.group), [payload, scales]
+
+
+class _ByteWriter:
+    """Appends pieces to a byte buffer, each at the next multiple of ``ALIGN``."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def put(self, pieces: list[bytes]) -> int:
+        start = None
+        for piece in pieces:
+            pad = _align(self.size) - self.size
+            self.chunks.append(b"\0" * pad)
+            self.size += pad
+            start = self.size if start is None else start
+            self.chunks.append(piece)
+            self.size += len(piece)
+        return start
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(b"".join(self.chunks), dtype=np.uint8).copy()
+
+
+def _pack_v2(hm: HMatrix) -> PackedHMatrix:
+    out = _ByteWriter()
+    rows = []
+
+    def term(b: Block, rank: int, arrays) -> None:
+        cells = []
+        for a in arrays:
+            code, pieces = _array_bytes(a)
+            cells += [code, out.put(pieces)]
+        cells += [0] * (4 - len(cells))
+        rows.append((int(b.kind), b.r0, b.r1, b.c0, b.c1, rank, *cells))
+
+    for b in hm.blocks:
+        if b.kind == BlockKind.DENSE:
+            term(b, 0, b.storage)
+        elif b.kind == BlockKind.LOWRANK:
+            for u, vt in b.tiers:
+                term(b, u.shape[1], (u, vt))
+        else:
+            term(b, 0, ())
+    layout = np.array(rows, dtype=np.int64).reshape(-1, len(LAYOUT_V2_COLUMNS))
+    row_perm, col_perm = _perms(hm)
+    return PackedHMatrix(out.array(), layout, row_perm, col_perm, hm.shape)
 
 
 def _check_perm(perm: np.ndarray, size: int, name: str) -> None:
@@ -131,12 +317,26 @@ def _check_perm(perm: np.ndarray, size: int, name: str) -> None:
         raise ValueError(f"{name} is not a permutation of 0..{size - 1}")
 
 
+def _check_perms(row_perm, col_perm, m: int, n: int) -> None:
+    _check_perm(np.asarray(row_perm), m, "row_perm")
+    _check_perm(np.asarray(col_perm), n, "col_perm")
+
+
+def _check_ranges(i: int, r0: int, r1: int, c0: int, c1: int, m: int, n: int) -> None:
+    if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= n):
+        raise ValueError(f"block {i}: bad ranges rows [{r0}, {r1}) cols [{c0}, {c1}) for shape ({m}, {n})")
+
+
 def validate_packed(data: np.ndarray, layout: np.ndarray, row_perm: np.ndarray, col_perm: np.ndarray) -> tuple[int, int]:
-    """Check a packed H-matrix for consistency and return its shape ``(m, n)``.
+    """Check a packed H-matrix (version 1, or 2 when ``data`` is uint8) and return its shape ``(m, n)``.
 
     Raises:
-        ValueError: naming the first inconsistency (bad kind, range, offset or permutation).
+        ValueError: naming the first inconsistency (bad kind, range, format, offset,
+            alignment or permutation).
     """
+    data = np.asarray(data)
+    if data.dtype == np.uint8:
+        return _validate_v2(data, np.asarray(layout), row_perm, col_perm)
     layout = np.asarray(layout)
     if layout.ndim != 2 or layout.shape[1] != len(LAYOUT_COLUMNS):
         raise ValueError(f"layout must have shape (num_blocks, {len(LAYOUT_COLUMNS)}), got {layout.shape}")
@@ -147,8 +347,7 @@ def validate_packed(data: np.ndarray, layout: np.ndarray, row_perm: np.ndarray, 
     m, n = int(layout[:, ROW1].max()), int(layout[:, COL1].max())
     area = 0
     for i, (kind, r0, r1, c0, c1, rank, off) in enumerate(layout.tolist()):
-        if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= n):
-            raise ValueError(f"block {i}: bad ranges rows [{r0}, {r1}) cols [{c0}, {c1}) for shape ({m}, {n})")
+        _check_ranges(i, r0, r1, c0, c1, m, n)
         rows, cols = r1 - r0, c1 - c0
         if kind == BlockKind.ZERO:
             size = 0
@@ -165,15 +364,80 @@ def validate_packed(data: np.ndarray, layout: np.ndarray, row_perm: np.ndarray, 
         area += rows * cols
     if area != m * n:
         raise ValueError(f"blocks cover {area} entries, expected {m}x{n}={m * n}")
-    _check_perm(np.asarray(row_perm), m, "row_perm")
-    _check_perm(np.asarray(col_perm), n, "col_perm")
+    _check_perms(row_perm, col_perm, m, n)
+    return m, n
+
+
+def _array_extent(i: int, name: str, code: int, offset: int, k: int, n: int, data_size: int) -> tuple[int, int]:
+    """Checks one version-2 array of shape ``(k, n)``; returns ``(payload end, scales offset)``."""
+    try:
+        elem, scale_elem, group = decode_format(code)
+    except ValueError as e:
+        raise ValueError(f"block {i}: array {name}: {e}") from None
+    if offset < 0 or offset % ALIGN:
+        raise ValueError(f"block {i}: array {name} offset {offset} is not a non-negative multiple of {ALIGN}")
+    end = offset + _elem_nbytes(elem, k * n)
+    scales = 0
+    if group:
+        scales = _align(end)
+        end = scales + _elem_nbytes(scale_elem, group_count(k, group) * n)
+    if end > data_size:
+        raise ValueError(f"block {i}: array {name} bytes [{offset}, {end}) outside data of {data_size} bytes")
+    return end, scales
+
+
+def _validate_v2(data: np.ndarray, layout: np.ndarray, row_perm, col_perm) -> tuple[int, int]:
+    width = len(LAYOUT_V2_COLUMNS)
+    if layout.ndim != 2 or layout.shape[1] != width:
+        raise ValueError(f"layout v2 (uint8 data) must have shape (num_rows, {width}), got {layout.shape}")
+    if data.ndim != 1:
+        raise ValueError(f"data must be 1-D, got shape {data.shape}")
+    if layout.shape[0] == 0:
+        raise ValueError("layout has no blocks")
+    m, n = int(layout[:, ROW1].max()), int(layout[:, COL1].max())
+    area, previous = 0, None
+    for i, row in enumerate(layout.tolist()):
+        kind, r0, r1, c0, c1, rank, a_fmt, a_off, b_fmt, b_off = row
+        _check_ranges(i, r0, r1, c0, c1, m, n)
+        rows, cols = r1 - r0, c1 - c0
+        if kind == BlockKind.ZERO:
+            if any(row[RANK:]):
+                raise ValueError(f"block {i}: a zero block has rank, formats and offsets 0, got {row[RANK:]}")
+        elif kind == BlockKind.DENSE:
+            if rank or b_fmt or b_off:
+                raise ValueError(f"block {i}: a dense block has rank, B_FORMAT and B_OFFSET 0, got {rank}, {b_fmt}, {b_off}")
+            _array_extent(i, "D", a_fmt, a_off, rows, cols, data.size)
+        elif kind == BlockKind.LOWRANK:
+            if rank < 0:
+                raise ValueError(f"block {i}: negative rank {rank}")
+            _array_extent(i, "U", a_fmt, a_off, rows, rank, data.size)
+            _array_extent(i, "Vt", b_fmt, b_off, rank, cols, data.size)
+        else:
+            raise ValueError(f"block {i}: unknown kind {kind}")
+        ranges = (r0, r1, c0, c1)
+        if not (kind == BlockKind.LOWRANK and previous == (BlockKind.LOWRANK, ranges)):
+            area += rows * cols  # a further tier of the previous block covers nothing new
+        previous = (kind, ranges)
+    if area != m * n:
+        raise ValueError(f"blocks cover {area} entries, expected {m}x{n}={m * n}")
+    _check_perms(row_perm, col_perm, m, n)
     return m, n
 
 
 def unpack(packed: PackedHMatrix, norm: float = float("nan"), certified_error: float = float("nan"), tol: float = float("nan")) -> HMatrix:
-    """Rebuild an ``HMatrix`` from its packed arrays (the inverse of ``pack``)."""
+    """Rebuild an ``HMatrix`` from its packed arrays (the inverse of ``pack``, either version)."""
     data, layout = packed.data, packed.layout
     shape = validate_packed(data, layout, packed.row_perm, packed.col_perm)
+    if packed.version == 2:
+        dtype, blocks = _unpack_v2_blocks(data, layout)
+    else:
+        dtype, blocks = data.dtype, _unpack_v1_blocks(data, layout)
+    row_perm = packed.row_perm if packed.row_perm.size else None
+    col_perm = packed.col_perm if packed.col_perm.size else None
+    return HMatrix(shape, dtype, tuple(blocks), norm, certified_error, tol, row_perm, col_perm)
+
+
+def _unpack_v1_blocks(data: np.ndarray, layout: np.ndarray) -> list[Block]:
     blocks = []
     for kind, r0, r1, c0, c1, rank, off in layout.tolist():
         rows, cols = r1 - r0, c1 - c0
@@ -185,6 +449,55 @@ def unpack(packed: PackedHMatrix, norm: float = float("nan"), certified_error: f
             blocks.append(Block(BlockKind.LOWRANK, r0, r1, c0, c1, u=u, vt=vt))
         else:
             blocks.append(Block(BlockKind.ZERO, r0, r1, c0, c1))
-    row_perm = packed.row_perm if packed.row_perm.size else None
-    col_perm = packed.col_perm if packed.col_perm.size else None
-    return HMatrix(shape, data.dtype, tuple(blocks), norm, certified_error, tol, row_perm, col_perm)
+    return blocks
+
+
+def _weight_dtype_v2(layout: np.ndarray) -> np.dtype:
+    """float16 when every array and scale of a version-2 layout is float16, else float32.
+
+    Layout v2 does not record the weight's dtype; this choice only decides which arrays an
+    ``unpack``ed H-matrix labels ``FLOAT`` rather than ``FP16``: the values are the same.
+    """
+    codes = [c for row in layout.tolist() for c, k in ((row[A_FORMAT], row[KIND]), (row[B_FORMAT], row[KIND] == 2)) if k]
+    for code in codes:
+        elem, scale_elem, group = decode_format(code)
+        if elem == Elem.FLOAT32 or (group and scale_elem == Elem.FLOAT32):
+            return np.dtype(np.float32)
+    return np.dtype(np.float16) if codes else np.dtype(np.float32)
+
+
+def _read_array(data: np.ndarray, code: int, offset: int, k: int, n: int, dtype: np.dtype) -> StoredArray:
+    elem, scale_elem, group = decode_format(code)
+    if elem in _ELEM_DTYPES:
+        values = data[offset : offset + _elem_nbytes(elem, k * n)].view(_ELEM_DTYPES[elem]).reshape(k, n)
+        values = values.astype(values.dtype.newbyteorder("="))
+        storage = Storage.FLOAT if values.dtype == dtype else Storage.FP16
+        return StoredArray(storage, values)
+    payload = data[offset : offset + _elem_nbytes(elem, k * n)]
+    q = payload.view(np.int8) if elem == Elem.INT8 else unpack_int4(payload, k * n)
+    start = _align(offset + payload.size)
+    scale_dtype = _ELEM_DTYPES[scale_elem]
+    scales = data[start : start + _elem_nbytes(scale_elem, group_count(k, group) * n)].view(scale_dtype)
+    scales = scales.astype(scale_dtype.newbyteorder("=")).reshape(group_count(k, group), n)
+    storage = Storage.INT8 if elem == Elem.INT8 else Storage.INT4
+    return StoredArray(storage, q.reshape(k, n).copy(), scales, group)
+
+
+def _unpack_v2_blocks(data: np.ndarray, layout: np.ndarray) -> tuple[np.dtype, list[Block]]:
+    dtype = _weight_dtype_v2(layout)
+    blocks: list[Block] = []
+    tiers: list[StoredArray] = []
+    rows_list = layout.tolist()
+    for i, (kind, r0, r1, c0, c1, rank, a_fmt, a_off, b_fmt, b_off) in enumerate(rows_list):
+        rows, cols = r1 - r0, c1 - c0
+        if kind == BlockKind.DENSE:
+            blocks.append(Block(BlockKind.DENSE, r0, r1, c0, c1, storage=(_read_array(data, a_fmt, a_off, rows, cols, dtype),)))
+        elif kind == BlockKind.LOWRANK:
+            tiers += [_read_array(data, a_fmt, a_off, rows, rank, dtype), _read_array(data, b_fmt, b_off, rank, cols, dtype)]
+            following = rows_list[i + 1] if i + 1 < len(rows_list) else None
+            if following is None or following[KIND] != BlockKind.LOWRANK or following[ROW0:COL1 + 1] != [r0, r1, c0, c1]:
+                blocks.append(Block(BlockKind.LOWRANK, r0, r1, c0, c1, storage=tuple(tiers)))
+                tiers = []
+        else:
+            blocks.append(Block(BlockKind.ZERO, r0, r1, c0, c1))
+    return dtype, blocks
