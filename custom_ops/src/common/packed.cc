@@ -152,6 +152,167 @@ std::string ValidatePacked(const PackedInputs& in, PackedPlan* plan) {
   return "";
 }
 
+namespace {
+
+// Bytes of `count` values of `elem`, or false on overflow.
+bool ElemBytes(Elem elem, int64_t count, int64_t* out) {
+  switch (elem) {
+    case Elem::kFloat32: return CheckedMul(count, 4, out);
+    case Elem::kFloat16: return CheckedMul(count, 2, out);
+    case Elem::kInt8: *out = count; return true;
+    case Elem::kInt4: *out = count / 2 + count % 2; return true;
+  }
+  return false;
+}
+
+bool AlignUp(int64_t v, int64_t* out) {
+  if (!CheckedAdd(v, kAlign - 1, out)) return false;
+  *out -= *out % kAlign;
+  return true;
+}
+
+// Decodes and bounds-checks one array of a layout-v2 row.
+std::string CheckArray(int64_t i, const char* name, int64_t code, int64_t offset, int64_t rows, int64_t cols,
+                       int64_t data_size, ArrayView* a) {
+  auto where = [&] { return "layout row " + std::to_string(i) + ": array " + name + ": "; };
+  const int64_t elem = code & 15, scale = (code >> 4) & 15, group = code >> 8;
+  if (code < 0 || elem > static_cast<int64_t>(Elem::kInt4))
+    return Fail(where() + "unknown format " + std::to_string(code) + " (element " + std::to_string(elem) + ")");
+  a->elem = static_cast<Elem>(elem);
+  a->rows = rows;
+  a->cols = cols;
+  a->offset = offset;
+  a->group = 0;
+  a->scale_offset = 0;
+  a->scale_elem = Elem::kFloat32;
+  const bool is_int = a->elem == Elem::kInt8 || a->elem == Elem::kInt4;
+  if (!is_int && code != elem)
+    return Fail(where() + "format " + std::to_string(code) + ": a float element has no scale element or group");
+  if (is_int) {
+    if (scale > 1 || (group != 16 && group != 32 && group != 64 && group != 128)) {
+      return Fail(where() + "format " + std::to_string(code) + ": scale element " + std::to_string(scale) +
+                  " must be 0 or 1 and group " + std::to_string(group) + " one of 16, 32, 64, 128");
+    }
+    a->scale_elem = static_cast<Elem>(scale);
+    a->group = group;
+  }
+  if (offset < 0 || offset % kAlign != 0)
+    return Fail(where() + "offset " + std::to_string(offset) + " is not a non-negative multiple of " +
+                std::to_string(kAlign));
+  int64_t count = 0, bytes = 0, end = 0;
+  bool ok = CheckedMul(rows, cols, &count) && ElemBytes(a->elem, count, &bytes) && CheckedAdd(offset, bytes, &end);
+  if (ok && is_int) {
+    const int64_t groups = rows / group + (rows % group != 0);
+    int64_t scale_count = 0, scale_bytes = 0;
+    ok = AlignUp(end, &a->scale_offset) && CheckedMul(groups, cols, &scale_count) &&
+         ElemBytes(a->scale_elem, scale_count, &scale_bytes) && CheckedAdd(a->scale_offset, scale_bytes, &end);
+  }
+  if (!ok) return Fail(where() + "size overflows int64");
+  if (end > data_size) {
+    return Fail(where() + "bytes [" + std::to_string(offset) + ", " + std::to_string(end) +
+                ") outside data of " + std::to_string(data_size) + " bytes");
+  }
+  return "";
+}
+
+// Validates one layout-v2 row into `t`.
+std::string CheckRowV2(const int64_t* row, int64_t i, int64_t data_size, TermView* t) {
+  t->r0 = row[kRow0];
+  t->r1 = row[kRow1];
+  t->c0 = row[kCol0];
+  t->c1 = row[kCol1];
+  t->rank = row[kRank];
+  auto where = [i] { return "layout row " + std::to_string(i) + ": "; };
+  if (!(0 <= t->r0 && t->r0 < t->r1) || !(0 <= t->c0 && t->c0 < t->c1)) {
+    std::ostringstream s;
+    s << where() << "empty or negative ranges rows [" << t->r0 << ", " << t->r1 << ") cols [" << t->c0 << ", "
+      << t->c1 << ")";
+    return Fail(s.str());
+  }
+  const int64_t rows = t->r1 - t->r0, cols = t->c1 - t->c0;
+  const int64_t kind = row[kKind];
+  if (kind == static_cast<int64_t>(BlockKind::kZero)) {
+    t->kind = BlockKind::kZero;
+    for (int64_t c = kRank; c < kLayoutV2Columns; ++c)
+      if (row[c] != 0) return Fail(where() + "a zero block has rank, formats and offsets 0");
+    return "";
+  }
+  if (kind == static_cast<int64_t>(BlockKind::kDense)) {
+    t->kind = BlockKind::kDense;
+    if (t->rank != 0 || row[kBFormat] != 0 || row[kBOffset] != 0)
+      return Fail(where() + "a dense block has rank, B format and B offset 0");
+    return CheckArray(i, "D", row[kAFormat], row[kAOffset], rows, cols, data_size, &t->a);
+  }
+  if (kind == static_cast<int64_t>(BlockKind::kLowRank)) {
+    t->kind = BlockKind::kLowRank;
+    if (t->rank < 0) return Fail(where() + "negative rank " + std::to_string(t->rank));
+    std::string err = CheckArray(i, "U", row[kAFormat], row[kAOffset], rows, t->rank, data_size, &t->a);
+    if (err.empty()) err = CheckArray(i, "Vt", row[kBFormat], row[kBOffset], t->rank, cols, data_size, &t->b);
+    return err;
+  }
+  return Fail(where() + "unknown block kind " + std::to_string(kind) + " (expected 0 zero, 1 dense, 2 low-rank)");
+}
+
+}  // namespace
+
+std::string ValidatePackedV2(const PackedInputs& in, PackedPlanV2* plan) {
+  if (in.data_shape.size() != 1) return Fail("data must be 1-D, got shape " + ShapeString(in.data_shape));
+  if (in.layout_shape.size() != 2 || in.layout_shape[1] != kLayoutV2Columns) {
+    return Fail("layout v2 (uint8 data) must have shape (num_rows, " + std::to_string(kLayoutV2Columns) + "), got " +
+                ShapeString(in.layout_shape));
+  }
+  const int64_t num_rows = in.layout_shape[0];
+  if (num_rows <= 0) return Fail("layout has no blocks");
+  const int64_t data_size = in.data_shape[0];
+  plan->terms.clear();
+  int64_t m = 0, n = 0, stored = 0;
+  std::vector<TermView> rows(static_cast<size_t>(num_rows));
+  for (int64_t i = 0; i < num_rows; ++i) {
+    TermView& t = rows[static_cast<size_t>(i)];
+    std::string err = CheckRowV2(in.layout + i * kLayoutV2Columns, i, data_size, &t);
+    if (!err.empty()) return err;
+    m = std::max(m, t.r1);
+    n = std::max(n, t.c1);
+    if (t.kind != BlockKind::kZero) {
+      int64_t a = 0, b = 0;
+      CheckedMul(t.a.rows, t.a.cols, &a);  // cannot overflow: checked with the payload bounds
+      CheckedMul(t.b.rows, t.b.cols, &b);
+      if (!CheckedAdd(stored, a, &stored) || !CheckedAdd(stored, b, &stored)) return Fail("stored size overflows int64");
+    }
+  }
+  std::string x_err = ValidateX(in.x_shape, m, n, &plan->batch, &plan->y_shape);
+  if (!x_err.empty()) return x_err;
+  int64_t total = 0, area = 0;
+  if (!CheckedMul(m, n, &total)) return Fail("matrix shape overflows int64");
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const TermView& t = rows[i];
+    const bool next_tier = i > 0 && t.kind == BlockKind::kLowRank && rows[i - 1].kind == BlockKind::kLowRank &&
+                           rows[i - 1].r0 == t.r0 && rows[i - 1].r1 == t.r1 && rows[i - 1].c0 == t.c0 &&
+                           rows[i - 1].c1 == t.c1;
+    if (!next_tier) {
+      int64_t a = 0;
+      CheckedMul(t.r1 - t.r0, t.c1 - t.c0, &a);  // cannot overflow: a <= m * n
+      if (a > total - area)
+        return Fail("blocks overlap: they cover more than " + std::to_string(m) + "x" + std::to_string(n) + " entries");
+      area += a;
+    }
+    if (t.kind != BlockKind::kZero) plan->terms.push_back(t);
+  }
+  if (area != total) {
+    return Fail("blocks cover " + std::to_string(area) + " entries, expected " + std::to_string(m) + "x" +
+                std::to_string(n) + "=" + std::to_string(total));
+  }
+  std::vector<unsigned char> seen;
+  std::string err = CheckPerm("row_perm", in.row_perm_shape, in.row_perm, m, &seen, &plan->has_row_perm);
+  if (!err.empty()) return err;
+  err = CheckPerm("col_perm", in.col_perm_shape, in.col_perm, n, &seen, &plan->has_col_perm);
+  if (!err.empty()) return err;
+  plan->m = m;
+  plan->n = n;
+  plan->stored_values = stored;
+  return "";
+}
+
 std::string ValidateX(const std::vector<int64_t>& x_shape, int64_t m, int64_t n, int64_t* batch,
                       std::vector<int64_t>* y_shape) {
   if (x_shape.empty()) return Fail("X must have rank >= 1, got a scalar");
