@@ -66,7 +66,7 @@ An array ``A`` of shape ``(K, N)`` (``K`` its contraction axis: rows of ``D``, `
 ``Vt_t``, the rank) is described by two integers:
 
 ``FORMAT = ELEM + 16 * SCALE_ELEM + 256 * GROUP``
-    ``ELEM`` (``Elem``): 0 float32, 1 float16, 2 int8, 3 int4. For the integer elements
+    ``ELEM`` (``Elem``): 0 float32, 1 float16, 2 int8 (in ``[-127, 127]``), 3 int4. For the integer elements
     ``SCALE_ELEM`` is the scales' element (0 float32, 1 float16) and ``GROUP`` the rows per
     scale group (one of ``GROUP_SIZES``); for float elements both are 0.
 ``OFFSET``
@@ -386,6 +386,12 @@ def _array_extent(i: int, name: str, code: int, offset: int, k: int, n: int, dat
     return end, scales
 
 
+def _check_int8(i: int, name: str, data: np.ndarray, code: int, offset: int, size: int) -> None:
+    """An int8 array holds values in [-127, 127] (-128, byte 0x80, is not symmetric int8)."""
+    if decode_format(code)[0] == Elem.INT8 and np.any(data[offset : offset + size] == 0x80):
+        raise ValueError(f"block {i}: array {name} holds the int8 value -128 (symmetric int8 is [-127, 127])")
+
+
 def _validate_v2(data: np.ndarray, layout: np.ndarray, row_perm, col_perm) -> tuple[int, int]:
     width = len(LAYOUT_V2_COLUMNS)
     if layout.ndim != 2 or layout.shape[1] != width:
@@ -407,11 +413,14 @@ def _validate_v2(data: np.ndarray, layout: np.ndarray, row_perm, col_perm) -> tu
             if rank or b_fmt or b_off:
                 raise ValueError(f"block {i}: a dense block has rank, B_FORMAT and B_OFFSET 0, got {rank}, {b_fmt}, {b_off}")
             _array_extent(i, "D", a_fmt, a_off, rows, cols, data.size)
+            _check_int8(i, "D", data, a_fmt, a_off, rows * cols)
         elif kind == BlockKind.LOWRANK:
             if rank < 0:
                 raise ValueError(f"block {i}: negative rank {rank}")
             _array_extent(i, "U", a_fmt, a_off, rows, rank, data.size)
             _array_extent(i, "Vt", b_fmt, b_off, rank, cols, data.size)
+            _check_int8(i, "U", data, a_fmt, a_off, rows * rank)
+            _check_int8(i, "Vt", data, b_fmt, b_off, rank * cols)
         else:
             raise ValueError(f"block {i}: unknown kind {kind}")
         ranges = (r0, r1, c0, c1)

@@ -25,6 +25,7 @@ struct PackedInputs {
   std::vector<int64_t> row_perm_shape;
   std::vector<int64_t> col_perm_shape;
   const int64_t* layout = nullptr;
+  const uint8_t* data_bytes = nullptr;  // layout v2 only: `data` (host memory)
   const int64_t* row_perm = nullptr;
   const int64_t* col_perm = nullptr;
 };
@@ -104,7 +105,8 @@ struct PackedPlanV2 {
 
 // ValidatePacked for layout version 2 (data is uint8 bytes; in.data_shape counts bytes):
 // ranks and shapes, every row's kind, ranges and format codes, every array's payload and
-// scales inside data at aligned offsets (overflow-safe), tiers, exact area, permutations.
+// scales inside data at aligned offsets (overflow-safe), int8 values in [-127, 127] (reads
+// in.data_bytes), tiers, exact area, permutations.
 std::string ValidatePackedV2(const PackedInputs& in, PackedPlanV2* plan);
 
 // a * b, or false when it would overflow int64 (a, b >= 0).

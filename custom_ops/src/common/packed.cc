@@ -173,7 +173,7 @@ bool AlignUp(int64_t v, int64_t* out) {
 
 // Decodes and bounds-checks one array of a layout-v2 row.
 std::string CheckArray(int64_t i, const char* name, int64_t code, int64_t offset, int64_t rows, int64_t cols,
-                       int64_t data_size, ArrayView* a) {
+                       const uint8_t* data, int64_t data_size, ArrayView* a) {
   auto where = [&] { return "layout row " + std::to_string(i) + ": array " + name + ": "; };
   const int64_t elem = code & 15, scale = (code >> 4) & 15, group = code >> 8;
   if (code < 0 || elem > static_cast<int64_t>(Elem::kInt4))
@@ -212,11 +212,15 @@ std::string CheckArray(int64_t i, const char* name, int64_t code, int64_t offset
     return Fail(where() + "bytes [" + std::to_string(offset) + ", " + std::to_string(end) +
                 ") outside data of " + std::to_string(data_size) + " bytes");
   }
+  if (a->elem == Elem::kInt8) {
+    for (int64_t k = 0; k < count; ++k)
+      if (data[offset + k] == 0x80) return Fail(where() + "holds the int8 value -128 (symmetric int8 is [-127, 127])");
+  }
   return "";
 }
 
 // Validates one layout-v2 row into `t`.
-std::string CheckRowV2(const int64_t* row, int64_t i, int64_t data_size, TermView* t) {
+std::string CheckRowV2(const int64_t* row, int64_t i, const uint8_t* data, int64_t data_size, TermView* t) {
   t->r0 = row[kRow0];
   t->r1 = row[kRow1];
   t->c0 = row[kCol0];
@@ -241,13 +245,13 @@ std::string CheckRowV2(const int64_t* row, int64_t i, int64_t data_size, TermVie
     t->kind = BlockKind::kDense;
     if (t->rank != 0 || row[kBFormat] != 0 || row[kBOffset] != 0)
       return Fail(where() + "a dense block has rank, B format and B offset 0");
-    return CheckArray(i, "D", row[kAFormat], row[kAOffset], rows, cols, data_size, &t->a);
+    return CheckArray(i, "D", row[kAFormat], row[kAOffset], rows, cols, data, data_size, &t->a);
   }
   if (kind == static_cast<int64_t>(BlockKind::kLowRank)) {
     t->kind = BlockKind::kLowRank;
     if (t->rank < 0) return Fail(where() + "negative rank " + std::to_string(t->rank));
-    std::string err = CheckArray(i, "U", row[kAFormat], row[kAOffset], rows, t->rank, data_size, &t->a);
-    if (err.empty()) err = CheckArray(i, "Vt", row[kBFormat], row[kBOffset], t->rank, cols, data_size, &t->b);
+    std::string err = CheckArray(i, "U", row[kAFormat], row[kAOffset], rows, t->rank, data, data_size, &t->a);
+    if (err.empty()) err = CheckArray(i, "Vt", row[kBFormat], row[kBOffset], t->rank, cols, data, data_size, &t->b);
     return err;
   }
   return Fail(where() + "unknown block kind " + std::to_string(kind) + " (expected 0 zero, 1 dense, 2 low-rank)");
@@ -269,7 +273,7 @@ std::string ValidatePackedV2(const PackedInputs& in, PackedPlanV2* plan) {
   std::vector<TermView> rows(static_cast<size_t>(num_rows));
   for (int64_t i = 0; i < num_rows; ++i) {
     TermView& t = rows[static_cast<size_t>(i)];
-    std::string err = CheckRowV2(in.layout + i * kLayoutV2Columns, i, data_size, &t);
+    std::string err = CheckRowV2(in.layout + i * kLayoutV2Columns, i, in.data_bytes, data_size, &t);
     if (!err.empty()) return err;
     m = std::max(m, t.r1);
     n = std::max(n, t.c1);

@@ -259,7 +259,8 @@ class HMatMulCpuKernelV2 {
                       const Ort::Custom::Tensor<int64_t>& layout, const Ort::Custom::Tensor<int64_t>& row_perm,
                       const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
     try {
-      const PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
+      PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
+      in.data_bytes = data.Data();
       Prepared own;
       const Prepared* prepared = &own;
       int64_t batch = 0;
