@@ -2,17 +2,20 @@
 // stored array is float32, float16, int8 or int4 with groupwise scales, and is read as stored.
 //
 // Each term (a dense block D, or one tier U_t, Vt_t of a low-rank block) is multiplied panel
-// by panel: a few rows of the array (at most kPanelFloats values, so the panel stays in L1)
-// are dequantized into a small per-task scratch, to exactly the values pack.unpack gives
-// (fl(q * scale) rounded once to the scale's type), and the float GEMM of gemm.h adds their
-// product into the output. No dense copy of the weight is ever made.
-// Two phases of independent tasks, run on the onnxruntime intra-op pool when the product is
-// large (on the calling thread otherwise):
+// by panel: a few rows of the array (at most kPanelFloats values, so the panel stays in L1/L2)
+// are dequantized into a small per-task scratch by the row dequantizers of dequant.h, to
+// exactly the values pack.unpack gives (fl(q * scale) rounded once to the scale's type), and
+// the float GEMM of gemm.h adds their product into the output. No dense copy of the weight is
+// ever made.
+// Small products (batch x stored values < kParallelWork, batch < kTransposeBatch) take one
+// pass over the terms in storage order on the calling thread. Larger ones run two phases of
+// independent tasks on the onnxruntime intra-op pool:
 //   1. for every low-rank tier and batch tile: T_t = Xp[:, rows] @ U_t (own slice of scratch);
 //   2. for every output column chunk and batch tile: Yp[:, chunk] = sum over the terms meeting
 //      the chunk of T_t @ Vt_t[:, part] or Xp[:, rows] @ D[:, part].
-// Xp is X gathered by row_perm and widened to float (or X itself); Yp is scattered into Y by
-// col_perm and rounded to T (or is Y).
+// From kTransposeBatch rows on, Xp and T are kept batch-major so that X U_t vectorizes over
+// the batch. Xp is X gathered by row_perm and widened to float (or X itself); Yp is scattered
+// into Y by col_perm and rounded to T (or is Y).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -27,6 +30,7 @@
 #include "common/constant_inputs.h"
 #include "dehm/layout.h"
 #include "dehm/packed.h"
+#include "dequant.h"
 #include "gemm.h"
 #include "hmatmul_cpu.h"
 #include "kernel_util.h"
@@ -35,93 +39,85 @@ namespace dehm {
 namespace {
 
 constexpr int64_t kBatchTile = 64;
-constexpr int64_t kPanelFloats = 4096;  // dequantized values per panel (16 KB)
+constexpr int64_t kTransposeBatch = 16;  // batches at least this wide keep Xp and T batch-major
+constexpr int64_t kPanelFloats = 8192;   // dequantized values per panel (32 KB)
+constexpr int64_t kStripCols = 256;      // output columns per product call of the one-pass path
 constexpr int64_t kParallelWork = int64_t{1} << 19;
 
-// The float16 value nearest to f (ties to even), as a float. Used for values exact in float
-// (an int8/int4 times a float16 scale has at most 7 + 11 significant bits), so the result is
-// the one rounding DequantizeLinear makes in float16.
-inline float RoundToHalf(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  const uint32_t mag = bits & 0x7fffffffu;
-  if (mag >= 0x477ff000u) {  // |f| >= 65520 rounds to infinity (or is Inf/NaN already)
-    if (mag > 0x7f800000u) return f;
-    bits = (bits & 0x80000000u) | 0x7f800000u;
-  } else if (mag < 0x38800000u) {  // below 2^-14: a float16 subnormal, a multiple of 2^-24
-    return std::nearbyint(f * 16777216.0f) * (1.0f / 16777216.0f);
-  } else {  // keep 10 mantissa bits, rounding the 13 dropped ones to nearest even
-    bits += 0x0fffu + ((bits >> 13) & 1u);
-    bits &= ~0x1fffu;
-  }
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline float LoadF32(const uint8_t* p) {
-  float v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float LoadF16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, sizeof h);
-  return HalfToFloat(h);
-}
-
-inline float ScaleAt(const uint8_t* data, const ArrayView& a, int64_t index) {
-  return a.scale_elem == Elem::kFloat32 ? LoadF32(data + a.scale_offset + 4 * index)
-                                        : LoadF16(data + a.scale_offset + 2 * index);
-}
-
-// Integer value `index` (row-major) of an int8 or int4 array, sign-extended.
-inline int IntAt(const uint8_t* data, const ArrayView& a, int64_t index) {
-  if (a.elem == Elem::kInt8) return static_cast<int8_t>(data[a.offset + index]);
-  const uint8_t byte = data[a.offset + index / 2];
-  const int nibble = (index & 1) ? byte >> 4 : byte & 15;
-  return (nibble ^ 8) - 8;
-}
+// Per-task scratch: the dequantized panel and one row of scales.
+struct Scratch {
+  std::vector<float> panel;
+  std::vector<float> scales;
+};
 
 // out[(i - i0) * w + j] = A[i, j0 + j] for i in [i0, i1), j in [0, w): the dequantized values.
-void DequantizePanel(const uint8_t* data, const ArrayView& a, int64_t i0, int64_t i1, int64_t j0, int64_t w,
-                     float* out) {
+void DequantizePanel(const DequantKernels& dq, const uint8_t* data, const ArrayView& a, int64_t i0, int64_t i1,
+                     int64_t j0, int64_t w, float* out, std::vector<float>* scale_row) {
   const int64_t n = a.cols;
+  int64_t group = -1;
   for (int64_t i = i0; i < i1; ++i) {
     float* row = out + (i - i0) * w;
     const int64_t base = i * n + j0;
-    switch (a.elem) {
-      case Elem::kFloat32:
-        std::memcpy(row, data + a.offset + 4 * base, static_cast<size_t>(w) * sizeof(float));
-        break;
-      case Elem::kFloat16:
-        for (int64_t j = 0; j < w; ++j) row[j] = LoadF16(data + a.offset + 2 * (base + j));
-        break;
-      default: {
-        const int64_t scale_base = (i / a.group) * n + j0;
-        if (a.scale_elem == Elem::kFloat32) {
-          for (int64_t j = 0; j < w; ++j)
-            row[j] = static_cast<float>(IntAt(data, a, base + j)) * ScaleAt(data, a, scale_base + j);
-        } else {
-          for (int64_t j = 0; j < w; ++j)
-            row[j] = RoundToHalf(static_cast<float>(IntAt(data, a, base + j)) * ScaleAt(data, a, scale_base + j));
-        }
+    if (a.elem == Elem::kFloat32) {
+      std::memcpy(row, data + a.offset + 4 * base, static_cast<size_t>(w) * sizeof(float));
+      continue;
+    }
+    if (a.elem == Elem::kFloat16) {
+      dq.half_row(data + a.offset + 2 * base, w, row);
+      continue;
+    }
+    if (i / a.group != group) {  // the rows of one group share one row of scales
+      group = i / a.group;
+      scale_row->resize(static_cast<size_t>(w));
+      const int64_t s = group * n + j0;
+      if (a.scale_elem == Elem::kFloat32) {
+        std::memcpy(scale_row->data(), data + a.scale_offset + 4 * s, static_cast<size_t>(w) * sizeof(float));
+      } else {
+        dq.half_row(data + a.scale_offset + 2 * s, w, scale_row->data());
       }
+    }
+    const bool round_half = a.scale_elem == Elem::kFloat16;
+    if (a.elem == Elem::kInt8) {
+      dq.int8_row(data + a.offset + base, scale_row->data(), w, round_half, row);
+    } else {
+      dq.int4_row(data + a.offset, base, scale_row->data(), w, round_half, row);
     }
   }
 }
 
-// y[r, 0:w] += sum_i x[r * ldx + i] * A[i, j0 + j] over rows r < batch, i < a.rows: the product
-// with columns [j0, j0 + w) of a stored array, dequantized kPanelFloats values at a time.
-void AddProduct(const GemmKernels& kernels, const uint8_t* data, const ArrayView& a, int64_t j0, int64_t w,
-                const float* x, int64_t ldx, int64_t batch, float* y, int64_t ldy, std::vector<float>* panel) {
-  if (w <= 0 || a.rows <= 0 || batch <= 0) return;
+// The left operand of a product: element (r, i) at p[r * ld_r + i * ld_i].
+struct Operand {
+  const float* p;
+  int64_t ld_r;
+  int64_t ld_i;
+};
+
+// y[r, 0:w] += sum_i lhs(r, i) * A[i, j0 + j] over rows r < rows, i < a.rows: the product with
+// columns [j0, j0 + w) of a stored array, dequantized a panel of rows at a time.
+void AddProduct(const GemmKernels& kernels, const DequantKernels& dq, const uint8_t* data, const ArrayView& a,
+                int64_t j0, int64_t w, Operand lhs, int64_t rows, float* y, int64_t ldy, Scratch* scratch) {
+  if (w <= 0 || a.rows <= 0 || rows <= 0) return;
   const int64_t panel_rows = std::max<int64_t>(1, std::min(a.rows, kPanelFloats / w));
-  panel->resize(static_cast<size_t>(panel_rows * w));
+  scratch->panel.resize(static_cast<size_t>(panel_rows * w));
   for (int64_t i0 = 0; i0 < a.rows; i0 += panel_rows) {
     const int64_t i1 = std::min(a.rows, i0 + panel_rows);
-    DequantizePanel(data, a, i0, i1, j0, w, panel->data());
-    kernels.f32(x + i0, ldx, 1, batch, i1 - i0, panel->data(), w, y, ldy, w);
+    DequantizePanel(dq, data, a, i0, i1, j0, w, scratch->panel.data(), &scratch->scales);
+    kernels.f32(lhs.p + i0 * lhs.ld_i, lhs.ld_r, lhs.ld_i, rows, i1 - i0, scratch->panel.data(), w, y, ldy, w);
+  }
+}
+
+// T^T[k, b] += sum_i U[i, k] * Xt[i, b] for the k x width tile at tt (row stride ldt), with
+// Xt's rows at xt (row stride ldx): vectorized over the batch, for wide batches.
+void AddTransposedLeft(const GemmKernels& kernels, const DequantKernels& dq, const uint8_t* data, const ArrayView& u,
+                       const float* xt, int64_t ldx, int64_t width, float* tt, int64_t ldt, Scratch* scratch) {
+  const int64_t k = u.cols;
+  if (k <= 0 || u.rows <= 0 || width <= 0) return;
+  const int64_t panel_rows = std::max<int64_t>(1, std::min(u.rows, kPanelFloats / k));
+  scratch->panel.resize(static_cast<size_t>(panel_rows * k));
+  for (int64_t i0 = 0; i0 < u.rows; i0 += panel_rows) {
+    const int64_t i1 = std::min(u.rows, i0 + panel_rows);
+    DequantizePanel(dq, data, u, i0, i1, 0, k, scratch->panel.data(), &scratch->scales);
+    kernels.f32(scratch->panel.data(), 1, k, k, i1 - i0, xt + i0 * ldx, ldx, tt, ldt, width);
   }
 }
 
@@ -130,7 +126,8 @@ void AddProduct(const GemmKernels& kernels, const uint8_t* data, const ArrayView
 struct TablesV2 {
   std::vector<int64_t> rank_offset;  // per term: sum of the ranks of the low-rank terms before it
   int64_t rank_total = 0;
-  std::vector<int64_t> lowrank;       // low-rank terms of rank > 0
+  int64_t max_rank = 0;
+  std::vector<int64_t> lowrank;       // low-rank terms of rank > 0, largest rows x rank first
   int64_t chunk = 0;                  // output columns per phase-2 chunk
   int64_t col_chunks = 0;
   std::vector<int64_t> chunk_terms;   // terms meeting chunk c: chunk_terms[chunk_begin[c], chunk_begin[c + 1])
@@ -144,9 +141,15 @@ TablesV2 BuildTablesV2(const PackedPlanV2& plan) {
     const TermView& term = plan.terms[i];
     if (term.kind != BlockKind::kLowRank || term.rank == 0) continue;
     t.rank_offset[i] = t.rank_total;
+    t.max_rank = std::max(t.max_rank, term.rank);
     if (!CheckedAdd(t.rank_total, term.rank, &t.rank_total)) throw std::bad_alloc();
     t.lowrank.push_back(static_cast<int64_t>(i));
   }
+  auto cost = [&](int64_t i) {
+    const TermView& term = plan.terms[static_cast<size_t>(i)];
+    return (term.r1 - term.r0) * term.rank;
+  };
+  std::stable_sort(t.lowrank.begin(), t.lowrank.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
   const int64_t n = plan.n;
   t.chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
   t.col_chunks = (n + t.chunk - 1) / t.chunk;
@@ -163,78 +166,130 @@ TablesV2 BuildTablesV2(const PackedPlanV2& plan) {
   return t;
 }
 
+// Small products: every term in storage order on the calling thread, so `data` is read as
+// one forward stream; tsmall holds batch x max_rank floats.
+void OnePass(const PackedPlanV2& plan, const GemmKernels& kernels, const DequantKernels& dq, const uint8_t* data,
+             const float* xp, int64_t batch, float* tsmall, float* y) {
+  const int64_t m = plan.m, n = plan.n;
+  std::fill(y, y + batch * n, 0.0f);
+  Scratch scratch;
+  for (const TermView& term : plan.terms) {
+    const int64_t cols = term.c1 - term.c0;
+    Operand lhs{xp + term.r0, m, 1};
+    const ArrayView* right = &term.a;
+    if (term.kind == BlockKind::kLowRank) {
+      if (term.rank == 0) continue;
+      std::fill(tsmall, tsmall + batch * term.rank, 0.0f);
+      AddProduct(kernels, dq, data, term.a, 0, term.rank, lhs, batch, tsmall, term.rank, &scratch);
+      lhs = Operand{tsmall, term.rank, 1};
+      right = &term.b;
+    }
+    for (int64_t j0 = 0; j0 < cols; j0 += kStripCols) {
+      const int64_t w = std::min(kStripCols, cols - j0);
+      AddProduct(kernels, dq, data, *right, j0, w, lhs, batch, y + term.c0 + j0, n, &scratch);
+    }
+  }
+}
+
 template <typename T>
 void ComputeV2(OrtKernelContext* ctx, const PackedPlanV2& plan, const TablesV2& tables, int64_t batch, const T* x,
                const uint8_t* data, const int64_t* row_perm, const int64_t* col_perm, T* y) {
   constexpr bool kIsFloat = std::is_same<T, float>::value;
   const int64_t m = plan.m, n = plan.n;
   const GemmKernels& kernels = SelectGemmKernels();
-  const bool need_xp = plan.has_row_perm || !kIsFloat;
+  const DequantKernels& dq = SelectDequantKernels();
+  // Batch-major ("transposed") Xp and T once the batch is wide enough to vectorize over it.
+  const bool transposed = batch >= kTransposeBatch;
+  const bool need_xp = transposed || plan.has_row_perm || !kIsFloat;
   const bool need_yp = plan.has_col_perm || !kIsFloat;
   int64_t work = 0;
   const bool parallel = !CheckedMul(batch, plan.stored_values, &work) || work >= kParallelWork;
 
-  // Scratch: [Xp (batch x m)] [T_t (batch x rank_t) per low-rank tier] [Yp (batch x n)].
-  int64_t t_total = 0, size = 0;
+  // Scratch: [Xp (batch x m)] [T_t (batch x rank_t) per low-rank tier] [Yp (batch x n)]
+  // [batch x max_rank for the one-pass products].
+  int64_t t_total = 0, tsmall = 0, size = 0;
   const int64_t xp_size = need_xp ? batch * m : 0, yp_size = need_yp ? batch * n : 0;
-  if (!CheckedMul(batch, tables.rank_total, &t_total) || !CheckedAdd(xp_size, t_total, &size) ||
-      !CheckedAdd(size, yp_size, &size))
+  if (!CheckedMul(batch, tables.rank_total, &t_total) || !CheckedMul(batch, tables.max_rank, &tsmall) ||
+      !CheckedAdd(xp_size, t_total, &size) || !CheckedAdd(size, yp_size, &size) || !CheckedAdd(size, tsmall, &size))
     throw std::bad_alloc();
   std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(std::max<int64_t>(size, 1))]);
   float* xp = need_xp ? scratch.get() : const_cast<float*>(reinterpret_cast<const float*>(x));
   float* tbuf = scratch.get() + xp_size;
-  float* yf = need_yp ? tbuf + t_total : reinterpret_cast<float*>(y);
+  float* yp = tbuf + t_total;
+  float* yf = need_yp ? yp : reinterpret_cast<float*>(y);
 
   const int64_t batch_tiles = (batch + kBatchTile - 1) / kBatchTile;
   auto tile_range = [&](int64_t tile, int64_t* b0, int64_t* b1) {
     *b0 = tile * kBatchTile;
     *b1 = std::min(batch, *b0 + kBatchTile);
   };
-  if (need_xp) {
+  auto source = [&](int64_t i) { return plan.has_row_perm ? row_perm[i] : i; };
+  if (transposed) {  // Xt[i, b] at xp[i * batch + b]
+    RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
+      int64_t b0, b1;
+      tile_range(tile, &b0, &b1);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t b = b0; b < b1; ++b) xp[i * batch + b] = Storage<T>::ToFloat(x[b * m + source(i)]);
+    });
+  } else if (need_xp) {
     RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
       int64_t b0, b1;
       tile_range(tile, &b0, &b1);
       for (int64_t b = b0; b < b1; ++b)
-        for (int64_t i = 0; i < m; ++i)
-          xp[b * m + i] = Storage<T>::ToFloat(x[b * m + (plan.has_row_perm ? row_perm[i] : i)]);
+        for (int64_t i = 0; i < m; ++i) xp[b * m + i] = Storage<T>::ToFloat(x[b * m + source(i)]);
     });
   }
 
-  // Phase 1: T_t = Xp[:, r0:r1] @ U_t, row-major (batch x rank_t) per tier.
-  const int64_t num_lowrank = static_cast<int64_t>(tables.lowrank.size());
-  RunTasks(ctx, parallel, num_lowrank * batch_tiles, [&](int64_t task) {
-    const size_t ti = static_cast<size_t>(tables.lowrank[static_cast<size_t>(task / batch_tiles)]);
-    const TermView& term = plan.terms[ti];
-    int64_t b0, b1;
-    tile_range(task % batch_tiles, &b0, &b1);
-    float* tb = tbuf + tables.rank_offset[ti] * batch + b0 * term.rank;
-    std::fill(tb, tb + (b1 - b0) * term.rank, 0.0f);
-    std::vector<float> panel;
-    AddProduct(kernels, data, term.a, 0, term.rank, xp + b0 * m + term.r0, m, b1 - b0, tb, term.rank, &panel);
-  });
-
-  // Phase 2: each task owns (column chunk, batch tile) of Yp, so no two tasks write the same entries.
-  RunTasks(ctx, parallel, tables.col_chunks * batch_tiles, [&](int64_t task) {
-    const int64_t c = task / batch_tiles;
-    int64_t b0, b1;
-    tile_range(task % batch_tiles, &b0, &b1);
-    const int64_t j0 = c * tables.chunk, j1 = std::min(n, j0 + tables.chunk);
-    for (int64_t b = b0; b < b1; ++b) std::fill(yf + b * n + j0, yf + b * n + j1, 0.0f);
-    std::vector<float> panel;
-    for (int64_t k = tables.chunk_begin[static_cast<size_t>(c)]; k < tables.chunk_begin[static_cast<size_t>(c) + 1];
-         ++k) {
-      const size_t ti = static_cast<size_t>(tables.chunk_terms[static_cast<size_t>(k)]);
+  if (!parallel && !transposed) {
+    OnePass(plan, kernels, dq, data, xp, batch, yp + yp_size, yf);
+  } else {
+    // Phase 1: T_t = Xp[:, r0:r1] @ U_t per tier and batch tile; T_t[b, k] at
+    // tbuf[rank_offset * batch + b * rank + k], transposed at [... + k * batch + b].
+    const int64_t num_lowrank = static_cast<int64_t>(tables.lowrank.size());
+    RunTasks(ctx, parallel, num_lowrank * batch_tiles, [&](int64_t task) {
+      const size_t ti = static_cast<size_t>(tables.lowrank[static_cast<size_t>(task / batch_tiles)]);
       const TermView& term = plan.terms[ti];
-      const int64_t s0 = std::max(term.c0, j0), s1 = std::min(term.c1, j1);
-      float* yt = yf + b0 * n + s0;
-      if (term.kind == BlockKind::kDense) {
-        AddProduct(kernels, data, term.a, s0 - term.c0, s1 - s0, xp + b0 * m + term.r0, m, b1 - b0, yt, n, &panel);
+      int64_t b0, b1;
+      tile_range(task % batch_tiles, &b0, &b1);
+      Scratch local;
+      float* t = tbuf + tables.rank_offset[ti] * batch;
+      if (transposed) {
+        for (int64_t k = 0; k < term.rank; ++k) std::fill(t + k * batch + b0, t + k * batch + b1, 0.0f);
+        AddTransposedLeft(kernels, dq, data, term.a, xp + term.r0 * batch + b0, batch, b1 - b0, t + b0, batch, &local);
       } else {
-        const float* tb = tbuf + tables.rank_offset[ti] * batch + b0 * term.rank;
-        AddProduct(kernels, data, term.b, s0 - term.c0, s1 - s0, tb, term.rank, b1 - b0, yt, n, &panel);
+        float* tb = t + b0 * term.rank;
+        std::fill(tb, tb + (b1 - b0) * term.rank, 0.0f);
+        AddProduct(kernels, dq, data, term.a, 0, term.rank, Operand{xp + b0 * m + term.r0, m, 1}, b1 - b0, tb,
+                   term.rank, &local);
       }
-    }
-  });
+    });
+
+    // Phase 2: each task owns (column chunk, batch tile) of Yp, so no two tasks write the same entries.
+    RunTasks(ctx, parallel, tables.col_chunks * batch_tiles, [&](int64_t task) {
+      const int64_t c = task / batch_tiles;
+      int64_t b0, b1;
+      tile_range(task % batch_tiles, &b0, &b1);
+      const int64_t j0 = c * tables.chunk, j1 = std::min(n, j0 + tables.chunk);
+      for (int64_t b = b0; b < b1; ++b) std::fill(yf + b * n + j0, yf + b * n + j1, 0.0f);
+      Scratch local;
+      for (int64_t k = tables.chunk_begin[static_cast<size_t>(c)]; k < tables.chunk_begin[static_cast<size_t>(c) + 1];
+           ++k) {
+        const size_t ti = static_cast<size_t>(tables.chunk_terms[static_cast<size_t>(k)]);
+        const TermView& term = plan.terms[ti];
+        const int64_t s0 = std::max(term.c0, j0), s1 = std::min(term.c1, j1);
+        float* yt = yf + b0 * n + s0;
+        if (term.kind == BlockKind::kDense) {
+          const Operand lhs = transposed ? Operand{xp + term.r0 * batch + b0, 1, batch}
+                                         : Operand{xp + b0 * m + term.r0, m, 1};
+          AddProduct(kernels, dq, data, term.a, s0 - term.c0, s1 - s0, lhs, b1 - b0, yt, n, &local);
+        } else {
+          const float* t = tbuf + tables.rank_offset[ti] * batch;
+          const Operand lhs = transposed ? Operand{t + b0, 1, batch} : Operand{t + b0 * term.rank, term.rank, 1};
+          AddProduct(kernels, dq, data, term.b, s0 - term.c0, s1 - s0, lhs, b1 - b0, yt, n, &local);
+        }
+      }
+    });
+  }
 
   if (!need_yp) return;
   RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
