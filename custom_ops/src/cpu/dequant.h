@@ -10,13 +10,17 @@
 namespace dehm {
 
 struct DequantKernels {
-  // out[j] = the IEEE half at in + 2 j (little-endian, any alignment), widened; j < w.
-  void (*half_row)(const uint8_t* in, int64_t w, float* out);
-  // out[j] = int8 q[j] * s[j]; with round_half, rounded once to the nearest float16.
-  void (*int8_row)(const uint8_t* q, const float* s, int64_t w, bool round_half, float* out);
-  // out[j] = int4 value first + j of the nibbles at p (value i in the low nibble of p[i / 2]
-  // when i is even, the high nibble when odd) times s[j]; round_half as above.
-  void (*int4_row)(const uint8_t* p, int64_t first, const float* s, int64_t w, bool round_half, float* out);
+  // out[r * w + j] = the IEEE half at in + 2 (r * ld + j) (little-endian, any alignment),
+  // widened; r < rows, j < w.
+  void (*half_rows)(const uint8_t* in, int64_t ld, int64_t rows, int64_t w, float* out);
+  // out[r * w + j] = int8 q[r * ld + j] times s[j] (one row of scales for all rows); with
+  // round_half, rounded once to the nearest float16.
+  void (*int8_rows)(const uint8_t* q, int64_t ld, int64_t rows, int64_t w, const float* s, bool round_half,
+                    float* out);
+  // out[r * w + j] = int4 value first + r * ld + j of the nibbles at p (value i in the low
+  // nibble of p[i / 2] when i is even, the high nibble when odd) times s[j]; round_half as above.
+  void (*int4_rows)(const uint8_t* p, int64_t first, int64_t ld, int64_t rows, int64_t w, const float* s,
+                    bool round_half, float* out);
 };
 
 // The best variant this CPU supports (decided once).

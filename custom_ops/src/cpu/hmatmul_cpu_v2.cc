@@ -50,39 +50,43 @@ struct Scratch {
   std::vector<float> scales;
 };
 
-// out[(i - i0) * w + j] = A[i, j0 + j] for i in [i0, i1), j in [0, w): the dequantized values.
-void DequantizePanel(const DequantKernels& dq, const uint8_t* data, const ArrayView& a, int64_t i0, int64_t i1,
-                     int64_t j0, int64_t w, float* out, std::vector<float>* scale_row) {
-  const int64_t n = a.cols;
-  int64_t group = -1;
-  for (int64_t i = i0; i < i1; ++i) {
-    float* row = out + (i - i0) * w;
-    const int64_t base = i * n + j0;
-    if (a.elem == Elem::kFloat32) {
-      std::memcpy(row, data + a.offset + 4 * base, static_cast<size_t>(w) * sizeof(float));
-      continue;
-    }
-    if (a.elem == Elem::kFloat16) {
-      dq.half_row(data + a.offset + 2 * base, w, row);
-      continue;
-    }
-    if (i / a.group != group) {  // the rows of one group share one row of scales
-      group = i / a.group;
-      scale_row->resize(static_cast<size_t>(w));
-      const int64_t s = group * n + j0;
-      if (a.scale_elem == Elem::kFloat32) {
-        std::memcpy(scale_row->data(), data + a.scale_offset + 4 * s, static_cast<size_t>(w) * sizeof(float));
-      } else {
-        dq.half_row(data + a.scale_offset + 2 * s, w, scale_row->data());
-      }
-    }
-    const bool round_half = a.scale_elem == Elem::kFloat16;
-    if (a.elem == Elem::kInt8) {
-      dq.int8_row(data + a.offset + base, scale_row->data(), w, round_half, row);
-    } else {
-      dq.int4_row(data + a.offset, base, scale_row->data(), w, round_half, row);
-    }
+// The rows [i0, i1) x columns [j0, j0 + w) of a stored array as float: a pointer into `data`
+// for an aligned float32 array read whole rows at a time, else dequantized into out (row
+// stride w).
+const float* DequantizePanel(const DequantKernels& dq, const uint8_t* data, const ArrayView& a, int64_t i0, int64_t i1,
+                             int64_t j0, int64_t w, float* out, std::vector<float>* scale_row) {
+  const int64_t n = a.cols, rows = i1 - i0;
+  const int64_t base = i0 * n + j0;
+  if (a.elem == Elem::kFloat32) {
+    const uint8_t* p = data + a.offset + 4 * base;
+    if (w == n && reinterpret_cast<uintptr_t>(p) % alignof(float) == 0) return reinterpret_cast<const float*>(p);
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(out + r * w, p + 4 * r * n, static_cast<size_t>(w) * sizeof(float));
+    return out;
   }
+  if (a.elem == Elem::kFloat16) {
+    dq.half_rows(data + a.offset + 2 * base, n, rows, w, out);
+    return out;
+  }
+  scale_row->resize(static_cast<size_t>(w));
+  const bool round_half = a.scale_elem == Elem::kFloat16;
+  for (int64_t i = i0; i < i1;) {  // the rows of one group share one row of scales
+    const int64_t group = i / a.group, end = std::min(i1, (group + 1) * a.group);
+    const int64_t s = group * n + j0;
+    if (a.scale_elem == Elem::kFloat32) {
+      std::memcpy(scale_row->data(), data + a.scale_offset + 4 * s, static_cast<size_t>(w) * sizeof(float));
+    } else {
+      dq.half_rows(data + a.scale_offset + 2 * s, w, 1, w, scale_row->data());
+    }
+    float* o = out + (i - i0) * w;
+    if (a.elem == Elem::kInt8) {
+      dq.int8_rows(data + a.offset + i * n + j0, n, end - i, w, scale_row->data(), round_half, o);
+    } else {
+      dq.int4_rows(data + a.offset, i * n + j0, n, end - i, w, scale_row->data(), round_half, o);
+    }
+    i = end;
+  }
+  return out;
 }
 
 // The left operand of a product: element (r, i) at p[r * ld_r + i * ld_i].
@@ -101,8 +105,8 @@ void AddProduct(const GemmKernels& kernels, const DequantKernels& dq, const uint
   scratch->panel.resize(static_cast<size_t>(panel_rows * w));
   for (int64_t i0 = 0; i0 < a.rows; i0 += panel_rows) {
     const int64_t i1 = std::min(a.rows, i0 + panel_rows);
-    DequantizePanel(dq, data, a, i0, i1, j0, w, scratch->panel.data(), &scratch->scales);
-    kernels.f32(lhs.p + i0 * lhs.ld_i, lhs.ld_r, lhs.ld_i, rows, i1 - i0, scratch->panel.data(), w, y, ldy, w);
+    const float* b = DequantizePanel(dq, data, a, i0, i1, j0, w, scratch->panel.data(), &scratch->scales);
+    kernels.f32(lhs.p + i0 * lhs.ld_i, lhs.ld_r, lhs.ld_i, rows, i1 - i0, b, w, y, ldy, w);
   }
 }
 
@@ -116,8 +120,8 @@ void AddTransposedLeft(const GemmKernels& kernels, const DequantKernels& dq, con
   scratch->panel.resize(static_cast<size_t>(panel_rows * k));
   for (int64_t i0 = 0; i0 < u.rows; i0 += panel_rows) {
     const int64_t i1 = std::min(u.rows, i0 + panel_rows);
-    DequantizePanel(dq, data, u, i0, i1, 0, k, scratch->panel.data(), &scratch->scales);
-    kernels.f32(scratch->panel.data(), 1, k, k, i1 - i0, xt + i0 * ldx, ldx, tt, ldt, width);
+    const float* a = DequantizePanel(dq, data, u, i0, i1, 0, k, scratch->panel.data(), &scratch->scales);
+    kernels.f32(a, 1, k, k, i1 - i0, xt + i0 * ldx, ldx, tt, ldt, width);
   }
 }
 
