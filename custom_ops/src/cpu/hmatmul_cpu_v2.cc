@@ -128,14 +128,16 @@ void AddTransposedLeft(const GemmKernels& kernels, const DequantKernels& dq, con
 // Derived from a validated layout, independent of the batch; kept per node with the plan
 // when the packed inputs are constant.
 struct TablesV2 {
+  struct Segment {
+    int64_t j0, j1, begin, end;  // columns; covering terms seg_terms[begin, end)
+  };
   std::vector<int64_t> rank_offset;  // per term: sum of the ranks of the low-rank terms before it
   int64_t rank_total = 0;
   int64_t max_rank = 0;
   std::vector<int64_t> lowrank;       // low-rank terms of rank > 0, largest rows x rank first
-  int64_t chunk = 0;                  // output columns per phase-2 chunk
-  int64_t col_chunks = 0;
-  std::vector<int64_t> chunk_terms;   // terms meeting chunk c: chunk_terms[chunk_begin[c], chunk_begin[c + 1])
-  std::vector<int64_t> chunk_begin;
+  int64_t col_chunks = 0;             // phase-2 tasks
+  std::vector<Segment> segments;      // per chunk, the column ranges between term edges
+  std::vector<int64_t> seg_terms, chunk_segments;
 };
 
 TablesV2 BuildTablesV2(const PackedPlanV2& plan) {
@@ -155,20 +157,118 @@ TablesV2 BuildTablesV2(const PackedPlanV2& plan) {
   };
   std::stable_sort(t.lowrank.begin(), t.lowrank.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
   const int64_t n = plan.n;
-  t.chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
-  t.col_chunks = (n + t.chunk - 1) / t.chunk;
-  t.chunk_begin.assign(static_cast<size_t>(t.col_chunks) + 1, 0);
+  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
+  t.col_chunks = (n + chunk - 1) / chunk;
+  t.chunk_segments.assign(static_cast<size_t>(t.col_chunks) + 1, 0);
+  std::vector<int64_t> meeting, edges;
   for (int64_t c = 0; c < t.col_chunks; ++c) {
-    const int64_t j0 = c * t.chunk, j1 = std::min(n, j0 + t.chunk);
+    const int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
+    meeting.clear();
+    edges.assign({j0, j1});
     for (size_t i = 0; i < plan.terms.size(); ++i) {
       const TermView& term = plan.terms[i];
       const bool contributes = term.kind == BlockKind::kDense || term.rank > 0;
-      if (contributes && term.c0 < j1 && term.c1 > j0) t.chunk_terms.push_back(static_cast<int64_t>(i));
+      if (!contributes || term.c1 <= j0 || term.c0 >= j1) continue;
+      meeting.push_back(static_cast<int64_t>(i));
+      edges.push_back(std::max(term.c0, j0));
+      edges.push_back(std::min(term.c1, j1));
     }
-    t.chunk_begin[static_cast<size_t>(c) + 1] = static_cast<int64_t>(t.chunk_terms.size());
+    std::sort(edges.begin(), edges.end());
+    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
+    for (size_t e = 0; e + 1 < edges.size(); ++e) {
+      TablesV2::Segment seg{edges[e], edges[e + 1], static_cast<int64_t>(t.seg_terms.size()), 0};
+      for (int64_t i : meeting) {
+        const TermView& term = plan.terms[static_cast<size_t>(i)];
+        if (term.c0 <= seg.j0 && term.c1 >= seg.j1) t.seg_terms.push_back(i);
+      }
+      seg.end = static_cast<int64_t>(t.seg_terms.size());
+      t.segments.push_back(seg);
+    }
+    t.chunk_segments[static_cast<size_t>(c) + 1] = static_cast<int64_t>(t.segments.size());
   }
   return t;
 }
+
+// Phase 2 of one output segment: the covering terms' parts are dequantized (split into
+// pseudo-terms of at most kPanelFloats values) into one slab of at most kSlabFloats values and
+// kMaxTerms terms at a time, and each slab is applied to every batch tile with the segment
+// kernel, which sums all its terms in registers and stores each output entry once per slab.
+class SegmentWriter {
+ public:
+  static constexpr int64_t kMaxTerms = 32;
+  static constexpr int64_t kSlabFloats = 65536;
+
+  SegmentWriter(const GemmKernels& kernels, const DequantKernels& dq, const uint8_t* data, int64_t batch, int64_t n,
+                float* y)
+      : kernels_(kernels), dq_(dq), data_(data), batch_(batch), n_(n), y_(y) {
+    slab_.resize(static_cast<size_t>(kSlabFloats));
+  }
+
+  void Begin(int64_t j0, int64_t j1) {
+    j0_ = j0;
+    w_ = j1 - j0;
+    count_ = 0;
+    used_ = 0;
+    flushed_ = false;
+  }
+
+  // Adds lhs @ A[:, part] for the part of A's columns under the segment (column c0 of the term
+  // is at segment column j0_ - c0 of A); lhs(b, i) at base + b * ld_b + i * ld_i with b the
+  // batch row.
+  void Add(const ArrayView& a, int64_t col, const float* base, int64_t ld_b, int64_t ld_i) {
+    const int64_t panel_rows = std::max<int64_t>(1, std::min(a.rows, kPanelFloats / w_));
+    for (int64_t i0 = 0; i0 < a.rows; i0 += panel_rows) {
+      const int64_t i1 = std::min(a.rows, i0 + panel_rows);
+      if (count_ == kMaxTerms || used_ + (i1 - i0) * w_ > kSlabFloats) Flush();
+      float* out = slab_.data() + used_;
+      const float* b = DequantizePanel(dq_, data_, a, i0, i1, col, w_, out, &scales_);
+      if (b == out) used_ += (i1 - i0) * w_;
+      pending_[count_++] = Pending{base + i0 * ld_i, ld_b, ld_i, i1 - i0, b};
+    }
+  }
+
+  // Writes what is left (zeros for a segment no term covers).
+  void End() {
+    if (count_ > 0 || !flushed_) Flush();
+  }
+
+ private:
+  struct Pending {
+    const float* a;
+    int64_t ld_b, ld_i, depth;
+    const float* b;
+  };
+
+  void Flush() {
+    Term terms[kMaxTerms];
+    for (int64_t b0 = 0; b0 < batch_; b0 += kBatchTile) {
+      const int64_t rows = std::min(kBatchTile, batch_ - b0);
+      for (int64_t t = 0; t < count_; ++t) {
+        const Pending& p = pending_[t];
+        terms[t] = Term{p.a + b0 * p.ld_b, p.ld_b, p.ld_i, p.depth, p.b, w_};
+      }
+      float* yt = y_ + b0 * n_ + j0_;
+      if (count_ == 0) {
+        for (int64_t r = 0; r < rows; ++r) std::fill(yt + r * n_, yt + r * n_ + w_, 0.0f);
+      } else {
+        kernels_.segment_f32(terms, count_, rows, yt, n_, w_, flushed_);
+      }
+    }
+    flushed_ = true;
+    count_ = 0;
+    used_ = 0;
+  }
+
+  const GemmKernels& kernels_;
+  const DequantKernels& dq_;
+  const uint8_t* data_;
+  const int64_t batch_, n_;
+  float* y_;
+  std::vector<float> slab_, scales_;
+  Pending pending_[kMaxTerms];
+  int64_t j0_ = 0, w_ = 0, count_ = 0, used_ = 0;
+  bool flushed_ = false;
+};
 
 // Small products: every term in storage order on the calling thread, so `data` is read as
 // one forward stream; tsmall holds batch x max_rank floats.
@@ -268,29 +368,27 @@ void ComputeV2(OrtKernelContext* ctx, const PackedPlanV2& plan, const TablesV2& 
       }
     });
 
-    // Phase 2: each task owns (column chunk, batch tile) of Yp, so no two tasks write the same entries.
-    RunTasks(ctx, parallel, tables.col_chunks * batch_tiles, [&](int64_t task) {
-      const int64_t c = task / batch_tiles;
-      int64_t b0, b1;
-      tile_range(task % batch_tiles, &b0, &b1);
-      const int64_t j0 = c * tables.chunk, j1 = std::min(n, j0 + tables.chunk);
-      for (int64_t b = b0; b < b1; ++b) std::fill(yf + b * n + j0, yf + b * n + j1, 0.0f);
-      Scratch local;
-      for (int64_t k = tables.chunk_begin[static_cast<size_t>(c)]; k < tables.chunk_begin[static_cast<size_t>(c) + 1];
-           ++k) {
-        const size_t ti = static_cast<size_t>(tables.chunk_terms[static_cast<size_t>(k)]);
-        const TermView& term = plan.terms[ti];
-        const int64_t s0 = std::max(term.c0, j0), s1 = std::min(term.c1, j1);
-        float* yt = yf + b0 * n + s0;
-        if (term.kind == BlockKind::kDense) {
-          const Operand lhs = transposed ? Operand{xp + term.r0 * batch + b0, 1, batch}
-                                         : Operand{xp + b0 * m + term.r0, m, 1};
-          AddProduct(kernels, dq, data, term.a, s0 - term.c0, s1 - s0, lhs, b1 - b0, yt, n, &local);
-        } else {
-          const float* t = tbuf + tables.rank_offset[ti] * batch;
-          const Operand lhs = transposed ? Operand{t + b0, 1, batch} : Operand{t + b0 * term.rank, term.rank, 1};
-          AddProduct(kernels, dq, data, term.b, s0 - term.c0, s1 - s0, lhs, b1 - b0, yt, n, &local);
+    // Phase 2: each task owns one column chunk of Yp (every batch row), so no two tasks write
+    // the same entries and each dequantized slab serves the whole batch.
+    RunTasks(ctx, parallel, tables.col_chunks, [&](int64_t c) {
+      SegmentWriter writer(kernels, dq, data, batch, n, yf);
+      for (int64_t si = tables.chunk_segments[static_cast<size_t>(c)];
+           si < tables.chunk_segments[static_cast<size_t>(c) + 1]; ++si) {
+        const TablesV2::Segment& seg = tables.segments[static_cast<size_t>(si)];
+        writer.Begin(seg.j0, seg.j1);
+        for (int64_t k = seg.begin; k < seg.end; ++k) {
+          const size_t ti = static_cast<size_t>(tables.seg_terms[static_cast<size_t>(k)]);
+          const TermView& term = plan.terms[ti];
+          if (term.kind == BlockKind::kDense) {
+            if (transposed) writer.Add(term.a, seg.j0 - term.c0, xp + term.r0 * batch, 1, batch);
+            else writer.Add(term.a, seg.j0 - term.c0, xp + term.r0, m, 1);
+          } else {
+            const float* t = tbuf + tables.rank_offset[ti] * batch;
+            if (transposed) writer.Add(term.b, seg.j0 - term.c0, t, 1, batch);
+            else writer.Add(term.b, seg.j0 - term.c0, t, term.rank, 1);
+          }
         }
+        writer.End();
       }
     });
   }
