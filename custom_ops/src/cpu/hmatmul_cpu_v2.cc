@@ -328,12 +328,16 @@ void ComputeV2(OrtKernelContext* ctx, const PackedPlanV2& plan, const TablesV2& 
     *b1 = std::min(batch, *b0 + kBatchTile);
   };
   auto source = [&](int64_t i) { return plan.has_row_perm ? row_perm[i] : i; };
-  if (transposed) {  // Xt[i, b] at xp[i * batch + b]
-    RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
-      int64_t b0, b1;
-      tile_range(tile, &b0, &b1);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t b = b0; b < b1; ++b) xp[i * batch + b] = Storage<T>::ToFloat(x[b * m + source(i)]);
+  if (transposed) {  // Xt[i, b] at xp[i * batch + b], 64 rows of Xt a task
+    RunTasks(ctx, parallel, (m + 63) / 64, [&](int64_t chunk) {
+      const int64_t i0 = chunk * 64, i1 = std::min(m, i0 + 64);
+      for (int64_t b0 = 0; b0 < batch; b0 += 16) {  // 16 batch rows: each store run is one cache line
+        const int64_t b1 = std::min(batch, b0 + 16);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t src = source(i);
+          for (int64_t b = b0; b < b1; ++b) xp[i * batch + b] = Storage<T>::ToFloat(x[b * m + src]);
+        }
+      }
     });
   } else if (need_xp) {
     RunTasks(ctx, parallel, batch_tiles, [&](int64_t tile) {
