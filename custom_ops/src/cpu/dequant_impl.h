@@ -1,6 +1,7 @@
 // Implementation of DequantKernels (dequant.h), compiled once per instruction set with
 // DEHM_DEQUANT_NS naming the namespace. Plain loops the compiler vectorizes, plus F16C
 // conversions where the build has them.
+#include <algorithm>
 #include <cstring>
 
 #if defined(__F16C__) && defined(__AVX2__)
@@ -57,16 +58,18 @@ constexpr int64_t kTile = 64;
 
 // out[e] *= s[e % w] for e < count (w < kTile).
 void ScaleRun(int64_t count, int64_t w, const float* s, float* out) {
-  const int64_t period = w * (kTile / w);
-  if (count < 2 * period) {  // too short to pay for tiling
-    for (int64_t e = 0, j = 0; e < count; ++e) {
-      out[e] *= s[j];
-      j = j + 1 == w ? 0 : j + 1;
-    }
+  if (w == 1) {
+    const float s0 = s[0];
+    for (int64_t e = 0; e < count; ++e) out[e] *= s0;
     return;
   }
+  const int64_t period = w * (kTile / w);
   float tiled[kTile];
-  for (int64_t t = 0; t < period; t += w) std::memcpy(tiled + t, s, static_cast<size_t>(w) * sizeof(float));
+  const int64_t fill = std::min(period, count);
+  for (int64_t t = 0, j = 0; t < fill; ++t) {
+    tiled[t] = s[j];
+    j = j + 1 == w ? 0 : j + 1;
+  }
   int64_t e = 0;
   for (; e + period <= count; e += period)
     for (int64_t t = 0; t < period; ++t) out[e + t] *= tiled[t];
