@@ -46,19 +46,24 @@ H-matrix of version 2 is the same four arrays, with:
 ``data``
     1-D **uint8** array of bytes (a ``uint8`` ``data`` is what marks version 2).
 ``layout``
-    int64 array of shape ``(num_rows, 10)`` with the columns
-    ``KIND, ROW0, ROW1, COL0, COL1, RANK, A_FORMAT, A_OFFSET, B_FORMAT, B_OFFSET``
-    (``LAYOUT_V2_COLUMNS``). Every row is one *term* of the product:
+    int64 array of shape ``(num_rows, 8)`` with the columns
+    ``KIND, ROW0, ROW1, COL0, COL1, RANK, FORMATS, BYTE_OFFSET`` (``LAYOUT_V2_COLUMNS``):
 
-    - ``KIND`` 0 (zero): ``RANK`` and the last four columns are 0; no payload.
-    - ``KIND`` 1 (dense): ``RANK`` 0; array ``A`` is ``D`` (``rows x cols``); ``B_FORMAT`` and
-      ``B_OFFSET`` are 0.
-    - ``KIND`` 2 (low-rank): one *tier* ``t`` of the block, ``RANK`` its rank ``k_t >= 0``;
-      ``A`` is ``U_t`` (``rows x k_t``) and ``B`` is ``Vt_t`` (``k_t x cols``). Consecutive
-      low-rank rows with the same four ranges are the tiers of one block, in rank order; the
-      block is ``sum_t U_t @ Vt_t``.
+    - row 0 is the *shape row*: ``KIND`` 3 (``SHAPE_KIND``), ``ROW1 = m >= 1``,
+      ``COL1 = n >= 1``, every other column 0;
+    - every further row is one *term* of the product, ``KIND`` 1 (dense: ``RANK`` 0, one
+      array ``A = D`` of ``rows x cols``) or 2 (one *tier* ``t`` of a low-rank block: ``RANK``
+      its rank ``k_t >= 0``, arrays ``A = U_t`` of ``rows x k_t`` and ``B = Vt_t`` of
+      ``k_t x cols``). Consecutive low-rank rows with the same four ranges are the tiers of one
+      block, in rank order; the block is ``sum_t U_t @ Vt_t``.
+    - ``FORMATS = A_FORMAT + 65536 * B_FORMAT`` (``B_FORMAT`` 0 for a dense block), each the
+      format code of one array (below); ``BYTE_OFFSET`` is where ``A`` starts in ``data``, and
+      ``B`` starts at the first multiple of ``ALIGN`` after ``A``'s payload and scales.
 
-    The blocks (a block's tiers counted once) tile ``[0, m) x [0, n)`` exactly, as in version 1.
+    Zero blocks have no row: the product starts from zero, and entries no block covers are
+    zero (``HMatrix.nbytes`` counts one row per dense block and per tier, as here). The
+    ranges lie in ``[0, m) x [0, n)``; ``pack`` never writes overlapping blocks, and the
+    kernels and the reference add every term's product, whatever the ranges.
 ``row_perm``, ``col_perm``
     as in version 1.
 
@@ -78,7 +83,8 @@ An array ``A`` of shape ``(K, N)`` (``K`` its contraction axis: rows of ``D``, `
     row-major, start at the next multiple of ``ALIGN`` after its payload.
 
 An integer array stands for ``A[i, j] = fl(q[i, j] * scales[i // GROUP, j])``, rounded once to
-the scale element (``storage.dequantize_groupwise``); ``unpack`` returns these exact values.
+the scale element (``storage.dequantize_groupwise``); ``unpack`` returns these exact values
+(and the stored blocks only: a version-2 layout has no zero blocks to give back).
 Version 2 holds float32 and float16 values only (the weight dtypes ``HMatMul`` runs), and only
 ``pack(hm, version=2)`` writes it; ``pack(hm)`` writes version 1 as before.
 """
@@ -105,10 +111,9 @@ __all__ = [
     "COL1",
     "RANK",
     "OFFSET",
-    "A_FORMAT",
-    "A_OFFSET",
-    "B_FORMAT",
-    "B_OFFSET",
+    "FORMATS",
+    "BYTE_OFFSET",
+    "SHAPE_KIND",
     "ALIGN",
     "Elem",
     "PackedHMatrix",
@@ -123,8 +128,9 @@ LAYOUT_VERSION = 1  # what ``pack(hm)`` writes
 LAYOUT_VERSIONS = (1, 2)
 LAYOUT_COLUMNS = ("kind", "row0", "row1", "col0", "col1", "rank", "offset")
 KIND, ROW0, ROW1, COL0, COL1, RANK, OFFSET = range(7)
-LAYOUT_V2_COLUMNS = ("kind", "row0", "row1", "col0", "col1", "rank", "a_format", "a_offset", "b_format", "b_offset")
-A_FORMAT, A_OFFSET, B_FORMAT, B_OFFSET = range(6, 10)
+LAYOUT_V2_COLUMNS = ("kind", "row0", "row1", "col0", "col1", "rank", "formats", "byte_offset")
+FORMATS, BYTE_OFFSET = 6, 7
+SHAPE_KIND = 3  # KIND of row 0 of a version-2 layout
 ALIGN = 16  # byte alignment of every array and of its scales in a version-2 ``data``
 
 
@@ -271,6 +277,7 @@ class _ByteWriter:
         self.size = 0
 
     def put(self, pieces: list[bytes]) -> int:
+        """Appends the pieces, each at the next multiple of ``ALIGN``; returns where the first starts."""
         start = None
         for piece in pieces:
             pad = _align(self.size) - self.size
@@ -287,15 +294,18 @@ class _ByteWriter:
 
 def _pack_v2(hm: HMatrix) -> PackedHMatrix:
     out = _ByteWriter()
-    rows = []
+    m, n = hm.shape
+    rows = [(SHAPE_KIND, 0, m, 0, n, 0, 0, 0)]
 
     def term(b: Block, rank: int, arrays) -> None:
-        cells = []
+        codes, offset = [], None
         for a in arrays:
             code, pieces = _array_bytes(a)
-            cells += [code, out.put(pieces)]
-        cells += [0] * (4 - len(cells))
-        rows.append((int(b.kind), b.r0, b.r1, b.c0, b.c1, rank, *cells))
+            start = out.put(pieces)
+            offset = start if offset is None else offset
+            codes.append(code)
+        codes.append(0)
+        rows.append((int(b.kind), b.r0, b.r1, b.c0, b.c1, rank, codes[0] + 65536 * codes[1], offset))
 
     for b in hm.blocks:
         if b.kind == BlockKind.DENSE:
@@ -303,8 +313,6 @@ def _pack_v2(hm: HMatrix) -> PackedHMatrix:
         elif b.kind == BlockKind.LOWRANK:
             for u, vt in b.tiers:
                 term(b, u.shape[1], (u, vt))
-        else:
-            term(b, 0, ())
     layout = np.array(rows, dtype=np.int64).reshape(-1, len(LAYOUT_V2_COLUMNS))
     row_perm, col_perm = _perms(hm)
     return PackedHMatrix(out.array(), layout, row_perm, col_perm, hm.shape)
@@ -368,8 +376,8 @@ def validate_packed(data: np.ndarray, layout: np.ndarray, row_perm: np.ndarray, 
     return m, n
 
 
-def _array_extent(i: int, name: str, code: int, offset: int, k: int, n: int, data_size: int) -> tuple[int, int]:
-    """Checks one version-2 array of shape ``(k, n)``; returns ``(payload end, scales offset)``."""
+def _array_extent(i: int, name: str, code: int, offset: int, k: int, n: int, data_size: int) -> int:
+    """Checks one version-2 array of shape ``(k, n)`` at ``offset``; returns where its bytes end."""
     try:
         elem, scale_elem, group = decode_format(code)
     except ValueError as e:
@@ -377,19 +385,40 @@ def _array_extent(i: int, name: str, code: int, offset: int, k: int, n: int, dat
     if offset < 0 or offset % ALIGN:
         raise ValueError(f"block {i}: array {name} offset {offset} is not a non-negative multiple of {ALIGN}")
     end = offset + _elem_nbytes(elem, k * n)
-    scales = 0
     if group:
-        scales = _align(end)
-        end = scales + _elem_nbytes(scale_elem, group_count(k, group) * n)
+        end = _align(end) + _elem_nbytes(scale_elem, group_count(k, group) * n)
     if end > data_size:
         raise ValueError(f"block {i}: array {name} bytes [{offset}, {end}) outside data of {data_size} bytes")
-    return end, scales
+    return end
 
 
 def _check_int8(i: int, name: str, data: np.ndarray, code: int, offset: int, size: int) -> None:
     """An int8 array holds values in [-127, 127] (-128, byte 0x80, is not symmetric int8)."""
     if decode_format(code)[0] == Elem.INT8 and np.any(data[offset : offset + size] == 0x80):
         raise ValueError(f"block {i}: array {name} holds the int8 value -128 (symmetric int8 is [-127, 127])")
+
+
+def _term_arrays(i: int, row, data: np.ndarray) -> list[tuple[str, int, int, int, int]]:
+    """``(name, format, offset, K, N)`` of the arrays of a checked version-2 term row."""
+    kind, r0, r1, c0, c1, rank, formats, offset = row
+    rows, cols = r1 - r0, c1 - c0
+    a_fmt, b_fmt = formats & 0xFFFF, formats >> 16
+    if kind == BlockKind.DENSE:
+        if rank or b_fmt:
+            raise ValueError(f"block {i}: a dense block has rank 0 and no B format, got rank {rank}, B format {b_fmt}")
+        arrays = [("D", a_fmt, offset, rows, cols)]
+    else:
+        if rank < 0:
+            raise ValueError(f"block {i}: negative rank {rank}")
+        arrays = [("U", a_fmt, offset, rows, rank), ("Vt", b_fmt, None, rank, cols)]
+    checked, end = [], 0
+    for name, code, off, k, nn in arrays:
+        off = _align(end) if off is None else off
+        end = _array_extent(i, name, code, off, k, nn, data.size)
+        checked.append((name, code, off, k, nn))
+    for name, code, off, k, nn in checked:
+        _check_int8(i, name, data, code, off, k * nn)
+    return checked
 
 
 def _validate_v2(data: np.ndarray, layout: np.ndarray, row_perm, col_perm) -> tuple[int, int]:
@@ -399,36 +428,20 @@ def _validate_v2(data: np.ndarray, layout: np.ndarray, row_perm, col_perm) -> tu
     if data.ndim != 1:
         raise ValueError(f"data must be 1-D, got shape {data.shape}")
     if layout.shape[0] == 0:
-        raise ValueError("layout has no blocks")
-    m, n = int(layout[:, ROW1].max()), int(layout[:, COL1].max())
-    area, previous = 0, None
-    for i, row in enumerate(layout.tolist()):
-        kind, r0, r1, c0, c1, rank, a_fmt, a_off, b_fmt, b_off = row
+        raise ValueError("layout v2 has no shape row")
+    rows = layout.tolist()
+    shape_row = rows[0]
+    m, n = shape_row[ROW1], shape_row[COL1]
+    if shape_row[KIND] != SHAPE_KIND or m < 1 or n < 1 or any(shape_row[c] for c in (ROW0, COL0, RANK, FORMATS, BYTE_OFFSET)):
+        raise ValueError(f"layout v2 row 0 must be the shape row [{SHAPE_KIND}, 0, m, 0, n, 0, 0, 0] with m, n >= 1, got {shape_row}")
+    for i, row in enumerate(rows[1:], start=1):
+        kind, r0, r1, c0, c1 = row[:5]
+        if kind not in (BlockKind.DENSE, BlockKind.LOWRANK):
+            raise ValueError(f"block {i}: unknown kind {kind} (a version-2 term is 1 dense or 2 low-rank)")
         _check_ranges(i, r0, r1, c0, c1, m, n)
-        rows, cols = r1 - r0, c1 - c0
-        if kind == BlockKind.ZERO:
-            if any(row[RANK:]):
-                raise ValueError(f"block {i}: a zero block has rank, formats and offsets 0, got {row[RANK:]}")
-        elif kind == BlockKind.DENSE:
-            if rank or b_fmt or b_off:
-                raise ValueError(f"block {i}: a dense block has rank, B_FORMAT and B_OFFSET 0, got {rank}, {b_fmt}, {b_off}")
-            _array_extent(i, "D", a_fmt, a_off, rows, cols, data.size)
-            _check_int8(i, "D", data, a_fmt, a_off, rows * cols)
-        elif kind == BlockKind.LOWRANK:
-            if rank < 0:
-                raise ValueError(f"block {i}: negative rank {rank}")
-            _array_extent(i, "U", a_fmt, a_off, rows, rank, data.size)
-            _array_extent(i, "Vt", b_fmt, b_off, rank, cols, data.size)
-            _check_int8(i, "U", data, a_fmt, a_off, rows * rank)
-            _check_int8(i, "Vt", data, b_fmt, b_off, rank * cols)
-        else:
-            raise ValueError(f"block {i}: unknown kind {kind}")
-        ranges = (r0, r1, c0, c1)
-        if not (kind == BlockKind.LOWRANK and previous == (BlockKind.LOWRANK, ranges)):
-            area += rows * cols  # a further tier of the previous block covers nothing new
-        previous = (kind, ranges)
-    if area != m * n:
-        raise ValueError(f"blocks cover {area} entries, expected {m}x{n}={m * n}")
+        if row[FORMATS] < 0:
+            raise ValueError(f"block {i}: negative formats {row[FORMATS]}")
+        _term_arrays(i, row, data)
     _check_perms(row_perm, col_perm, m, n)
     return m, n
 
@@ -461,13 +474,13 @@ def _unpack_v1_blocks(data: np.ndarray, layout: np.ndarray) -> list[Block]:
     return blocks
 
 
-def _weight_dtype_v2(layout: np.ndarray) -> np.dtype:
+def _weight_dtype_v2(data: np.ndarray, layout: np.ndarray) -> np.dtype:
     """float16 when every array and scale of a version-2 layout is float16, else float32.
 
     Layout v2 does not record the weight's dtype; this choice only decides which arrays an
     ``unpack``ed H-matrix labels ``FLOAT`` rather than ``FP16``: the values are the same.
     """
-    codes = [c for row in layout.tolist() for c, k in ((row[A_FORMAT], row[KIND]), (row[B_FORMAT], row[KIND] == 2)) if k]
+    codes = [a[1] for i, row in enumerate(layout.tolist()[1:], start=1) for a in _term_arrays(i, row, data)]
     for code in codes:
         elem, scale_elem, group = decode_format(code)
         if elem == Elem.FLOAT32 or (group and scale_elem == Elem.FLOAT32):
@@ -493,20 +506,19 @@ def _read_array(data: np.ndarray, code: int, offset: int, k: int, n: int, dtype:
 
 
 def _unpack_v2_blocks(data: np.ndarray, layout: np.ndarray) -> tuple[np.dtype, list[Block]]:
-    dtype = _weight_dtype_v2(layout)
+    dtype = _weight_dtype_v2(data, layout)
     blocks: list[Block] = []
     tiers: list[StoredArray] = []
     rows_list = layout.tolist()
-    for i, (kind, r0, r1, c0, c1, rank, a_fmt, a_off, b_fmt, b_off) in enumerate(rows_list):
-        rows, cols = r1 - r0, c1 - c0
+    for i, row in enumerate(rows_list[1:], start=1):
+        kind, r0, r1, c0, c1 = row[:5]
+        arrays = tuple(_read_array(data, code, off, k, nn, dtype) for _, code, off, k, nn in _term_arrays(i, row, data))
         if kind == BlockKind.DENSE:
-            blocks.append(Block(BlockKind.DENSE, r0, r1, c0, c1, storage=(_read_array(data, a_fmt, a_off, rows, cols, dtype),)))
-        elif kind == BlockKind.LOWRANK:
-            tiers += [_read_array(data, a_fmt, a_off, rows, rank, dtype), _read_array(data, b_fmt, b_off, rank, cols, dtype)]
-            following = rows_list[i + 1] if i + 1 < len(rows_list) else None
-            if following is None or following[KIND] != BlockKind.LOWRANK or following[ROW0:COL1 + 1] != [r0, r1, c0, c1]:
-                blocks.append(Block(BlockKind.LOWRANK, r0, r1, c0, c1, storage=tuple(tiers)))
-                tiers = []
-        else:
-            blocks.append(Block(BlockKind.ZERO, r0, r1, c0, c1))
+            blocks.append(Block(BlockKind.DENSE, r0, r1, c0, c1, storage=arrays))
+            continue
+        tiers += arrays
+        following = rows_list[i + 1] if i + 1 < len(rows_list) else None
+        if following is None or following[KIND] != BlockKind.LOWRANK or following[ROW0 : COL1 + 1] != [r0, r1, c0, c1]:
+            blocks.append(Block(BlockKind.LOWRANK, r0, r1, c0, c1, storage=tuple(tiers)))
+            tiers = []
     return dtype, blocks

@@ -26,7 +26,7 @@ Types: ``X`` and ``Y`` share one type ``T`` in {float32, float16}; ``layout``, `
 ``col_perm`` are int64. ``data`` selects the layout version (``pack.py``):
 
 - ``data`` of type ``T``: layout version 1 (``layout`` has 7 columns), every payload in ``T``;
-- ``data`` of type uint8: layout version 2 (``layout`` has 10 columns), every stored array
+- ``data`` of type uint8: layout version 2 (``layout`` has 8 columns), every stored array
   kept as float32, float16, int8 or int4 with groupwise scales. This is the same op (type,
   domain, version, inputs); onnxruntime picks the kernel by the type of ``data`` (the library
   registers one kernel per ``(T, data type)`` pair, the custom-op API's way of giving an input

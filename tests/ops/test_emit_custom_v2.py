@@ -32,7 +32,7 @@ def test_emit_custom_picks_the_layout_version_and_matches(precision, tol):
     quantized = not all(b.is_float for b in hm.blocks)
     assert quantized == (precision != "float")
     assert data.data_type == (onnx.TensorProto.UINT8 if quantized else onnx.TensorProto.FLOAT)
-    assert list(layout.dims)[1] == (10 if quantized else 7)
+    assert list(layout.dims)[1] == (8 if quantized else 7)
     x = np.random.default_rng(1).standard_normal((3, 128)).astype(np.float32)
     y = make_session(model).run(None, {"X": x})[0]
     ref = hm.matmul(x.astype(np.float64))

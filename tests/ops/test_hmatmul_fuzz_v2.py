@@ -15,17 +15,18 @@ from hmatmul_cases import CASES_V2
 from test_hmatmul_fuzz import I64, _oracle, _run_in_subprocess
 
 from dehm_onnx.hmatrix import pack
-from dehm_onnx.hmatrix.pack import A_FORMAT, A_OFFSET, B_FORMAT, B_OFFSET, format_code, Elem
+from dehm_onnx.hmatrix.pack import BYTE_OFFSET, FORMATS, Elem, format_code
 
 BASE = next(c for c in CASES_V2 if c.name == "q_mixed_tiers_permuted")
-FORMATS = [format_code(e, s, g) for e in Elem for s in (Elem.FLOAT32, Elem.FLOAT16) for g in (16, 32, 128)]
-INTERESTING = [-1, 0, 1, 2, 8, 15, 16, 17, 21, 40, 2**31, 2**62, I64.max, I64.min, 0x80, 256 * 256 + 2, *FORMATS]
+CODES = [format_code(e, s, g) for e in Elem for s in (Elem.FLOAT32, Elem.FLOAT16) for g in (16, 32, 128)]
+PAIRS = [a + 65536 * b for a in CODES for b in (0, *CODES)]
+INTERESTING = [-1, 0, 1, 2, 3, 8, 15, 16, 17, 21, 30, 40, 2**31, 2**62, I64.max, I64.min, 0x80, 65536 + 2, *CODES]
 
 values = st.one_of(st.sampled_from(INTERESTING), st.integers(-3, 4000))
 mutation = st.one_of(
-    st.tuples(st.just("layout_cell"), st.integers(0, 10**6), st.integers(0, 9), values),
-    st.tuples(st.just("format_cell"), st.integers(0, 10**6), st.sampled_from([A_FORMAT, B_FORMAT]), st.sampled_from(FORMATS)),
-    st.tuples(st.just("offset_cell"), st.integers(0, 10**6), st.sampled_from([A_OFFSET, B_OFFSET]), st.integers(-2, 600)),
+    st.tuples(st.just("layout_cell"), st.integers(0, 10**6), st.integers(0, 7), values),
+    st.tuples(st.just("format_cell"), st.integers(0, 10**6), st.just(FORMATS), st.sampled_from(PAIRS)),
+    st.tuples(st.just("offset_cell"), st.integers(0, 10**6), st.just(BYTE_OFFSET), st.integers(-2, 600)),
     st.tuples(st.just("data_byte"), st.integers(0, 10**6), st.integers(0, 255)),
     st.tuples(st.just("truncate_data"), st.integers(0, 10**6)),
     st.tuples(st.sampled_from(["layout_7_cols", "layout_drop_row", "layout_dup_row", "layout_swap_rows"])),
@@ -45,14 +46,14 @@ def _apply(mutations):
             data[mut[1] % data.size] = mut[2]
         elif kind == "truncate_data":
             data = data[: mut[1] % (data.size + 1)]
-        elif kind == "layout_7_cols":
+        elif kind == "layout_7_cols":  # a version-1 width
             layout = np.ascontiguousarray(layout[:, :7])
         elif kind == "layout_drop_row" and layout.shape[0]:
             layout = layout[1:]
         elif kind == "layout_dup_row" and layout.shape[0]:
             layout = np.concatenate([layout, layout[-1:]])
         elif kind == "layout_swap_rows" and layout.shape[0] > 1:
-            layout = layout[::-1]
+            layout = layout[::-1]  # the shape row last
         elif kind == "x_width":
             x = np.resize(x, (x.shape[0], mut[1]))
     return x, data, np.ascontiguousarray(layout), rp, cp
@@ -87,14 +88,17 @@ def test_validate_packed_v2_names_the_problem():
         layout, data = p.layout.copy(), p.data.copy()
         fix(layout, data)
         return data, layout, p.row_perm, p.col_perm
-    int8_row = next(i for i, f in enumerate(p.layout[:, A_FORMAT]) if f & 15 == Elem.INT8)
+    term = next(i for i, f in enumerate(p.layout[:, FORMATS]) if i and f & 15 == Elem.INT8)
     cases = [
-        (lambda l, d: l.__setitem__((0, A_OFFSET), 8), "multiple of 16"),
-        (lambda l, d: l.__setitem__((0, A_FORMAT), 7), "unknown format"),
-        (lambda l, d: l.__setitem__((0, A_FORMAT), format_code(Elem.INT8, Elem.FLOAT32, 48)), "group 48"),
-        (lambda l, d: l.__setitem__((0, A_FORMAT), 1 + 16), "float element"),
-        (lambda l, d: d.__setitem__(p.layout[int8_row, A_OFFSET], 0x80), "-128"),
-        (lambda l, d: l.__setitem__((0, A_OFFSET), 16 * (p.data.size // 16)), "outside data"),
+        (lambda l, d: l.__setitem__((1, BYTE_OFFSET), 8), "multiple of 16"),
+        (lambda l, d: l.__setitem__((1, FORMATS), 7), "unknown format"),
+        (lambda l, d: l.__setitem__((1, FORMATS), format_code(Elem.INT8, Elem.FLOAT32, 48)), "group 48"),
+        (lambda l, d: l.__setitem__((1, FORMATS), 1 + 16), "float element"),
+        (lambda l, d: d.__setitem__(p.layout[term, BYTE_OFFSET], 0x80), "-128"),
+        (lambda l, d: l.__setitem__((1, BYTE_OFFSET), 16 * (p.data.size // 16)), "outside data"),
+        (lambda l, d: l.__setitem__((0, 0), 1), "shape row"),
+        (lambda l, d: l.__setitem__((1, 0), 0), "unknown kind 0"),
+        (lambda l, d: l.__setitem__((1, 2), 10**6), "bad ranges"),
     ]
     for fix, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -99,14 +99,14 @@ struct PackedPlanV2 {
   int64_t stored_values = 0;  // sum of rows x cols over every array (for the work estimate)
   bool has_row_perm = false;
   bool has_col_perm = false;
-  std::vector<TermView> terms;  // zero blocks left out
+  std::vector<TermView> terms;  // the term rows after the shape row
   std::vector<int64_t> y_shape;
 };
 
 // ValidatePacked for layout version 2 (data is uint8 bytes; in.data_shape counts bytes):
-// ranks and shapes, every row's kind, ranges and format codes, every array's payload and
-// scales inside data at aligned offsets (overflow-safe), int8 values in [-127, 127] (reads
-// in.data_bytes), tiers, exact area, permutations.
+// ranks and shapes, the shape row, every term row's kind, ranges and format codes, every
+// array's payload and scales inside data at aligned offsets (overflow-safe), int8 values in
+// [-127, 127] (reads in.data_bytes), X, permutations.
 std::string ValidatePackedV2(const PackedInputs& in, PackedPlanV2* plan);
 
 // a * b, or false when it would overflow int64 (a, b >= 0).

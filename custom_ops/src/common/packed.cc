@@ -171,9 +171,9 @@ bool AlignUp(int64_t v, int64_t* out) {
   return true;
 }
 
-// Decodes and bounds-checks one array of a layout-v2 row.
+// Decodes and bounds-checks one array of a layout-v2 row; sets *end to where its bytes end.
 std::string CheckArray(int64_t i, const char* name, int64_t code, int64_t offset, int64_t rows, int64_t cols,
-                       const uint8_t* data, int64_t data_size, ArrayView* a) {
+                       int64_t data_size, ArrayView* a, int64_t* end_out) {
   auto where = [&] { return "layout row " + std::to_string(i) + ": array " + name + ": "; };
   const int64_t elem = code & 15, scale = (code >> 4) & 15, group = code >> 8;
   if (code < 0 || elem > static_cast<int64_t>(Elem::kInt4))
@@ -212,49 +212,62 @@ std::string CheckArray(int64_t i, const char* name, int64_t code, int64_t offset
     return Fail(where() + "bytes [" + std::to_string(offset) + ", " + std::to_string(end) +
                 ") outside data of " + std::to_string(data_size) + " bytes");
   }
-  if (a->elem == Elem::kInt8) {
-    for (int64_t k = 0; k < count; ++k)
-      if (data[offset + k] == 0x80) return Fail(where() + "holds the int8 value -128 (symmetric int8 is [-127, 127])");
+  *end_out = end;
+  return "";
+}
+
+// Rejects the int8 value -128 (byte 0x80) in an int8 array: symmetric int8 is [-127, 127].
+std::string CheckInt8(int64_t i, const char* name, const ArrayView& a, const uint8_t* data) {
+  if (a.elem != Elem::kInt8) return "";
+  const int64_t count = a.rows * a.cols;  // checked in CheckArray
+  for (int64_t k = 0; k < count; ++k) {
+    if (data[a.offset + k] == 0x80) {
+      return Fail("layout row " + std::to_string(i) + ": array " + name +
+                  ": holds the int8 value -128 (symmetric int8 is [-127, 127])");
+    }
   }
   return "";
 }
 
-// Validates one layout-v2 row into `t`.
-std::string CheckRowV2(const int64_t* row, int64_t i, const uint8_t* data, int64_t data_size, TermView* t) {
+// Validates one layout-v2 term row (a dense block or a low-rank tier) into `t`.
+std::string CheckRowV2(const int64_t* row, int64_t i, int64_t m, int64_t n, const uint8_t* data, int64_t data_size,
+                       TermView* t) {
   t->r0 = row[kRow0];
   t->r1 = row[kRow1];
   t->c0 = row[kCol0];
   t->c1 = row[kCol1];
   t->rank = row[kRank];
   auto where = [i] { return "layout row " + std::to_string(i) + ": "; };
-  if (!(0 <= t->r0 && t->r0 < t->r1) || !(0 <= t->c0 && t->c0 < t->c1)) {
+  const int64_t kind = row[kKind];
+  if (kind != static_cast<int64_t>(BlockKind::kDense) && kind != static_cast<int64_t>(BlockKind::kLowRank))
+    return Fail(where() + "unknown block kind " + std::to_string(kind) + " (a version-2 term is 1 dense or 2 low-rank)");
+  t->kind = static_cast<BlockKind>(kind);
+  if (!(0 <= t->r0 && t->r0 < t->r1 && t->r1 <= m) || !(0 <= t->c0 && t->c0 < t->c1 && t->c1 <= n)) {
     std::ostringstream s;
-    s << where() << "empty or negative ranges rows [" << t->r0 << ", " << t->r1 << ") cols [" << t->c0 << ", "
-      << t->c1 << ")";
+    s << where() << "bad ranges rows [" << t->r0 << ", " << t->r1 << ") cols [" << t->c0 << ", " << t->c1
+      << ") for shape (" << m << ", " << n << ")";
     return Fail(s.str());
   }
+  const int64_t formats = row[kFormats];
+  if (formats < 0) return Fail(where() + "negative formats " + std::to_string(formats));
+  const int64_t a_fmt = formats & 0xFFFF, b_fmt = formats >> 16;
   const int64_t rows = t->r1 - t->r0, cols = t->c1 - t->c0;
-  const int64_t kind = row[kKind];
-  if (kind == static_cast<int64_t>(BlockKind::kZero)) {
-    t->kind = BlockKind::kZero;
-    for (int64_t c = kRank; c < kLayoutV2Columns; ++c)
-      if (row[c] != 0) return Fail(where() + "a zero block has rank, formats and offsets 0");
-    return "";
+  int64_t end = 0;
+  if (t->kind == BlockKind::kDense) {
+    if (t->rank != 0 || b_fmt != 0)
+      return Fail(where() + "a dense block has rank 0 and no B format, got rank " + std::to_string(t->rank) +
+                  ", B format " + std::to_string(b_fmt));
+    std::string err = CheckArray(i, "D", a_fmt, row[kByteOffset], rows, cols, data_size, &t->a, &end);
+    return err.empty() ? CheckInt8(i, "D", t->a, data) : err;
   }
-  if (kind == static_cast<int64_t>(BlockKind::kDense)) {
-    t->kind = BlockKind::kDense;
-    if (t->rank != 0 || row[kBFormat] != 0 || row[kBOffset] != 0)
-      return Fail(where() + "a dense block has rank, B format and B offset 0");
-    return CheckArray(i, "D", row[kAFormat], row[kAOffset], rows, cols, data, data_size, &t->a);
-  }
-  if (kind == static_cast<int64_t>(BlockKind::kLowRank)) {
-    t->kind = BlockKind::kLowRank;
-    if (t->rank < 0) return Fail(where() + "negative rank " + std::to_string(t->rank));
-    std::string err = CheckArray(i, "U", row[kAFormat], row[kAOffset], rows, t->rank, data, data_size, &t->a);
-    if (err.empty()) err = CheckArray(i, "Vt", row[kBFormat], row[kBOffset], t->rank, cols, data, data_size, &t->b);
-    return err;
-  }
-  return Fail(where() + "unknown block kind " + std::to_string(kind) + " (expected 0 zero, 1 dense, 2 low-rank)");
+  if (t->rank < 0) return Fail(where() + "negative rank " + std::to_string(t->rank));
+  int64_t b_offset = 0;
+  std::string err = CheckArray(i, "U", a_fmt, row[kByteOffset], rows, t->rank, data_size, &t->a, &end);
+  if (err.empty() && !AlignUp(end, &b_offset)) err = Fail(where() + "size overflows int64");
+  if (err.empty()) err = CheckArray(i, "Vt", b_fmt, b_offset, t->rank, cols, data_size, &t->b, &end);
+  if (err.empty()) err = CheckInt8(i, "U", t->a, data);
+  if (err.empty()) err = CheckInt8(i, "Vt", t->b, data);
+  return err;
 }
 
 }  // namespace
@@ -266,46 +279,31 @@ std::string ValidatePackedV2(const PackedInputs& in, PackedPlanV2* plan) {
                 ShapeString(in.layout_shape));
   }
   const int64_t num_rows = in.layout_shape[0];
-  if (num_rows <= 0) return Fail("layout has no blocks");
+  if (num_rows <= 0) return Fail("layout v2 has no shape row");
+  const int64_t* shape_row = in.layout;
+  const int64_t m = shape_row[kRow1], n = shape_row[kCol1];
+  bool shape_ok = shape_row[kKind] == kShapeKind && m >= 1 && n >= 1;
+  for (int64_t c : {kRow0, kCol0, kRank, kFormats, kByteOffset}) shape_ok = shape_ok && shape_row[c] == 0;
+  if (!shape_ok) {
+    std::ostringstream s;
+    s << "layout v2 row 0 must be the shape row [" << kShapeKind << ", 0, m, 0, n, 0, 0, 0] with m, n >= 1, got [";
+    for (int64_t c = 0; c < kLayoutV2Columns; ++c) s << (c ? ", " : "") << shape_row[c];
+    s << "]";
+    return Fail(s.str());
+  }
   const int64_t data_size = in.data_shape[0];
   plan->terms.clear();
-  int64_t m = 0, n = 0, stored = 0;
-  std::vector<TermView> rows(static_cast<size_t>(num_rows));
-  for (int64_t i = 0; i < num_rows; ++i) {
-    TermView& t = rows[static_cast<size_t>(i)];
-    std::string err = CheckRowV2(in.layout + i * kLayoutV2Columns, i, in.data_bytes, data_size, &t);
+  int64_t stored = 0;
+  for (int64_t i = 1; i < num_rows; ++i) {
+    TermView t;
+    std::string err = CheckRowV2(in.layout + i * kLayoutV2Columns, i, m, n, in.data_bytes, data_size, &t);
     if (!err.empty()) return err;
-    m = std::max(m, t.r1);
-    n = std::max(n, t.c1);
-    if (t.kind != BlockKind::kZero) {
-      int64_t a = 0, b = 0;
-      CheckedMul(t.a.rows, t.a.cols, &a);  // cannot overflow: checked with the payload bounds
-      CheckedMul(t.b.rows, t.b.cols, &b);
-      if (!CheckedAdd(stored, a, &stored) || !CheckedAdd(stored, b, &stored)) return Fail("stored size overflows int64");
-    }
+    int64_t a = t.a.rows * t.a.cols, b = t.kind == BlockKind::kLowRank ? t.b.rows * t.b.cols : 0;  // checked above
+    if (!CheckedAdd(stored, a, &stored) || !CheckedAdd(stored, b, &stored)) return Fail("stored size overflows int64");
+    plan->terms.push_back(t);
   }
   std::string x_err = ValidateX(in.x_shape, m, n, &plan->batch, &plan->y_shape);
   if (!x_err.empty()) return x_err;
-  int64_t total = 0, area = 0;
-  if (!CheckedMul(m, n, &total)) return Fail("matrix shape overflows int64");
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const TermView& t = rows[i];
-    const bool next_tier = i > 0 && t.kind == BlockKind::kLowRank && rows[i - 1].kind == BlockKind::kLowRank &&
-                           rows[i - 1].r0 == t.r0 && rows[i - 1].r1 == t.r1 && rows[i - 1].c0 == t.c0 &&
-                           rows[i - 1].c1 == t.c1;
-    if (!next_tier) {
-      int64_t a = 0;
-      CheckedMul(t.r1 - t.r0, t.c1 - t.c0, &a);  // cannot overflow: a <= m * n
-      if (a > total - area)
-        return Fail("blocks overlap: they cover more than " + std::to_string(m) + "x" + std::to_string(n) + " entries");
-      area += a;
-    }
-    if (t.kind != BlockKind::kZero) plan->terms.push_back(t);
-  }
-  if (area != total) {
-    return Fail("blocks cover " + std::to_string(area) + " entries, expected " + std::to_string(m) + "x" +
-                std::to_string(n) + "=" + std::to_string(total));
-  }
   std::vector<unsigned char> seen;
   std::string err = CheckPerm("row_perm", in.row_perm_shape, in.row_perm, m, &seen, &plan->has_row_perm);
   if (!err.empty()) return err;
