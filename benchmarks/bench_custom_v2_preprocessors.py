@@ -36,8 +36,9 @@ from models import fetch  # noqa: E402
 MODELS = {"whisper128": fetch.WHISPER128, "nemo128": fetch.NEMO128, "nemo80": fetch.NEMO80}
 
 
-def precision_compressor(precision: str):
-    """A ``Compressor`` that compresses each weight at ``precision`` and keeps it if its bytes shrink."""
+def precision_compressor(precision: str, mix: dict):
+    """A ``Compressor`` that compresses each weight at ``precision`` and keeps it if its bytes
+    shrink; ``mix[weight name]`` gets the kept H-matrix's storage mix."""
 
     def compressor(tasks, jobs: int = 1, on_done=None):
         results = []
@@ -48,6 +49,8 @@ def precision_compressor(precision: str):
             skip = None if hm.nbytes < hm.dense_nbytes and not hm.is_unchanged else Skip.of(
                 SkipReason.NOT_SMALLER, params=hm.params, dense=hm.dense_params, tol=task.tol)
             results.append(LayerResult(None if skip else hm, skip, int(w.size)))
+            if not skip:
+                mix[task.name] = f"{hm.precision_counts()}, bytes {hm.byte_ratio:.3f} of dense"
             if on_done is not None:
                 on_done(task, results[-1])
         return results
@@ -71,7 +74,8 @@ def _feeds(model: onnx.ModelProto, seconds: float = 10.0) -> dict:
 def measure(name: str, path: Path, tol: float, precision: str, workdir: Path) -> str:
     original = onnx.load(path)
     config = make_config(None, tol=tol, emit="custom")
-    result = CompressWeightsPass(config, compressor=precision_compressor(precision))(from_proto(original))
+    mix: dict = {}
+    result = CompressWeightsPass(config, compressor=precision_compressor(precision, mix))(from_proto(original))
     out = workdir / f"{name}.{precision}.{tol:g}.onnx"
     save_model(result.model, out)
     feeds = _feeds(original)
@@ -79,8 +83,7 @@ def measure(name: str, path: Path, tol: float, precision: str, workdir: Path) ->
     after = make_session(onnx.load(out)).run(None, feeds)
     errors = [np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-300)
               for a, b in zip(after, before)]
-    layers = "; ".join(f"{r.name}: {r.hm.precision_counts() if getattr(r, 'hm', None) else ''}"
-                       for r in result.report.compressed) or "none"
+    layers = "; ".join(f"{name}: {text}" for name, text in mix.items()) or "none"
     ratio = out.stat().st_size / path.stat().st_size
     return (f"| {name} | {tol:g} | {precision} | {path.stat().st_size} | {out.stat().st_size} | {ratio:.3f} | "
             f"{max(errors):.2e} | {layers} |")
