@@ -432,8 +432,11 @@ def _validate_v2(data: np.ndarray, layout: np.ndarray, row_perm, col_perm) -> tu
     rows = layout.tolist()
     shape_row = rows[0]
     m, n = shape_row[ROW1], shape_row[COL1]
-    if shape_row[KIND] != SHAPE_KIND or m < 1 or n < 1 or any(shape_row[c] for c in (ROW0, COL0, RANK, FORMATS, BYTE_OFFSET)):
-        raise ValueError(f"layout v2 row 0 must be the shape row [{SHAPE_KIND}, 0, m, 0, n, 0, 0, 0] with m, n >= 1, got {shape_row}")
+    others = (ROW0, COL0, RANK, FORMATS, BYTE_OFFSET)
+    if shape_row[KIND] != SHAPE_KIND or m < 1 or n < 1 or any(shape_row[c] for c in others):
+        raise ValueError(
+            f"layout v2 row 0 must be the shape row [{SHAPE_KIND}, 0, m, 0, n, 0, 0, 0] with m, n >= 1, got {shape_row}"
+        )
     for i, row in enumerate(rows[1:], start=1):
         kind, r0, r1, c0, c1 = row[:5]
         if kind not in (BlockKind.DENSE, BlockKind.LOWRANK):
