@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hmatmul_cases import CASES_V2
+from test_hmatmul_cases import assert_matches
 
 from dehm_onnx.graph.emit import layer_model
 from dehm_onnx.hmatrix import compress, pack
@@ -50,3 +52,14 @@ def test_v2_custom_file_is_smaller_than_v1(tmp_path, precision, tol, most):
     ratio = v2.stat().st_size / v1.stat().st_size
     assert ratio < most, f"{precision}: v2 file {v2.stat().st_size} B is {ratio:.3f} of v1 {v1.stat().st_size} B"
     assert v2.stat().st_size < 1.05 * hm.nbytes + 2000  # the file is the H-matrix's bytes plus a small frame
+
+
+@pytest.mark.parametrize("case", CASES_V2, ids=[c.name for c in CASES_V2])
+def test_emit_custom_runs_the_quantized_table(case):
+    """The conformance table's quantized cases through ``--emit custom`` (layout v2) and the kernel."""
+    lead = [f"d{i}" for i in range(case.x.ndim - 1)]
+    model = layer_model(case.hm, "custom", [*lead, case.hm.shape[0]], case.x.dtype, "layer.w.hm")
+    onnx.checker.check_model(model)
+    data, _ = _data_and_layout(model)
+    assert data.data_type == onnx.TensorProto.UINT8
+    assert_matches(case, make_session(model).run(None, {"X": case.x})[0])
