@@ -40,8 +40,9 @@ __all__ = [
 # How a compressed layer can be written; ``dehm_onnx.graph.emit.EMITTERS`` has one emitter
 # per name (a test keeps the two equal). The first runs on every onnxruntime provider.
 EMIT_MODES = ("ops", "function", "custom", "auto")
-# Modes whose HMatMul node reads packed layout v1 (float factors in the weight's dtype).
-PACKED_FLOAT_MODES = ("function", "custom")
+# Modes whose HMatMul node reads packed layout v1 only (float factors in the weight's dtype):
+# ``custom`` writes layout v2 (every storage) when an array is not in the weight's dtype.
+PACKED_FLOAT_MODES = ("function",)
 # Storages a compressed layer may use, each allowing the ones before it plus a cheaper one
 # (``dehm_onnx.hmatrix.compress``'s ``precision``); ``auto`` allows all of them.
 PRECISIONS = ("auto", "float", "fp16", "int8", "int4")
@@ -90,8 +91,8 @@ class OptimizeConfig:
             "help": "storages of the compressed arrays: 'float' = the weight's dtype only, 'fp16', 'int8', "
             "'int4' = each also allows the ones before it (integers on onnxruntime's quantized kernel, "
             "which quantizes activations to 8 bits); 'auto' = all of them, integers on that kernel only "
-            "where the output bound tol_out leaves room for its error; emit 'function' and 'custom' hold "
-            "float factors only ('auto' means 'float' there)",
+            "where the output bound tol_out leaves room for its error; emit 'function' holds float factors "
+            "only ('auto' means 'float' there)",
             "choices": lambda: list(PRECISIONS),
         },
     )
@@ -227,9 +228,8 @@ class OptimizeConfig:
 
     @property
     def engine_precision(self) -> str:
-        """The storages the engine may use: ``precision``, except that the ``function`` and
-        ``custom`` modes write packed layout v1 (float factors only), so ``auto`` means
-        ``float`` there."""
+        """The storages the engine may use: ``precision``, except that the ``function`` mode
+        writes packed layout v1 (float factors only), so ``auto`` means ``float`` there."""
         if self.emit in PACKED_FLOAT_MODES and self.precision == "auto":
             return "float"
         return self.precision
@@ -272,7 +272,7 @@ class OptimizeConfig:
             raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.emit in PACKED_FLOAT_MODES and self.precision not in ("auto", "float"):
             raise ConfigError(
-                f"precision {self.precision!r} needs emit 'ops' or 'auto': emit {self.emit!r} writes the "
+                f"precision {self.precision!r} needs emit 'auto', 'ops' or 'custom': emit {self.emit!r} writes the "
                 "HMatMul v1 layout, which holds float factors only"
             )
 

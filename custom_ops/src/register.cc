@@ -1,8 +1,9 @@
 // Entry point of the library: onnxruntime calls RegisterCustomOps when a session registers it
 // (SessionOptions.register_custom_ops_library). Registers HMatMul in domain "ai.dehm",
-// version 1 (contract: dehm_onnx/ops/hmatmul.py), asking onnxruntime for C API version
-// kRequiredOrtApi (common/ort_api.h); an older onnxruntime gets an error status naming both
-// versions instead of a crash.
+// version 1 (contract: dehm_onnx/ops/hmatmul.py): one kernel per (execution provider, X type,
+// data type), data of X's type for layout v1 and uint8 for layout v2 (CPU only). It asks
+// onnxruntime for C API version kRequiredOrtApi (common/ort_api.h); an older onnxruntime gets
+// an error status naming both versions instead of a crash.
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -40,6 +41,7 @@ Registry& GetRegistry() {
   std::call_once(once, [] {
     registry.domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
     dehm::CreateCpuOps(&registry.ops);
+    dehm::CreateCpuOpsV2(&registry.ops);
 #ifdef DEHM_WITH_CUDA
     dehm::CreateCudaOps(&registry.ops);
 #endif

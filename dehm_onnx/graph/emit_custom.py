@@ -3,9 +3,11 @@
     y = HMatMul(x, data, layout, row_perm, col_perm)
 
 The contract is ``dehm_onnx/ops/hmatmul.py``; the weights are the four packed arrays
-of ``dehm_onnx/hmatrix/pack.py``. Running the model needs the compiled library
-(``dehm_onnx.make_session``); use ``function`` for a file that also runs on stock
-onnxruntime.
+of ``dehm_onnx/hmatrix/pack.py``: layout version 1 (``data`` in the activation dtype) when
+every stored array is in the weight's dtype, else layout version 2 (``data`` uint8, every
+array kept in its float16/int8/int4 storage, so the file keeps the bytes the engine saved).
+Running the model needs the compiled library (``dehm_onnx.make_session``); use ``function``
+for a file that also runs on stock onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from ..hmatrix import pack
+from ..ops import hmatmul
 from .emit_function import SUPPORTED_DTYPES, hmatmul_node, packed_inputs
-from .emit_ops import Emission, emit_ops
+from .emit_ops import Emission, emit_ops, initializer
 
 __all__ = ["emit_custom"]
 
@@ -29,6 +33,13 @@ def emit_custom(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission:
     if dtype not in SUPPORTED_DTYPES:
         logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
         return emit_ops(hm, x, prefix, dtype, context)
-    packed = packed_inputs(hm, prefix, dtype)
+    packed = packed_inputs(hm, prefix, dtype) if all(b.is_float for b in hm.blocks) else _packed_inputs_v2(hm, prefix)
     node = hmatmul_node(x, prefix, packed)
     return Emission([node], packed, node.outputs[0], family="custom", inputs=list(packed))
+
+
+def _packed_inputs_v2(hm, prefix: str) -> list[ir.Value]:
+    """The four layout-v2 initializers of ``hm``, named as ``packed_inputs`` names them."""
+    packed = pack(hm, version=2)
+    arrays = (packed.data, packed.layout, packed.row_perm, packed.col_perm)
+    return [initializer(f"{prefix}.{field}", a) for a, field in zip(arrays, hmatmul.INPUTS[1:])]

@@ -9,7 +9,7 @@ stands for (dequantized, where arrays are stored in float16 or integers).
 Modules: ``build`` (``compress``: planning over the block tree), ``refine`` (storage and rank of
 each leaf from exact errors), ``costs`` (formats, bytes and planning estimates), ``storage``
 (one stored array: float, float16, int8 or int4 with groupwise scales, and the quantization
-helpers emission reuses), ``hmatrix`` (the value types), ``pack`` (layout version 1),
+helpers emission reuses), ``hmatrix`` (the value types), ``pack`` (layout versions 1 and 2),
 ``lowrank``, ``cluster``.
 """
 

@@ -248,7 +248,7 @@ def quantize_groupwise(a: np.ndarray, storage: Storage, group: int, scale_dtype)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             scales = np.where(better, trial, scales)
-    q = _integers(x, scales, low, high, work).reshape(-1, cols)[:rows].astype(np.int8)
+    q = _integers(x, scales, low, high, work).reshape(x.shape[0] * x.shape[1], cols)[:rows].astype(np.int8)
     return q, scales.astype(scale_dtype)
 
 

@@ -13,7 +13,8 @@ Inputs, all required, in this order:
     tensor of shape ``(..., m)`` (any rank >= 1, leading dimensions may be 0).
 ``data``, ``layout``, ``row_perm``, ``col_perm``
     the packed H-matrix, exactly as defined in ``dehm_onnx/hmatrix/pack.py`` (layout
-    version ``pack.LAYOUT_VERSION``; read its module docstring). ``m = max(layout[:, ROW1])``
+    version 1 or 2, told apart by the type of ``data``, see Types; read its module
+    docstring). ``m = max(layout[:, ROW1])``
     must equal the last dimension of ``X``; ``n = max(layout[:, COL1])``.
 
 Output:
@@ -21,9 +22,21 @@ Output:
 ``Y``
     tensor of shape ``(..., n)``: ``X``'s leading dimensions followed by ``n``.
 
-Types: ``X``, ``data`` and ``Y`` share one type ``T`` in {float32, float16};
-``layout``, ``row_perm``, ``col_perm`` are int64. With float16 the kernels accumulate in
-float32 and round once when writing ``Y``.
+Types: ``X`` and ``Y`` share one type ``T`` in {float32, float16}; ``layout``, ``row_perm``,
+``col_perm`` are int64. ``data`` selects the layout version (``pack.py``):
+
+- ``data`` of type ``T``: layout version 1 (``layout`` has 7 columns), every payload in ``T``;
+- ``data`` of type uint8: layout version 2 (``layout`` has 8 columns), every stored array
+  kept as float32, float16, int8 or int4 with groupwise scales. This is the same op (type,
+  domain, version, inputs); onnxruntime picks the kernel by the type of ``data`` (the library
+  registers one kernel per ``(T, data type)`` pair, the custom-op API's way of giving an input
+  several types). Files written before version 2 existed are unchanged and run as before.
+
+The kernels accumulate in float32 and round once when writing ``Y`` (float16). A version-2
+array is dequantized to exactly the values ``pack.unpack`` gives (``fl(q * scale)`` rounded
+once to the scale's type) before it is multiplied, tile by tile: no dense copy of the weight.
+On the CUDA execution provider only version 1 has a kernel; a version-2 node has no CUDA
+kernel, so onnxruntime assigns it to the CPU kernel (``docs/custom_op.md``).
 
 No attributes. A malformed packed H-matrix (see ``pack.validate_packed``) is an error:
 the kernels return an onnxruntime error naming the problem and never read out of bounds.
@@ -67,8 +80,8 @@ def hmatmul_reference(x, data, layout, row_perm, col_perm) -> np.ndarray:
     x, data = np.asarray(x), np.asarray(data)
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"HMatMul: X must be float32 or float16, got {x.dtype}")
-    if data.dtype != x.dtype:
-        raise ValueError(f"HMatMul: data dtype {data.dtype} differs from X dtype {x.dtype}")
+    if data.dtype != x.dtype and data.dtype != np.uint8:
+        raise ValueError(f"HMatMul: data dtype {data.dtype} differs from X dtype {x.dtype} (and is not uint8, layout v2)")
     layout = np.asarray(layout, dtype=np.int64)
     packed = PackedHMatrix(data, layout, np.asarray(row_perm, np.int64), np.asarray(col_perm, np.int64), (0, 0))
     hm = unpack(packed)
@@ -135,11 +148,12 @@ def packed_initializers(packed: PackedHMatrix, prefix: str, dtype=None):
         dtype: stored dtype of ``data`` (default: ``packed.data.dtype``).
 
     Returns:
-        a list of four ``TensorProto`` in input order ``(data, layout, row_perm, col_perm)``.
+        a list of four ``TensorProto`` in input order ``(data, layout, row_perm, col_perm)``;
+        a layout-v2 ``data`` stays uint8 whatever ``dtype`` says.
     """
     from onnx import numpy_helper
 
-    data = packed.data if dtype is None else packed.data.astype(dtype)
+    data = packed.data if dtype is None or packed.version == 2 else packed.data.astype(dtype)
     arrays = (data, packed.layout, packed.row_perm, packed.col_perm)
     return [numpy_helper.from_array(np.ascontiguousarray(a), f"{prefix}.{field}") for a, field in zip(arrays, INPUTS[1:])]
 
@@ -153,13 +167,13 @@ def make_hmatmul_model(packed: PackedHMatrix, *, x_rank: int = 2, dtype=None, pa
     Args:
         packed: the packed H-matrix.
         x_rank: rank of ``X``; every leading dimension is symbolic.
-        dtype: float32 or float16 (default: ``packed.data.dtype``).
+        dtype: float32 or float16 (default: ``packed.data.dtype``; float32 for layout v2).
         packed_as_inputs: make the four packed arrays graph inputs instead of initializers
             (then the last dimensions of ``X`` and ``Y`` are symbolic too).
     """
     from onnx import TensorProto, helper
 
-    dtype = np.dtype(dtype or packed.data.dtype)
+    dtype = np.dtype(dtype or (np.float32 if packed.version == 2 else packed.data.dtype))
     if dtype not in _ONNX_FLOAT_TYPES:
         raise ValueError(f"HMatMul supports float32 and float16, got {dtype}")
     elem = _ONNX_FLOAT_TYPES[dtype]
@@ -168,7 +182,8 @@ def make_hmatmul_model(packed: PackedHMatrix, *, x_rank: int = 2, dtype=None, pa
     inputs = [helper.make_tensor_value_info("X", elem, [*lead, "m" if packed_as_inputs else m])]
     inits = packed_initializers(packed, "w", dtype=dtype)
     if packed_as_inputs:
-        types = (elem, TensorProto.INT64, TensorProto.INT64, TensorProto.INT64)
+        data_elem = TensorProto.UINT8 if packed.version == 2 else elem
+        types = (data_elem, TensorProto.INT64, TensorProto.INT64, TensorProto.INT64)
         inputs += [helper.make_tensor_value_info(t.name, et, None) for t, et in zip(inits, types)]
         inits = []
     node = make_hmatmul_node("X", [f"w.{f}" for f in INPUTS[1:]], "Y", name="hmatmul")

@@ -177,13 +177,15 @@ def test_storage_enum_labels_match_the_report():
     assert [s.label for s in Storage] == ["float", "fp16", "int8", "int4"]
 
 
-@pytest.mark.parametrize("emit", ["function", "custom"])
-def test_packed_modes_refuse_smaller_storages(emit):
-    """HMatMul's packed layout v1 holds float factors only: asking for integers is an error."""
+def test_function_mode_refuses_smaller_storages():
+    """The function mode's packed layout v1 holds float factors only: asking for integers is an
+    error; custom (layout v2) takes every storage."""
     from dehm_onnx.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=f"precision 'int4' needs emit 'ops' or 'auto': emit '{emit}'"):
-        dehm_onnx.OptimizeConfig(emit=emit, precision="int4")
+    with pytest.raises(ConfigError, match="precision 'int4' needs emit 'auto', 'ops' or 'custom': emit 'function'"):
+        dehm_onnx.OptimizeConfig(emit="function", precision="int4")
+    assert dehm_onnx.OptimizeConfig(emit="custom", precision="int4").engine_precision == "int4"
+    assert dehm_onnx.OptimizeConfig(emit="custom").engine_precision == "auto"
 
 
 def test_function_mode_compresses_in_float(rng):

@@ -212,3 +212,11 @@ def test_extreme_magnitudes_give_valid_integers_or_no_storage(value, storage, sc
     deq = stored.dequantized().astype(np.float64)
     assert np.isfinite(deq).all()
     assert np.all(np.abs(deq - a) <= np.abs(a.astype(np.float64)) + 1e-300)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0), (17, 0)])
+@pytest.mark.parametrize("storage", [Storage.INT8, Storage.INT4])
+def test_empty_arrays_quantize_to_empty_integers_and_scales(shape, storage):
+    q, scales = quantize_groupwise(np.zeros(shape, np.float32), storage, 16, np.float32)
+    assert q.shape == shape and q.dtype == np.int8
+    assert scales.shape == (-(-shape[0] // 16), shape[1])

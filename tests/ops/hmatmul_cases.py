@@ -4,6 +4,10 @@ Every case is built from ``dehm_onnx.hmatrix`` types and ``pack`` (never from ``
 so it does not depend on the compression algorithm's choices. The expected result is
 ``X @ hm.to_dense()`` in float64; every implementation (numpy reference, onnx.reference
 OpRun, CPU kernel, emit modes, CUDA kernel) runs the same table.
+
+``CASES_V2`` holds H-matrices whose arrays are stored in float16, int8 or int4 (built with
+``storage.store``), for packed layout version 2; their expected result is the product with the
+dequantized values, which every layout and kernel must reproduce to float rounding.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dehm_onnx.hmatrix import Block, BlockKind, HMatrix, Storage, store
+from dehm_onnx.hmatrix import Block, BlockKind, HMatrix, Storage, StoredArray, store
 
-__all__ = ["Case", "CASES", "FLOAT_CASES", "expected", "tolerance"]
+__all__ = ["Case", "CASES", "CASES_V2", "FLOAT_CASES", "expected", "tolerance"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ def _lowrank(rng, r0, r1, c0, c1, k, dtype):
     return Block(BlockKind.LOWRANK, r0, r1, c0, c1, u=u, vt=vt)
 
 
-def _stored(rng, shape, storage: Storage, dtype, group: int = 16):
+def _random_stored(rng, shape, storage: Storage, dtype, group: int = 16):
     """A random array kept in ``storage`` (values as the engine would store them)."""
     return store(rng.standard_normal(shape), storage, dtype=dtype, group=group)
 
@@ -47,12 +51,12 @@ def _tiered(rng, r0, r1, c0, c1, tiers, dtype):
     """A low-rank block whose tiers are ``[(rank, U storage, U group, Vt storage, Vt group), ...]``."""
     arrays = []
     for k, su, gu, sv, gv in tiers:
-        arrays += [_stored(rng, (r1 - r0, k), su, dtype, gu), _stored(rng, (k, c1 - c0), sv, dtype, gv)]
+        arrays += [_random_stored(rng, (r1 - r0, k), su, dtype, gu), _random_stored(rng, (k, c1 - c0), sv, dtype, gv)]
     return Block(BlockKind.LOWRANK, r0, r1, c0, c1, storage=tuple(arrays))
 
 
-def _qdense(rng, r0, r1, c0, c1, storage, dtype, group=16):
-    return Block(BlockKind.DENSE, r0, r1, c0, c1, storage=(_stored(rng, (r1 - r0, c1 - c0), storage, dtype, group),))
+def _quantized_dense(rng, r0, r1, c0, c1, storage, dtype, group=16):
+    return Block(BlockKind.DENSE, r0, r1, c0, c1, storage=(_random_stored(rng, (r1 - r0, c1 - c0), storage, dtype, group),))
 
 
 def _quantized_cases() -> list[Case]:
@@ -63,10 +67,10 @@ def _quantized_cases() -> list[Case]:
     cases = []
     rng = _rng(21)
     blocks = [
-        _qdense(rng, 0, 37, 0, 20, I8, f32, 16),
+        _quantized_dense(rng, 0, 37, 0, 20, I8, f32, 16),
         _tiered(rng, 0, 37, 20, 48, [(1, F, 0, F, 0), (3, H, 0, I8, 16), (20, I4, 16, I4, 16)], f32),
         _tiered(rng, 37, 64, 0, 20, [(2, I8, 32, H, 0), (2, I4, 64, I8, 128)], f32),
-        _qdense(rng, 37, 64, 20, 48, I4, f32, 32),
+        _quantized_dense(rng, 37, 64, 20, 48, I4, f32, 32),
     ]
     hm = _hm((64, 48), blocks, f32, rng.permutation(64), rng.permutation(48))
     cases.append(Case("quantized_tiers", hm, rng.standard_normal((3, 64)).astype(f32)))
@@ -77,7 +81,7 @@ def _quantized_cases() -> list[Case]:
     storages = (H, I8, I4)
     blocks = []
     for i in range(8):
-        blocks.append(_qdense(rng, 16 * i, 16 * i + 16, 16 * i, 16 * i + 16, storages[i % 3], f32, 16))
+        blocks.append(_quantized_dense(rng, 16 * i, 16 * i + 16, 16 * i, 16 * i + 16, storages[i % 3], f32, 16))
     for i in range(0, 8, 2):
         blocks.append(_tiered(rng, 16 * i, 16 * i + 16, 16 * i + 16, 16 * i + 32, [(1, F, 0, F, 0), (2, H, 0, H, 0)], f32))
         blocks.append(_tiered(rng, 16 * i + 16, 16 * i + 32, 16 * i, 16 * i + 16, [(3, I8, 16, H, 0)], f32))
@@ -98,20 +102,20 @@ def _quantized_cases() -> list[Case]:
         _tiered(rng, 51, 101, 0, 20, [(1, H, 0, I4, 16)], f32),
         _tiered(rng, 101, 152, 60, 80, [(2, F, 0, F, 0)], f32),
         _tiered(rng, 152, 201, 40, 60, [(2, F, 0, F, 0)], f32),
-        _qdense(rng, 0, 51, 0, 20, I8, f32, 32),
-        _qdense(rng, 51, 101, 20, 40, I8, f32, 32),
-        _qdense(rng, 101, 152, 40, 60, I4, f32, 16),
-        _qdense(rng, 152, 201, 60, 80, I4, f32, 16),
+        _quantized_dense(rng, 0, 51, 0, 20, I8, f32, 32),
+        _quantized_dense(rng, 51, 101, 20, 40, I8, f32, 32),
+        _quantized_dense(rng, 101, 152, 40, 60, I4, f32, 16),
+        _quantized_dense(rng, 152, 201, 60, 80, I4, f32, 16),
     ]
     hm = _hm((201, 80), blocks, f32)
     cases.append(Case("quantized_uneven", hm, rng.standard_normal((4, 201)).astype(f32)))
     # A float16 weight: float16 scales.
     rng = _rng(24)
     blocks = [
-        _qdense(rng, 0, 32, 0, 32, I8, f16, 16),
+        _quantized_dense(rng, 0, 32, 0, 32, I8, f16, 16),
         _tiered(rng, 0, 32, 32, 64, [(2, F, 0, I4, 16), (2, I4, 16, F, 0)], f16),
         _tiered(rng, 32, 64, 0, 32, [(3, I8, 32, I8, 16)], f16),
-        _qdense(rng, 32, 64, 32, 64, I4, f16, 32),
+        _quantized_dense(rng, 32, 64, 32, 64, I4, f16, 32),
     ]
     hm = _hm((64, 64), blocks, f16, rng.permutation(64))
     cases.append(Case("quantized_float16", hm, rng.standard_normal((3, 64)).astype(f16)))
@@ -215,13 +219,87 @@ CASES = _build_cases()
 FLOAT_CASES = [c for c in CASES if all(b.is_float for b in c.hm.blocks)]
 
 
+def _stored(rng, shape, storage, dtype, group=0, scale_dtype=None):
+    """A random array kept as ``storage`` (``store`` never fails on these Gaussian values)."""
+    if 0 in shape and storage.is_int:  # an empty integer array, built directly
+        scales = np.zeros((-(-shape[0] // group), shape[1]), scale_dtype or dtype)
+        return StoredArray(storage, np.zeros(shape, np.int8), scales, group)
+    a = rng.standard_normal(shape)
+    return store(a, storage, dtype=dtype, group=group, scale_dtype=scale_dtype)
+
+
+def _qdense(rng, r0, r1, c0, c1, storage, dtype, group=0, scale_dtype=None):
+    return Block(BlockKind.DENSE, r0, r1, c0, c1, storage=(_stored(rng, (r1 - r0, c1 - c0), storage, dtype, group, scale_dtype),))
+
+
+def _qlowrank(rng, r0, r1, c0, c1, tiers, dtype, scale_dtype=None):
+    """A low-rank block with one ``(U_t, Vt_t)`` pair per ``(rank, storage, group)`` in ``tiers``."""
+    arrays = []
+    for k, storage, group in tiers:
+        arrays.append(_stored(rng, (r1 - r0, k), storage, dtype, group, scale_dtype))
+        arrays.append(_stored(rng, (k, c1 - c0), storage, dtype, group, scale_dtype))
+    return Block(BlockKind.LOWRANK, r0, r1, c0, c1, storage=tuple(arrays))
+
+
+def _build_cases_v2() -> list[Case]:
+    f32, f16 = np.float32, np.float16
+    fp16, i8, i4 = Storage.FP16, Storage.INT8, Storage.INT4
+    cases = []
+    rng = _rng(21)
+    cases.append(Case("q_fp16_dense", _hm((9, 7), [_qdense(rng, 0, 9, 0, 7, fp16, f32)], f32),
+                      rng.standard_normal((2, 9)).astype(f32)))
+    rng = _rng(22)
+    # 37 rows in groups of 16: the last group is partial.
+    cases.append(Case("q_int8_dense_partial_group", _hm((37, 5), [_qdense(rng, 0, 37, 0, 5, i8, f32, 16)], f32),
+                      rng.standard_normal((3, 37)).astype(f32)))
+    rng = _rng(23)
+    # 45 x 7 = 315 int4 values: an odd count, the last byte half used.
+    cases.append(Case("q_int4_dense_odd", _hm((45, 7), [_qdense(rng, 0, 45, 0, 7, i4, f32, 32)], f32),
+                      rng.standard_normal((1, 45)).astype(f32)))
+    rng = _rng(24)
+    tiers = ((2, fp16, 0), (3, i8, 16), (1, i4, 16), (2, Storage.FLOAT, 0))
+    mixed = [
+        _qlowrank(rng, 0, 21, 0, 13, tiers, f32),
+        _qdense(rng, 21, 40, 0, 13, i4, f32, 16),
+        _qlowrank(rng, 0, 40, 13, 30, ((3, i4, 32), (0, i8, 16)), f32),
+    ]
+    hm = _hm((40, 30), mixed, f32, rng.permutation(40), rng.permutation(30))
+    cases.append(Case("q_mixed_tiers_permuted", hm, rng.standard_normal((2, 3, 40)).astype(f32)))
+    cases.append(Case("q_mixed_tiers_batch0", hm, np.zeros((0, 40), f32)))
+    cases.append(Case("q_mixed_tiers_1d", hm, rng.standard_normal(40).astype(f32)))
+    cases.append(Case("q_mixed_tiers_batch150", hm, rng.standard_normal((150, 40)).astype(f32)))
+    rng = _rng(25)
+    # float32 weight, float16 scales: each dequantized value is rounded once to float16.
+    half_scales = [_qdense(rng, 0, 33, 0, 19, i8, f32, 16, f16), _qlowrank(rng, 33, 50, 0, 19, ((4, i4, 16),), f32, f16)]
+    cases.append(Case("q_float16_scales", _hm((50, 19), half_scales, f32), rng.standard_normal((4, 50)).astype(f32)))
+    rng = _rng(26)
+    # float16 weight (float16 scales by default) and float16 activations.
+    f16_blocks = [_qdense(rng, 0, 30, 0, 20, i8, f16, 16), Block(BlockKind.ZERO, 30, 47, 0, 20),
+                  _qlowrank(rng, 0, 47, 20, 41, ((2, Storage.FLOAT, 0), (5, i4, 16)), f16)]
+    hm16 = _hm((47, 41), f16_blocks, f16, rng.permutation(47), None)
+    cases.append(Case("q_float16_weight", hm16, rng.standard_normal((6, 47)).astype(f16)))
+    # float32 weight with float16 activations.
+    cases.append(Case("q_mixed_tiers_float16_x", hm, rng.standard_normal((5, 40)).astype(f16)))
+    # Enough multiply-adds (batch x stored values >= 2^19) for the multi-task path, odd sizes.
+    for batch, name in ((1, "q_large_1d"), (9, "q_large_parallel"), (70, "q_large_parallel_batch70")):
+        rng = _rng(27)
+        blocks = [_qdense(rng, 0, 530, 0, 301, i4, f32, 64), _qdense(rng, 530, 601, 0, 301, i8, f32, 128),
+                  _qlowrank(rng, 0, 601, 301, 333, ((5, fp16, 0), (9, i8, 32)), f32)]
+        hm_large = _hm((601, 333), blocks, f32, rng.permutation(601), rng.permutation(333))
+        cases.append(Case(name, hm_large, rng.standard_normal((batch, 601)).astype(f32)))
+    return cases
+
+
+CASES_V2 = _build_cases_v2()
+
 def expected(case: Case) -> np.ndarray:
     """``X @ W_H`` in float64 from the dense reconstruction."""
     return case.x.astype(np.float64) @ case.hm.to_dense()
 
 
 def tolerance(case: Case) -> np.ndarray:
-    """Elementwise bound: float accumulation error plus one rounding to the output dtype.
+    """Elementwise bound: float accumulation error plus one rounding to the output dtype
+    (relative, plus half the subnormal spacing for results that round to a subnormal).
 
     The terms are bounded by ``(|X| @ |U|) @ |Vt|`` per block, so we scale by the dense
     product of absolute values of every factor (exact factors: no approximation error).
@@ -242,4 +320,6 @@ def tolerance(case: Case) -> np.ndarray:
     depth = m + max((b.rank for b in case.hm.blocks), default=0)
     acc_eps = depth * np.finfo(np.float32).eps
     out_eps = np.finfo(case.x.dtype).eps if case.x.dtype != np.float64 else 0.0
-    return (acc_eps + out_eps) * scale + 1e-30
+    # Rounding to a subnormal output errs by up to half its spacing, whatever the value's size.
+    out_tiny = float(np.finfo(case.x.dtype).smallest_subnormal) / 2 if case.x.dtype != np.float64 else 0.0
+    return (acc_eps + out_eps) * scale + out_tiny + 1e-30

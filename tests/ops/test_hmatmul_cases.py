@@ -1,11 +1,12 @@
-"""The conformance table run through the numpy reference, the onnx.reference OpRun and the CPU kernel."""
+"""The conformance table run through the numpy reference, the onnx.reference OpRun and the CPU kernel,
+in packed layout version 1 and version 2."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from hmatmul_cases import CASES, expected, tolerance
+from hmatmul_cases import CASES, CASES_V2, expected, tolerance
 
 from dehm_onnx.hmatrix import pack
 from dehm_onnx.ops import hmatmul
@@ -34,6 +35,25 @@ def _run_cpu_kernel(case):
 RUNNERS = {"numpy": _run_numpy, "onnx_reference": _run_reference_op, "cpu_kernel": _run_cpu_kernel}
 
 
+def _model_v2(case):
+    return hmatmul.make_hmatmul_model(pack(case.hm, version=2), x_rank=case.x.ndim, dtype=case.x.dtype)
+
+
+def _run_reference_op_v2(case):
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(_model_v2(case), new_ops=[hmatmul.HMatMul])
+    return evaluator.run(None, {"X": case.x})[0]
+
+
+def _run_cpu_kernel_v2(case):
+    return make_session(_model_v2(case)).run(None, {"X": case.x})[0]
+
+
+RUNNERS_V2 = {"onnx_reference": _run_reference_op_v2, "cpu_kernel": _run_cpu_kernel_v2}
+ALL_CASES = CASES + CASES_V2
+
+
 def assert_matches(case, y):
     exp = expected(case)
     assert y.dtype == case.x.dtype
@@ -48,6 +68,42 @@ def assert_matches(case, y):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hmatmul_matches_dense_product(case, runner):
     assert_matches(case, RUNNERS[runner](case))
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS_V2))
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.name for c in ALL_CASES])
+def test_hmatmul_layout_v2_matches_dense_product(case, runner):
+    """Layout v2 (uint8 data, storage kept): the product with the dequantized values."""
+    assert_matches(case, RUNNERS_V2[runner](case))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES_V2 if c.hm.dtype == c.x.dtype], ids=lambda c: c.name)
+def test_quantized_cases_run_in_layout_v1_too(case):
+    """Layout v1 holds the same dequantized values in the weight's dtype; both kernels agree."""
+    assert_matches(case, _run_cpu_kernel(case))
+    assert_matches(case, _run_numpy(case))
+
+
+def test_one_session_runs_layout_v1_and_v2_nodes():
+    """One session runs a v1 and a v2 node of the same op side by side (kernels picked by data type)."""
+    import onnx
+
+    case = next(c for c in CASES_V2 if c.name == "q_mixed_tiers_permuted")
+    x = case.x.reshape(-1, case.hm.shape[0])
+    v1 = hmatmul.make_hmatmul_model(pack(case.hm), x_rank=2)
+    v2 = hmatmul.make_hmatmul_model(pack(case.hm, version=2), x_rank=2)
+    graph = v1.graph
+    for t in v2.graph.initializer:
+        t.name = t.name.replace("w.", "w2.")
+        graph.initializer.append(t)
+    graph.node.append(helper.make_node(hmatmul.OP_TYPE, ["X", "w2.data", "w2.layout", "w2.row_perm", "w2.col_perm"],
+                                       ["Y2"], domain=hmatmul.DOMAIN))
+    graph.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, ["d0", case.hm.shape[1]]))
+    onnx.checker.check_model(v1)
+    y1, y2 = make_session(v1).run(None, {"X": x})
+    sub = type(case)(case.name, case.hm, x)
+    assert_matches(sub, y1)
+    assert_matches(sub, y2)
 
 
 def test_hmatmul_contract_constants():
@@ -149,3 +205,27 @@ def test_cpu_kernel_reuses_plan_across_batch_sizes():
 def test_cuda_kernel_reuses_tables_across_batch_sizes(cuda_session):
     """The constant-layout path uploads its tables once; later runs with other batches agree."""
     _check_reuse_across_batch_sizes(cuda_session)
+
+
+@pytest.fixture(scope="module")
+def cuda_fallback_session():
+    """Sessions with the CUDA execution provider first and CPU allowed; skips without a CUDA device."""
+    reason = _cuda_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    return lambda model: make_session(model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES_V2, ids=[c.name for c in CASES_V2])
+def test_cuda_session_runs_layout_v2_on_the_cpu_kernel(case, cuda_fallback_session):
+    """The CUDA kernel reads layout v1 only: onnxruntime places a v2 node on the CPU kernel, never misreads it."""
+    assert_matches(case, cuda_fallback_session(_model_v2(case)).run(None, {"X": case.x})[0])
+
+
+@pytest.mark.cuda
+def test_cuda_only_session_refuses_layout_v2(cuda_session):
+    """With CPU fallback disabled, a v2 node has no CUDA kernel to run on: onnxruntime refuses the session."""
+    case = CASES_V2[0]
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own message, not ours
+        cuda_session(_model_v2(case)).run(None, {"X": case.x})

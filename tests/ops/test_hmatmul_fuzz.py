@@ -86,12 +86,12 @@ def _oracle(inputs):
         return None, str(e)
 
 
-def _run_in_subprocess(tmp_path, inputs_list):
+def _run_in_subprocess(tmp_path, inputs_list, version: int = 1):
     cases_path, results_path = tmp_path / "cases.pkl", tmp_path / "results.pkl"
     with open(cases_path, "wb") as f:
         pickle.dump(inputs_list, f)
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(custom_op_library()), str(cases_path), str(results_path)],
+        [sys.executable, str(WORKER), str(custom_op_library()), str(cases_path), str(results_path), str(version)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, f"worker died with code {proc.returncode}: {proc.stderr[-2000:]}"
