@@ -80,8 +80,9 @@ class OptimizeConfig:
         default="auto",
         metadata={
             "help": "how a compressed layer is written: 'auto' = the cost model's choice per layer, "
-            "'ops' = standard ONNX ops ('subgraph' is an old name for it), 'function' = HMatMulV2 node "
-            "with a standard-op function body, 'custom' = HMatMul node for the compiled kernel",
+            "'ops' = standard ONNX ops ('subgraph' is an old name for it), 'function' = HMatMul node "
+            "with a standard-op function body (float factors), 'custom' = HMatMul node for the compiled "
+            "kernel",
             "choices": _emit_choices,
         },
     )

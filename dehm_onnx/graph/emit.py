@@ -24,13 +24,14 @@ __all__ = ["EMITTERS", "Emission", "EmitContext"]
 # The first entry is the standard-op emission that runs on every onnxruntime provider.
 EMITTERS = {
     "ops": emit_ops,
-    # One HMatMulV2 node (dehm_onnx/ops/hmatmul.py) plus its standard-op function body:
-    # stock onnxruntime runs the body (a compiled v2 kernel, once there is one, the node).
+    # One HMatMul node (dehm_onnx/ops/hmatmul.py) plus its standard-op function body:
+    # stock onnxruntime runs the body, the compiled library the node (layout v1, float).
     "function": emit_function,
-    # The HMatMul (v1) node alone: needs the compiled library (dehm_onnx.make_session).
+    # The HMatMul node alone (layout v1, or v2 for quantized arrays): needs the compiled
+    # library (dehm_onnx.make_session).
     "custom": emit_custom,
-    # The default: the cost model's choice per layer (today always standard ops: no compiled
-    # kernel reads the quantized stacks yet, and stock runtimes run the body as fast as ops).
+    # The default: the cost model's choice per layer (today always standard ops, which run on
+    # stock runtimes; custom needs the library, function packs float factors).
     "auto": emit_ops,
 }
 

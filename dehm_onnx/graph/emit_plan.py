@@ -38,8 +38,8 @@ holds the float stack): ``float`` as is, ``fp16`` by a ``Cast``, ``int8``/``int4
 ``(..., G, 1)``), exactly ``DequantizeLinear``'s values. Zero padding costs bytes in the
 part's own storage. ``Plan.nbytes`` counts every tensor the plan stores.
 
-This module is numpy only: ``emit_ops`` turns a plan into nodes, ``emit_function`` into the
-inputs of an ``HMatMulV2`` node (``dehm_onnx.ops.hmatmul``), ``run_plan`` executes one in numpy.
+This module is numpy only: ``emit_batched`` turns a plan into nodes, ``run_plan`` executes
+one in numpy.
 """
 
 from __future__ import annotations
