@@ -49,7 +49,7 @@ def emission(work: Path, library: str) -> dict:
     data = np.load(work / "models" / "demo.npz")
     feeds = {"x": data["x"]}
     out = {}
-    for name in ("subgraph", "function", "function_one_layer"):
+    for name in ("auto", "int8", "subgraph", "function", "function_one_layer"):
         r = run_file(work / "models" / f"demo.{name}.onnx", feeds, options())
         if r["ok"]:
             r = {"ok": True, "error": rel_l2(r["y"], data[f"expected.{name}"])}

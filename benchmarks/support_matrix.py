@@ -3,7 +3,8 @@ virtual environment (numpy and that onnxruntime only), on this machine's CPU.
 
 Columns, all on CPUExecutionProvider, for the demo model (``models/make_demo.py``,
 two compressed layers) optimized here with this checkout:
-(a) stock onnxruntime: ``--emit subgraph``; ``--emit function`` with one compressed layer
+(a) stock onnxruntime: the defaults (``--emit auto --precision auto``), ``--precision int8``
+    (integers in the form onnxruntime fuses), ``--emit subgraph``; ``--emit function`` with one compressed layer
     (one function overload) and with both (two overloads of ``HMatMul``);
 (b) the HMatMul library (this checkout's build, or the bundled one): registration, then
     ``--emit custom`` and ``--emit function`` with the library;
@@ -51,6 +52,8 @@ def write_demo(folder: Path) -> None:
     x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
     expected = {}
     variants = {
+        "auto": dict(),  # the defaults: --emit auto --precision auto
+        "int8": dict(precision="int8"),  # integers written for onnxruntime's fused kernel
         "subgraph": dict(emit="subgraph"),
         "function": dict(emit="function"),
         "custom": dict(emit="custom"),
@@ -178,15 +181,15 @@ def main(argv=None) -> int:
 
     print(f"dehm_onnx support matrix (CPU, this machine; library {library.name}, C API "
           f"{dehm_onnx.ops.library.required_ort_api(library)}; quantized blocks {args.size}x{args.size}, batch 1)\n")
-    print("| onnxruntime | (a) subgraph | (a) function, 1 overload | (a) function, 2 overloads | (b) library registers | "
-          "(b) custom + library | (b) function + library |")
-    print("|---|---|---|---|---|---|---|")
+    print("| onnxruntime | (a) defaults (auto) | (a) --precision int8 | (a) subgraph | (a) function, 1 overload | "
+          "(a) function, 2 overloads | (b) library registers | (b) custom (layout v2) + library | (b) function + library |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for version, r in results.items():
         if "crashed" in r:
-            print(f"| {version} | worker crashed: {r['crashed']} | | | | | |")
+            print(f"| {version} | worker crashed: {r['crashed']} | | | | | | | |")
             continue
         e = r["emission"]
-        print(f"| {version} | {cell(e['stock.subgraph'])} | {cell(e['stock.function_one_layer'])} | "
+        print(f"| {version} | {cell(e.get('stock.auto'))} | {cell(e.get('stock.int8'))} | {cell(e['stock.subgraph'])} | {cell(e['stock.function_one_layer'])} | "
               f"{cell(e['stock.function'])} | {cell(e['register'])} | {cell(e.get('library.custom'))} | "
               f"{cell(e.get('library.function'))} |")
     print("\n| onnxruntime | (c) block | becomes | ms (float32 MatMul ms: speedup) | rel. error | "
