@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,20 +31,25 @@ import dehm_onnx  # noqa: E402
 from dehm_onnx.hmatrix import pack  # noqa: E402
 from dehm_onnx.ops import hmatmul  # noqa: E402
 
-MODES = ("subgraph", "function", "custom")
+MODES = ("auto", "subgraph", "function", "custom")
 # (mode, with the library registered) as run on both sides.
-RUNS = (("original", False), ("subgraph", False), ("function", False), ("function", True), ("custom", True))
+RUNS = (("original", False), ("auto", False), ("subgraph", False), ("function", False), ("function", True),
+        ("custom", True))
 
 
 def write_cases(out: Path) -> int:
-    from hmatmul_cases import CASES, expected, tolerance
+    from hmatmul_cases import CASES, CASES_V2, expected, tolerance
 
     folder = out / "cases"
-    folder.mkdir(parents=True, exist_ok=True)
-    for case in CASES:
-        onnx.save(hmatmul.make_hmatmul_model(pack(case.hm), x_rank=case.x.ndim), folder / f"{case.name}.onnx")
-        np.savez(folder / f"{case.name}.npz", x=case.x, expected=expected(case), tolerance=tolerance(case))
-    return len(CASES)
+    shutil.rmtree(folder, ignore_errors=True)  # no cases left from an earlier run
+    folder.mkdir(parents=True)
+    # Layout v1 (float payloads) and layout v2 (float16/int8/int4 payloads, uint8 data).
+    for version, cases in ((1, CASES), (2, CASES_V2)):
+        for case in cases:
+            model = hmatmul.make_hmatmul_model(pack(case.hm, version=version), x_rank=case.x.ndim, dtype=case.x.dtype)
+            onnx.save(model, folder / f"v{version}.{case.name}.onnx")
+            np.savez(folder / f"v{version}.{case.name}.npz", x=case.x, expected=expected(case), tolerance=tolerance(case))
+    return len(CASES) + len(CASES_V2)
 
 
 def demo_model(work: Path, args):

@@ -23,7 +23,8 @@ import onnxruntime as ort
 import dehm_onnx
 from dehm_onnx.ops import library
 
-RUNS = (("original", False), ("subgraph", False), ("function", False), ("function", True), ("custom", True))
+RUNS = (("original", False), ("auto", False), ("subgraph", False), ("function", False), ("function", True),
+        ("custom", True))
 HOST_AGREEMENT = 1e-4  # relative L2 between this machine's and the host's output of one file
 
 
