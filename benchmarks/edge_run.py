@@ -26,6 +26,10 @@ from dehm_onnx.ops import library
 RUNS = (("original", False), ("auto", False), ("subgraph", False), ("function", False), ("function", True),
         ("custom", True))
 HOST_AGREEMENT = 1e-4  # relative L2 between this machine's and the host's output of one file
+# Files with integer arrays written for MatMulNBits: its default accuracy level quantizes the
+# activations to 8 bits (about 5e-3 relative error against float, dehm_onnx.config
+# FUSED_INT_ACTIVATION_ERROR), and the x86-64 and aarch64 kernels need not round alike.
+FUSED_AGREEMENT = 6e-3
 
 
 def rel_l2(a, b) -> float:
@@ -85,7 +89,8 @@ def check_models(folder: Path) -> bool:
             err = max(rel_l2(y, y0) for y, y0 in zip(outputs, original))
             host_err = max(rel_l2(y, y0) for y, y0 in zip(host, host_original))
             agree = max(rel_l2(y, h) for y, h in zip(outputs, host))
-            good = agree <= HOST_AGREEMENT and err <= 1.5 * host_err + 1e-6
+            fused = f"fused.{mode}" in data.files and bool(data[f"fused.{mode}"])
+            good = agree <= (FUSED_AGREEMENT if fused else HOST_AGREEMENT) and err <= 1.5 * host_err + 1e-6
             ok &= good
             print(f"| {name} | {mode} | {runtime} | {err:.2e} | {host_err:.2e} | {agree:.1e} | {'pass' if good else 'FAIL'} |")
     return ok
