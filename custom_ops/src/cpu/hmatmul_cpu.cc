@@ -326,61 +326,18 @@ class HMatMulCpuKernel {
   Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& X, const Ort::Custom::Tensor<T>& data,
                       const Ort::Custom::Tensor<int64_t>& layout, const Ort::Custom::Tensor<int64_t>& row_perm,
                       const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
-    try {
-      const PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
-      Prepared own;
-      const Prepared* prepared = &own;
-      int64_t batch = 0;
-      std::vector<int64_t> y_shape;
-      if (constant_) {
-        std::string err = CachedPlan(in, &prepared);
-        if (err.empty()) err = ValidateX(in.x_shape, prepared->plan.m, prepared->plan.n, &batch, &y_shape);
-        if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
-      } else {
-        std::string err = ValidatePacked(in, &own.plan);
-        if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
-        batch = own.plan.batch;
-        y_shape = own.plan.y_shape;
-      }
-      T* y = Y.Allocate(y_shape);
-      if (batch == 0) return Ort::Status{nullptr};
-      if (prepared == &own) own.tables = BuildKernelTables(own.plan);
-      dehm::Compute<T>(ctx, prepared->plan, prepared->tables, batch, X.Data(), data.Data(), in.row_perm,
-                       in.col_perm, y);
-      return Ort::Status{nullptr};
-    } catch (const std::bad_alloc&) {
-      return Ort::Status("HMatMul: out of memory for the output or scratch buffer", ORT_FAIL);
-    } catch (const std::exception& e) {
-      return Ort::Status((std::string("HMatMul: ") + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
-    }
+    return RunPackedProduct<T>(
+        constant_, &cache_, [&] { return MakePackedInputs(X, data, layout, row_perm, col_perm); }, ValidatePacked,
+        BuildKernelTables,
+        [&](const PackedInputs& in, const PackedPlan& plan, const KernelTables& tables, int64_t batch, T* y) {
+          dehm::Compute<T>(ctx, plan, tables, batch, X.Data(), data.Data(), in.row_perm, in.col_perm, y);
+        },
+        Y);
   }
 
  private:
-  struct Prepared {
-    PackedPlan plan;
-    KernelTables tables;
-  };
-
-  // The validated plan and tables of the constant inputs, made at the first run whose
-  // inputs pass; read-only afterwards, so runs on other threads share them.
-  std::string CachedPlan(const PackedInputs& in, const Prepared** prepared) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!ready_) {
-      PackedPlan plan;
-      std::string err = ValidatePacked(in, &plan);
-      if (!err.empty()) return err;
-      cached_.tables = BuildKernelTables(plan);
-      cached_.plan = std::move(plan);
-      ready_ = true;
-    }
-    *prepared = &cached_;
-    return "";
-  }
-
   const bool constant_;
-  std::mutex mutex_;
-  bool ready_ = false;
-  Prepared cached_;
+  PlanCache<PackedPlan, KernelTables> cache_;
 };
 
 }  // namespace

@@ -419,59 +419,22 @@ class HMatMulCpuKernelV2 {
   Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& X, const Ort::Custom::Tensor<uint8_t>& data,
                       const Ort::Custom::Tensor<int64_t>& layout, const Ort::Custom::Tensor<int64_t>& row_perm,
                       const Ort::Custom::Tensor<int64_t>& col_perm, Ort::Custom::Tensor<T>& Y) {
-    try {
+    auto make_inputs = [&] {
       PackedInputs in = MakePackedInputs(X, data, layout, row_perm, col_perm);
       in.data_bytes = data.Data();
-      Prepared own;
-      const Prepared* prepared = &own;
-      int64_t batch = 0;
-      std::vector<int64_t> y_shape;
-      std::string err;
-      if (constant_) {
-        err = CachedPlan(in, &prepared);
-        if (err.empty()) err = ValidateX(in.x_shape, prepared->plan.m, prepared->plan.n, &batch, &y_shape);
-      } else {
-        err = ValidatePackedV2(in, &own.plan);
-        batch = own.plan.batch;
-        y_shape = own.plan.y_shape;
-      }
-      if (!err.empty()) return Ort::Status(err.c_str(), ORT_INVALID_ARGUMENT);
-      T* y = Y.Allocate(y_shape);
-      if (batch == 0) return Ort::Status{nullptr};
-      if (prepared == &own) own.tables = BuildTablesV2(own.plan);
-      ComputeV2<T>(ctx, prepared->plan, prepared->tables, batch, X.Data(), data.Data(), in.row_perm, in.col_perm, y);
-      return Ort::Status{nullptr};
-    } catch (const std::bad_alloc&) {
-      return Ort::Status("HMatMul: out of memory for the output or scratch buffer", ORT_FAIL);
-    } catch (const std::exception& e) {
-      return Ort::Status((std::string("HMatMul: ") + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
-    }
+      return in;
+    };
+    return RunPackedProduct<T>(
+        constant_, &cache_, make_inputs, ValidatePackedV2, BuildTablesV2,
+        [&](const PackedInputs& in, const PackedPlanV2& plan, const TablesV2& tables, int64_t batch, T* y) {
+          ComputeV2<T>(ctx, plan, tables, batch, X.Data(), data.Data(), in.row_perm, in.col_perm, y);
+        },
+        Y);
   }
 
  private:
-  struct Prepared {
-    PackedPlanV2 plan;
-    TablesV2 tables;
-  };
-
-  std::string CachedPlan(const PackedInputs& in, const Prepared** prepared) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!ready_) {
-      PackedPlanV2 plan;
-      std::string err = ValidatePackedV2(in, &plan);
-      if (!err.empty()) return err;
-      cached_.tables = BuildTablesV2(plan);
-      cached_.plan = std::move(plan);
-      ready_ = true;
-    }
-    *prepared = &cached_;
-    return "";
-  }
-
   const bool constant_;
-  std::mutex mutex_;
-  bool ready_ = false;
-  Prepared cached_;
+  PlanCache<PackedPlanV2, TablesV2> cache_;
 };
 
 }  // namespace
