@@ -66,14 +66,20 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=No
     original, defects = model_io.load_checked(model_or_path)
     if not config.no_verify:
         _probe_onnxruntime(original, config, _what(model_or_path))
-    original, inlined = _inline_weight_functions(original)
-    optimized, report = rewrite(original, config, progress=progress)
-    optimized, report = _after_rewrite(original, optimized, report, config)
-    report.inlined_functions = inlined
+    optimized, report = _rewrite_proto(original, config, progress)
     model_io.check_model(optimized, "the optimized model", carried=defects)
     report.notes.extend(d.describe() for d in defects)
     report.bytes_before = _size(model_or_path, original)
     report.bytes_after = optimized.ByteSize()
+    return optimized, report
+
+
+def _rewrite_proto(original: onnx.ModelProto, config: OptimizeConfig, progress):
+    """Inline the functions that hold weights, compress, then verify (unless ``no_verify``)."""
+    inlined_model, inlined = _inline_weight_functions(original)
+    optimized, report = rewrite(inlined_model, config, progress=progress)
+    optimized, report = _after_rewrite(inlined_model, optimized, report, config)
+    report.inlined_functions = inlined
     return optimized, report
 
 
@@ -233,10 +239,7 @@ def optimize_file(
             # and onnxruntime maps them all from their files (verify.runner.make_cpu_session).
             original = ir.serde.serialize_model(model)
             _probe_onnxruntime(original, config, _what(input_path))
-            original, inlined = _inline_weight_functions(original)
-            optimized, report = rewrite(original, config, progress=progress)
-            optimized, report = _after_rewrite(original, optimized, report, config)
-            report.inlined_functions = inlined
+            optimized, report = _rewrite_proto(original, config, progress)
         model_io.check_model(optimized, "the optimized model", carried=defects)
         report.notes.extend(d.describe() for d in defects)
         # Tensors still in IN's data files are copied file to file into OUT.data.
