@@ -201,6 +201,13 @@ def _commit() -> str:
     return proc.stdout.strip() or "unknown"
 
 
+def _options(args, case: Case) -> str:
+    """The options of this run that change a model's rows (those the model itself fixes left out)."""
+    precisions = None if case.precisions or not has_precision() else args.precisions
+    given = [("--tols", args.tols), ("--precisions", precisions), ("--emits", args.emits)]
+    return "".join(f" {flag} {' '.join(str(v) for v in values)}" for flag, values in given if values)
+
+
 def run_case(name: str, case: Case, args) -> str:
     """Compare one model; write its JSON, plot and Markdown section; return the section."""
     start = time.perf_counter()
@@ -227,7 +234,7 @@ def run_case(name: str, case: Case, args) -> str:
     seconds = time.perf_counter() - start
     kernels = "\n".join(f"- `{label}`: {text}" for label, text in result.kernels.items())
     section = (
-        f"**{case.title}** (`python benchmarks/bench_pareto.py --models {name}`, commit `{_commit()}`, "
+        f"**{case.title}** (`python benchmarks/bench_pareto.py --models {name}{_options(args, case)}`, commit `{_commit()}`, "
         f"dehm precision option: {'yes' if has_precision() else 'no (float storage)'}; "
         f"`docs/compare/pareto_{name}.json`; {seconds:.0f} s)\n\n{pareto_table(result, extra)}\n\n"
         f"What stock onnxruntime runs for the products (its optimized graph):\n\n{kernels}\n"
