@@ -781,7 +781,9 @@ def compress(
     best = min(candidates, key=lambda c: c.nbytes)
     if not model.float_only:
         # Taken unless the structured plan saves _STRUCTURE_MIN_SAVING of its bytes.
-        uniform = _uniform_dense(w, model, budget2, beat=best.nbytes / (1 - _STRUCTURE_MIN_SAVING))
+        unchanged = w.size * w.dtype.itemsize
+        beat = unchanged if best.blocks is None else min(unchanged, best.nbytes / (1 - _STRUCTURE_MIN_SAVING))
+        uniform = _uniform_dense(w, model, budget2, beat=beat)
         if uniform is not None:
             best = uniform
     if best.blocks is None:

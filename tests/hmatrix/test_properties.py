@@ -7,7 +7,7 @@ never exceed the dense weight's, and the packed layout keeps the values exactly.
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dehm_onnx.hmatrix import compress, pack, unpack
@@ -77,6 +77,9 @@ small_matrices = st.builds(
     scale_dtype=st.sampled_from([None, np.float16, np.float32]),
     permute=st.sampled_from([False, "auto"]),
 )
+# A one-block int8 form one byte larger than the float16 weight itself (found in CI).
+@example(w=_structured("kernel", 9, 9, np.random.default_rng(0)), dtype=np.float16, tol=0.25, precision="int8",
+         group="auto", scale_dtype=None, permute=False)
 def test_certified_bound_holds_for_dequantized_values(w, dtype, tol, precision, group, scale_dtype, permute):
     w = w.astype(dtype)
     hm = compress(w, tol, precision=precision, group=group, scale_dtype=scale_dtype, permute=permute)
