@@ -131,35 +131,7 @@ KernelTables BuildKernelTables(const PackedPlan& plan) {
   std::stable_sort(t.lowrank_by_cost.begin(), t.lowrank_by_cost.end(),
                    [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
 
-  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
-  t.col_chunks = (n + chunk - 1) / chunk;
-  t.chunk_segments.assign(static_cast<size_t>(t.col_chunks) + 1, 0);
-  std::vector<int64_t> meeting, edges;
-  for (int64_t c = 0; c < t.col_chunks; ++c) {
-    const int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
-    meeting.clear();
-    edges.assign({j0, j1});
-    for (size_t bi = 0; bi < plan.blocks.size(); ++bi) {
-      const BlockView& blk = plan.blocks[bi];
-      const bool contributes = blk.kind == BlockKind::kDense || (blk.kind == BlockKind::kLowRank && blk.rank > 0);
-      if (!contributes || blk.c1 <= j0 || blk.c0 >= j1) continue;
-      meeting.push_back(static_cast<int64_t>(bi));
-      edges.push_back(std::max(blk.c0, j0));
-      edges.push_back(std::min(blk.c1, j1));
-    }
-    std::sort(edges.begin(), edges.end());
-    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
-    for (size_t e = 0; e + 1 < edges.size(); ++e) {
-      KernelTables::Segment seg{edges[e], edges[e + 1], static_cast<int64_t>(t.seg_blocks.size()), 0};
-      for (int64_t bi : meeting) {
-        const BlockView& blk = plan.blocks[static_cast<size_t>(bi)];
-        if (blk.c0 <= seg.j0 && blk.c1 >= seg.j1) t.seg_blocks.push_back(bi);
-      }
-      seg.end = static_cast<int64_t>(t.seg_blocks.size());
-      t.segments.push_back(seg);
-    }
-    t.chunk_segments[static_cast<size_t>(c) + 1] = static_cast<int64_t>(t.segments.size());
-  }
+  BuildColumnSegments(plan.blocks, n, &t.col_chunks, &t.chunk_segments, &t.segments, &t.seg_blocks);
   return t;
 }
 

@@ -156,36 +156,7 @@ TablesV2 BuildTablesV2(const PackedPlanV2& plan) {
     return (term.r1 - term.r0) * term.rank;
   };
   std::stable_sort(t.lowrank.begin(), t.lowrank.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
-  const int64_t n = plan.n;
-  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
-  t.col_chunks = (n + chunk - 1) / chunk;
-  t.chunk_segments.assign(static_cast<size_t>(t.col_chunks) + 1, 0);
-  std::vector<int64_t> meeting, edges;
-  for (int64_t c = 0; c < t.col_chunks; ++c) {
-    const int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
-    meeting.clear();
-    edges.assign({j0, j1});
-    for (size_t i = 0; i < plan.terms.size(); ++i) {
-      const TermView& term = plan.terms[i];
-      const bool contributes = term.kind == BlockKind::kDense || term.rank > 0;
-      if (!contributes || term.c1 <= j0 || term.c0 >= j1) continue;
-      meeting.push_back(static_cast<int64_t>(i));
-      edges.push_back(std::max(term.c0, j0));
-      edges.push_back(std::min(term.c1, j1));
-    }
-    std::sort(edges.begin(), edges.end());
-    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
-    for (size_t e = 0; e + 1 < edges.size(); ++e) {
-      TablesV2::Segment seg{edges[e], edges[e + 1], static_cast<int64_t>(t.seg_terms.size()), 0};
-      for (int64_t i : meeting) {
-        const TermView& term = plan.terms[static_cast<size_t>(i)];
-        if (term.c0 <= seg.j0 && term.c1 >= seg.j1) t.seg_terms.push_back(i);
-      }
-      seg.end = static_cast<int64_t>(t.seg_terms.size());
-      t.segments.push_back(seg);
-    }
-    t.chunk_segments[static_cast<size_t>(c) + 1] = static_cast<int64_t>(t.segments.size());
-  }
+  BuildColumnSegments(plan.terms, plan.n, &t.col_chunks, &t.chunk_segments, &t.segments, &t.seg_terms);
   return t;
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/ort_api.h"
+#include "dehm/layout.h"
 #include "dehm/packed.h"
 #include "gemm.h"
 #include "onnxruntime_cxx_api.h"
@@ -57,6 +58,45 @@ struct Storage<Ort::Float16_t> {
   static float ToFloat(Ort::Float16_t v) { return HalfToFloat(*reinterpret_cast<const uint16_t*>(&v)); }
   static Ort::Float16_t FromFloat(float v) { return Ort::Float16_t(v); }
 };
+
+// Column segments of the output, chunk by chunk: the distinct column ranges within each chunk of
+// ``n`` over which the same dense and low-rank (rank > 0) items contribute, with those items
+// listed per segment in ``members``. Item is BlockView (layout 1) or TermView (layout 2);
+// Segment has the fields j0, j1, begin, end.
+template <typename Item, typename Segment>
+void BuildColumnSegments(const std::vector<Item>& items, int64_t n, int64_t* col_chunks,
+                         std::vector<int64_t>* chunk_segments, std::vector<Segment>* segments,
+                         std::vector<int64_t>* members) {
+  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, ((n + 15) / 16 + 15) / 16 * 16));
+  *col_chunks = (n + chunk - 1) / chunk;
+  chunk_segments->assign(static_cast<size_t>(*col_chunks) + 1, 0);
+  std::vector<int64_t> meeting, edges;
+  for (int64_t c = 0; c < *col_chunks; ++c) {
+    const int64_t j0 = c * chunk, j1 = std::min(n, j0 + chunk);
+    meeting.clear();
+    edges.assign({j0, j1});
+    for (size_t i = 0; i < items.size(); ++i) {
+      const Item& item = items[i];
+      const bool contributes = item.kind == BlockKind::kDense || (item.kind == BlockKind::kLowRank && item.rank > 0);
+      if (!contributes || item.c1 <= j0 || item.c0 >= j1) continue;
+      meeting.push_back(static_cast<int64_t>(i));
+      edges.push_back(std::max(item.c0, j0));
+      edges.push_back(std::min(item.c1, j1));
+    }
+    std::sort(edges.begin(), edges.end());
+    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
+    for (size_t e = 0; e + 1 < edges.size(); ++e) {
+      Segment seg{edges[e], edges[e + 1], static_cast<int64_t>(members->size()), 0};
+      for (int64_t i : meeting) {
+        const Item& item = items[static_cast<size_t>(i)];
+        if (item.c0 <= seg.j0 && item.c1 >= seg.j1) members->push_back(i);
+      }
+      seg.end = static_cast<int64_t>(members->size());
+      segments->push_back(seg);
+    }
+    (*chunk_segments)[static_cast<size_t>(c) + 1] = static_cast<int64_t>(segments->size());
+  }
+}
 
 // A node's validated plan and tables, kept when its packed inputs are constant initializers:
 // made at the first run whose inputs pass, read-only afterwards (runs on other threads share
