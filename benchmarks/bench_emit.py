@@ -4,7 +4,7 @@
                                           [--threads 2]
                                           [--blocks 7] [--runs 20]
     python benchmarks/bench_emit.py bytes [--size 1024] [--tols 1e-2 0.1]
-    python benchmarks/bench_emit.py modes
+    python benchmarks/bench_emit.py modes [--asr]
 
 ``speed``: the log kernel of ``bench_kernel.log_kernel`` as one MatMul, optimized by
 ``dehm_onnx.optimize`` (``--emit``, default precision, no verification) and timed against the
@@ -17,8 +17,10 @@ tol (default precision and emission), and the whole serialized file's bytes agai
 original file's.
 
 ``modes``: the demo model (``models/make_demo.py``) and a two-user shared-weight model,
-optimized at the default tol in every emit mode (no verification): whole-file bytes, and
-each over the smallest.
+optimized at the default tol in every emit mode (no verification), and the default emission
+with ``--precision fp16``: whole-file bytes, and each over the smallest. ``--asr`` adds the
+onnx-asr 0.12.0 whisper128, nemo128 and kaldi preprocessors at ``max_model_error=1e-3``
+(verified end to end on generated inputs, as ``optimize`` does by default).
 """
 
 from __future__ import annotations
@@ -131,14 +133,27 @@ def modes(args) -> None:
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root / "models"), str(root)]
     import make_demo
 
-    for name, model in (("demo", make_demo.build()), ("shared 512^2 kernel", shared_weight_model())):
+    cases = [("demo", make_demo.build(), {"no_verify": True}), ("shared 512^2 kernel", shared_weight_model(), {"no_verify": True})]
+    if args.asr:
+        from models.fetch import fetch_wheel_member
+
+        for name in ("whisper128", "nemo128", "kaldi"):
+            path = fetch_wheel_member("onnx-asr", "0.12.0", f"onnx_asr/preprocessors/data/{name}.onnx")
+            cases.append((name, onnx.load(path), {"max_model_error": 1e-3}))
+    for name, model, options in cases:
         sizes = {}
-        for emit in ("auto", "ops", "function", "custom"):
-            out, _ = dehm_onnx.optimize(model, emit=emit, no_verify=True)
-            sizes[emit] = len(out.SerializeToString())
+        for label, emit, precision in (("auto", "auto", "auto"), ("auto fp16", "auto", "fp16"), ("ops", "ops", "auto"),
+                                       ("function", "function", "auto"), ("custom", "custom", "auto")):
+            try:
+                out, _ = dehm_onnx.optimize(model, emit=emit, precision=precision, **options)
+            except ValueError as e:  # a mode that refuses this precision
+                print(f"{name}: {label}: {e}")
+                continue
+            sizes[label] = len(out.SerializeToString())
         smallest = min(sizes.values())
         cells = ", ".join(f"{emit} {size} ({size / smallest:.3f})" for emit, size in sizes.items())
         print(f"{name}: original {len(model.SerializeToString())} bytes; {cells}")
@@ -162,6 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--tols", type=float, nargs="+", default=[1e-2, 0.1])
     p.set_defaults(func=file_bytes)
     p = sub.add_parser("modes")
+    p.add_argument("--asr", action="store_true", help="add the onnx-asr preprocessors (verified, slower)")
     p.set_defaults(func=modes)
     args = parser.parse_args(argv)
     args.func(args)

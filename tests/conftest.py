@@ -139,6 +139,24 @@ def extract_nodes(model: onnx.ModelProto, nodes, output: str, dtype=np.float32) 
     return sub
 
 
+def _layer_nodes(model: onnx.ModelProto, output: str, inputs: set) -> list:
+    """The nodes (in graph order) computing ``output`` from the tensors named ``inputs``,
+    constants and graph inputs: one compressed layer of an optimized model."""
+    for graph in _graphs(model.graph):
+        producers = {o: n for n in graph.node for o in n.output}
+        if output not in producers:
+            continue
+        found, stack = set(), [output]
+        while stack:
+            name = stack.pop()
+            if name in inputs or name not in producers or id(producers[name]) in found:
+                continue
+            found.add(id(producers[name]))
+            stack.extend(producers[name].input)
+        return [n for n in graph.node if id(n) in found]
+    raise AssertionError(f"no node computes {output!r}")
+
+
 def assert_layers_within_bound(original: onnx.ModelProto, optimized: onnx.ModelProto, report, rng, batch: int = 3):
     """Run every compressed layer of ``optimized`` alone in onnxruntime on random inputs and
     check its error against the certified weight bound (any graph, main or subgraph).
@@ -149,19 +167,15 @@ def assert_layers_within_bound(original: onnx.ModelProto, optimized: onnx.ModelP
 
     cands = {c.output: c for c in scan(original).candidates}
     originals = {n.output[0]: n for g in _graphs(original.graph) for n in g.node if n.output}
-    emitted: dict[str, list] = {}
-    for graph in _graphs(optimized.graph):
-        for node in graph.node:
-            source = {p.key: p.value for p in node.metadata_props}.get("dehm.source_node")
-            if source is not None:
-                emitted.setdefault(source, []).append(node)
     measured = {}
+    emitted: dict[str, list] = {}
     for record in report.compressed:
         cand = cands[record.output]
+        emitted[record.name] = _layer_nodes(optimized, record.output, {cand.x_name, cand.c_name})
         w = cand.weight
         dtype = w.dtype
         x_eff = rng.standard_normal((batch, w.shape[0])).astype(dtype)
-        if any(n.op_type == "Relu" and n.name.endswith("/clamp") for n in emitted[record.name]):
+        if any(n.op_type == "Relu" for n in emitted[record.name]):  # the clamp (emissions have no other Relu)
             x_eff = np.abs(x_eff)  # a clamped layer's input is provably nonnegative in its model
         x_feed = x_eff.T if cand.trans_x else x_eff
         feeds = {cand.x_name: np.ascontiguousarray(x_feed)}

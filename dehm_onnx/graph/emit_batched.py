@@ -55,7 +55,10 @@ class _PlanEmitter:
         if id(t) not in self._tensors:
             # Below opset 21 int4 values are written as int8 (the same integers, twice the bytes).
             int4 = t.storage == Storage.INT4 and self.opset >= INT4_OPSET
-            self._tensors[id(t)] = self.b.stored(t.name, t.values, int4=int4)
+            if t.role == "index":
+                self._tensors[id(t)] = self.b.index(t.name, t.values)
+            else:
+                self._tensors[id(t)] = self.b.stored(t.name, t.values, int4=int4)
         return self._tensors[id(t)]
 
     def part(self, p: Part, stem: str) -> ir.Value:

@@ -44,7 +44,7 @@ import onnx_ir as ir
 
 from ..hmatrix import BlockKind, Storage, StoredArray
 from ..hmatrix.storage import group_count
-from .emit_plan import Term, terms_of
+from .emit_plan import INDEX_DTYPE, Term, narrow_index_dtype, terms_of
 
 __all__ = [
     "Emission",
@@ -137,6 +137,17 @@ class _Builder:
         self.initializers.append(value)
         self.inputs.append(value)
         return value
+
+    def index(self, stem: str, values: np.ndarray) -> ir.Value:
+        """Gather indices as int32, stored in the narrowest unsigned type that holds them and
+        widened by a ``Cast`` that onnxruntime folds when the session is created (on small
+        layers the indices are a large part of the file)."""
+        values = np.asarray(values)
+        narrow = narrow_index_dtype(values)
+        if narrow == INDEX_DTYPE:
+            return self.stored(stem, values.astype(INDEX_DTYPE))
+        stored = self.stored(f"{stem}_n", values.astype(narrow))
+        return self.node("Cast", [stored], stem, to=ir.DataType.INT32)
 
     def ints(self, values: list[int] | np.ndarray) -> ir.Value:
         """A small int64 constant (shapes, axes), made once per value."""
@@ -277,14 +288,14 @@ class _BlocksEmitter:
     def run(self) -> ir.Value:
         m, n = self.hm.shape
         if self.hm.row_perm is not None:
-            self.x = self.b.node("Gather", [self.x, self.b.ints(self.hm.row_perm)], "row_perm", axis=-1)
+            self.x = self.b.node("Gather", [self.x, self.b.index("row_idx", self.hm.row_perm)], "row_perm", axis=-1)
             self.record(nodes=1, gathered=m, copies=m)
         pieces = [_Piece(t, t.c0, t.c1) for t in terms_of(self.hm)]
         y = self.assemble(0, n, pieces)
         if self.hm.col_perm is not None:
             inverse = np.empty(n, dtype=np.int64)
             inverse[self.hm.col_perm] = np.arange(n)
-            y = self.b.node("Gather", [y, self.b.ints(inverse)], "col_perm", axis=-1)
+            y = self.b.node("Gather", [y, self.b.index("col_idx", inverse)], "col_perm", axis=-1)
             self.record(nodes=1, gathered=n, copies=n)
         return y
 

@@ -68,10 +68,24 @@ __all__ = [
     "BatchedBuilder",
     "run_plan",
     "INDEX_DTYPE",
+    "narrow_index_dtype",
 ]
 
 # Gather indices are stored as int32 (half the bytes of int64; onnxruntime takes both).
 INDEX_DTYPE = np.dtype(np.int32)
+# Index arrays at least this long are stored narrower (uint8/uint16) and widened by a Cast
+# folded at load: below it the Cast node costs more bytes than it saves.
+NARROW_INDEX_MIN = 16
+
+
+def narrow_index_dtype(values: np.ndarray) -> np.dtype:
+    """The dtype gather indices ``values`` are stored in: uint8 or uint16 when they fit and
+    there are at least ``NARROW_INDEX_MIN`` of them, else ``INDEX_DTYPE``."""
+    values = np.asarray(values)
+    if values.size < NARROW_INDEX_MIN or values.min() < 0:
+        return INDEX_DTYPE
+    top = int(values.max())
+    return np.dtype(np.uint8) if top <= 0xFF else np.dtype(np.uint16) if top <= 0xFFFF else INDEX_DTYPE
 _CLASS_ORDER = (Storage.FLOAT, Storage.FP16, Storage.INT8, Storage.INT4)
 
 
@@ -151,6 +165,8 @@ class Tensor:
     def nbytes(self) -> int:
         if self.storage == Storage.INT4:
             return (self.values.size + 1) // 2
+        if self.role == "index":
+            return self.values.size * narrow_index_dtype(self.values).itemsize
         return int(self.values.nbytes)
 
 

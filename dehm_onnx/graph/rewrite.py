@@ -53,6 +53,7 @@ from .emit import EMITTERS, Emission, EmitContext
 from .emit_function import fit_function_to_model
 from .emit_ops import initializer
 from .inline import inline_weight_functions
+from .names import compact_function_names, compact_names
 from .nonneg import nonnegative_values
 from .cost import INITIALIZER_BYTES
 from .opset import INT_OPSET, upgrade_opset
@@ -157,6 +158,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         """Rewrite ``model`` in place; return it with the report."""
         self._written = []
         self._notes = []
+        self._prefixes = []
         selection = select_candidates(model, self.config)
         compressed = self._compress_groups(selection)
         selection, compressed = self._opset_for_integers(model, selection, compressed)
@@ -191,11 +193,12 @@ class CompressWeightsPass(ir.passes.InPlacePass):
             if first is not None and first[0] is not None:
                 emission, local = first
                 factors = emission.initializers
-                emitted[cand.share_key] = (None, emission.initializers)
+                emitted[cand.share_key] = (None, emission.initializers, emission.functions)
                 stored_bytes = _emitted_bytes(emission)
             else:
                 emission, local = self._emit(cand, hm, tol, names)
                 _reuse_initializers(emission, first[1])
+                emission = _reuse_functions(emission, first[2])
                 factors, stored_bytes = [], 0
             _splice(model, cand, emission, factors, local)
             self._written += list(factors) + list(local)
@@ -252,10 +255,11 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         layer's ``dehm.layers`` metadata entry against the stored tensor, the constants its
         source chain reads and the node replaced (and at most ``max_ratio`` of them). The
         nodes and entry are counted once per user of a shared weight (``users``, with
-        ``cand``), the tensors once."""
-        per_user = _protobuf_bytes(emission.nodes, emission.functions)
+        ``cand``), the tensors and functions once."""
+        per_user = _protobuf_bytes(emission.nodes, [])
         per_user += len(json.dumps(self._compressed_record(cand, hm, tol, emission, 0).metadata_entry()))
         after = _emitted_bytes(emission) + sum(_initializer_header_bytes(v) for v in emission.initializers)
+        after += _protobuf_bytes([], emission.functions)
         after += max(len(users), 1) * (per_user + MODEL_METADATA_BYTES)
         before = _source_bytes(cand) + INITIALIZER_BYTES + _protobuf_bytes([u.node for u in users] or [cand.node], [])
         return check_gain(after, before, self._tol(cand), self.config.max_ratio)
@@ -297,7 +301,8 @@ class CompressWeightsPass(ir.passes.InPlacePass):
     def _emit(self, cand: Candidate, hm, tol: float, names: set[str]) -> tuple[Emission, list[ir.Value]]:
         """Nodes replacing ``cand``: optional transpose of X, the emitter's ``x @ W_H``, then
         transpose / alpha / bias steps; returns the emission and the Gemm scalars."""
-        prefix = _unique_prefix(f"{cand.weight_name}.hm", names)
+        prefix = _unique_prefix(f"hm{len(self._prefixes)}", names)
+        self._prefixes.append(prefix)
         dtype = cand.source.dtype
         pre = _pre_nodes(cand, prefix)
         x = pre[-1].outputs[0] if pre else cand.x
@@ -313,6 +318,9 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         fused = context.fuse_int and any(a.storage.is_int for b in hm.blocks for a in b.storage)
         post, local = _post_nodes(cand, emission.output, prefix, dtype, clamp=self._clamps(cand), bias_op="Sum" if fused else "Add")
         nodes = pre + list(emission.nodes) + post
+        compact_names(nodes, [*emission.initializers, *local], prefix)
+        for function in emission.functions:
+            compact_function_names(function)
         _tag(nodes, cand, hm, tol)
         output = post[-1].outputs[0] if post else emission.output
         return dataclasses.replace(emission, nodes=nodes, output=output), local
@@ -590,13 +598,18 @@ def _skip_shared(group: _Group, skips: dict[int, Skip]) -> None:
 
 
 def _tag(nodes: list[ir.Node], cand: Candidate, hm, tol: float) -> None:
-    """Provenance: which node every new node replaces; the layer's last node also carries the
-    bound (its other nodes do not repeat it: on small layers the repeats cost more bytes than
-    the weights)."""
+    """Provenance: which node the new products (``MatMul``, ``Gemm``, ``HMatMul``: so that they
+    are never candidates) and the layer's last node replace; the last node also carries the
+    bound. Other nodes are not tagged: on small layers the tags cost more bytes than the
+    weights."""
     for node in nodes:
-        node.metadata_props["dehm.source_node"] = cand.name
+        if node.op_type in _PRODUCT_OPS or node is nodes[-1]:
+            node.metadata_props["dehm.source_node"] = cand.name
     nodes[-1].metadata_props["dehm.tol"] = repr(float(tol))
     nodes[-1].metadata_props["dehm.rel_certified_error"] = repr(float(hm.rel_certified_error))
+
+
+_PRODUCT_OPS = ("MatMul", "Gemm", "HMatMul")
 
 
 def _all_names(model: ir.Model) -> set[str]:
@@ -625,6 +638,18 @@ def _reuse_initializers(emission: Emission, shared: list[ir.Value]) -> None:
     assert len(emission.initializers) == len(shared), "Bug: emitters must be deterministic for shared weights"
     for new, old in zip(emission.initializers, shared):
         ir.convenience.replace_all_uses_with(new, old)
+
+
+def _reuse_functions(emission: Emission, shared: list[ir.Function]) -> Emission:
+    """Point ``emission``'s nodes at the function overloads of the first emission of the same
+    weight, so that a shared weight's function body is stored once."""
+    assert len(emission.functions) == len(shared), "Bug: emitters must be deterministic for shared weights"
+    overloads = {(f.domain, f.name, f.overload): old.overload for f, old in zip(emission.functions, shared)}
+    for node in emission.nodes:
+        key = (node.domain, node.op_type, node.overload)
+        if key in overloads:
+            node.overload = overloads[key]
+    return dataclasses.replace(emission, functions=[])
 
 
 def _splice(model: ir.Model, cand: Candidate, emission: Emission, factors: list[ir.Value], local: list[ir.Value]) -> None:

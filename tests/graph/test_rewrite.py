@@ -219,6 +219,39 @@ def test_rewrite_shared_weight_compressed_once(rng):
     assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < WIRING_RTOL
 
 
+def test_rewrite_shared_weight_function_body_stored_once(rng):
+    w = low_rank(rng, 128, 128)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="second"),
+    ]
+    model = make_model(nodes, [("x", np.float32, ["B", 128])], [("y", np.float32, ["B", 128])], [("w", w)])
+    out, report = optimize(model, emit="function", no_verify=True)
+    assert [r.emit for r in report.layers] == ["function", "function"]
+    calls = [n for n in out.graph.node if n.op_type == "HMatMul"]
+    assert len(calls) == 2 and calls[0].overload == calls[1].overload
+    assert [f.overload for f in out.functions if f.name == "HMatMul"] == [calls[0].overload]
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    assert rel_fro(run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]) < WIRING_RTOL
+
+
+def test_rewrite_names_are_short_and_products_carry_provenance(rng):
+    """Emitted names cost file bytes on small layers: they are ``hm<layer>/<base 36>``; every
+    emitted product is tagged (so that it is never a candidate) and so is each layer's last node."""
+    model = _mlp(rng)
+    before = {v.name for v in model.graph.value_info} | {t.name for t in model.graph.initializer} | {"x", "h", "r", "y"}
+    out, report = optimize(model, emit="ops", no_verify=True)
+    new = [t.name for t in out.graph.initializer] + [o for n in out.graph.node for o in n.output]
+    new = [name for name in new if name not in before]
+    assert new and all(name.split("/")[0] in ("hm0", "hm1") and len(name.split("/")[1]) <= 2 for name in new)
+    products = [n for n in out.graph.node if n.op_type == "MatMul"]
+    assert products and all(is_emitted(n) for n in products)
+    tags = {n.output[0]: {p.key: p.value for p in n.metadata_props} for n in out.graph.node if is_emitted(n)}
+    assert tags["h"]["dehm.source_node"] == "fc1" and tags["y"]["dehm.source_node"] == "fc2"
+    again, second = optimize(out, emit="ops", no_verify=True)
+    assert not second.compressed and again.SerializeToString() == out.SerializeToString()
+
+
 def test_rewrite_weight_shared_with_other_op_is_skipped(rng):
     w = low_rank(rng, 128, 128)
     nodes = [

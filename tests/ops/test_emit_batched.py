@@ -101,3 +101,28 @@ def test_cost_model_trades_a_few_bytes_for_much_speed_only():
     assert choose([slow, too_big], dense) is slow
     merely_faster = Candidate("batched", None, int(1000 * (1 + SPEED_BYTE_SLACK)), Cost(nodes=300, macs=1e5))
     assert choose([slow, merely_faster], dense) is slow
+
+
+def test_gather_indices_are_stored_narrow_and_widened_at_load(log_kernels, tmp_path):
+    """Index arrays of 16 or more entries are stored as uint8/uint16 behind a ``Cast`` that
+    onnxruntime folds when the session is created: the file is smaller, the graph it runs has
+    no such ``Cast`` left, and the product is unchanged."""
+    import onnx
+
+    hm = log_kernels[512]
+    context = EmitContext(x_rank=2, opset=21, family="batched")
+    model = emitted_layer(hm, "ops", ["d0", 512], np.float32, "w.hm", 21, context)
+    inits = {t.name: t for t in model.graph.initializer}
+    widened = [n for n in model.graph.node if n.op_type == "Cast" and inits.get(n.input[0]) is not None
+               and inits[n.input[0]].data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.UINT16)]
+    assert widened, "a 512-row batched layer gathers rows with long index arrays"
+    assert all(int(np.prod(inits[n.input[0]].dims)) >= 16 for n in widened)
+    assert not [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT32 and np.prod(t.dims) >= 16
+                and onnx.numpy_helper.to_array(t).min() >= 0 and onnx.numpy_helper.to_array(t).max() < 65536]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    folded = onnx.load(tmp_path / "session.onnx")
+    assert not [n for n in folded.graph.node if n.op_type == "Cast"]
+    x = np.random.default_rng(2).standard_normal((5, 512)).astype(np.float32)
+    assert_matches(Case("log512", hm, x), session.run(None, {"X": x})[0])

@@ -227,7 +227,7 @@ def test_verify_cli_catches_tampering_in_a_model_written_by_optimize(tmp_path, c
     orig = mlp([graded_matrix(rng, 96, 96, 0.8), graded_matrix(rng, 96, 64, 0.8)])
     opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, emit="subgraph")
     assert [r.name for r in report.compressed] == ["fc0", "fc1"]
-    factors = [t for t in opt.graph.initializer if t.name.startswith("W1.") and t.data_type == onnx.TensorProto.FLOAT]
+    factors = [t for t in opt.graph.initializer if t.name.startswith("hm1/") and t.data_type == onnx.TensorProto.FLOAT]  # layer fc1 (the second) is hm1
     largest = max(factors, key=lambda t: np.prod(t.dims))
     paths = {name: tmp_path / f"{name}.onnx" for name in ("orig", "opt", "bad")}
     onnx.save(orig, paths["orig"])
