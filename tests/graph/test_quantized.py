@@ -224,3 +224,23 @@ def test_shared_weight_never_grows_the_file(emit, size, tol):
     model = make_model(nodes, [("x", np.float32, ["B", size])], [("y", np.float32, ["B", size])], [("w", w)])
     _, report = dehm_onnx.optimize(model, emit=emit, tol=tol, min_size=8, no_verify=True)
     assert report.bytes_after <= report.bytes_before, report.to_table()
+
+
+def test_small_layers_keep_the_precision_whose_emission_is_smaller(monkeypatch):
+    """On small weights the pass also compresses in float16 only and keeps whichever standard-op
+    emission takes fewer bytes: the default file is no larger than either form alone."""
+    from dehm_onnx.graph import rewrite
+    from models import make_demo
+
+    model = make_demo.build()
+
+    def file_bytes(**options) -> int:
+        out, report = dehm_onnx.optimize(model, no_verify=True, **options)
+        assert all(r.compressed for r in report.layers)
+        return len(out.SerializeToString())
+
+    default = file_bytes()
+    fp16 = file_bytes(precision="fp16")
+    monkeypatch.setattr(rewrite, "SMALL_WEIGHT_ELEMENTS", 0)  # the engine's mixed precision alone
+    mixed = file_bytes()
+    assert default <= min(fp16, mixed) and default < max(fp16, mixed), (default, fp16, mixed)
