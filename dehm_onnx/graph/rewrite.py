@@ -286,7 +286,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
                     tasks.append(dataclasses.replace(tasks[-1], precision="fp16"))
                     owners.append((live, key, tol, users[0]))
         if self.progress is not None:
-            self.progress.start(len(tasks))
+            self.progress.start(sum(alternative is None for *_, alternative in owners))
         results = self.compressor(tasks, getattr(self.config, "jobs", 1), self._on_done)
         out: dict[tuple, tuple] = {}
         for (live, key, tol, alternative_for), result in zip(owners, results):
@@ -333,7 +333,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         return chosen
 
     def _on_done(self, task, result) -> None:
-        if self.progress is not None:
+        if self.progress is not None and task.precision == self.config.engine_precision:  # not a float16 alternative
             params = result.hm.params if result.hm is not None else result.dense_params
             self.progress.layer(task.name, int(params), int(result.dense_params))
 
