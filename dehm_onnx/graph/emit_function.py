@@ -20,16 +20,27 @@ constants when the session is created. Index constants become ``Constant`` nodes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
-from ..hmatrix import BlockKind, pack
+from ..hmatrix import Block, BlockKind, StoredArray, pack
+from ..hmatrix.pack import ArrayLocation, array_locations, unpack
 from ..ops import hmatmul
+from .decode import decode_call, decode_spec, decoder_functions, decoder_name
 from .emit_ops import Emission, emit_ops, initializer
 
-__all__ = ["emit_function", "fit_function_to_model", "FUNCTION_OPSET", "SUPPORTED_DTYPES", "FUNCTION_IR_VERSION"]
+__all__ = [
+    "emit_function",
+    "fit_function_to_model",
+    "packed_inputs",
+    "packed_inputs_v2",
+    "FUNCTION_OPSET",
+    "SUPPORTED_DTYPES",
+    "FUNCTION_IR_VERSION",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +60,13 @@ def packed_inputs(hm, prefix: str, dtype) -> list[ir.Value]:
     return [initializer(f"{prefix}.{field}", a) for a, field in zip(arrays, hmatmul.INPUTS[1:])]
 
 
+def packed_inputs_v2(hm, prefix: str) -> list[ir.Value]:
+    """The four layout-v2 initializers of ``hm`` (``data`` uint8), named as ``packed_inputs`` names them."""
+    packed = pack(hm, version=2)
+    arrays = (packed.data, packed.layout, packed.row_perm, packed.col_perm)
+    return [initializer(f"{prefix}.{field}", a) for a, field in zip(arrays, hmatmul.INPUTS[1:])]
+
+
 def hmatmul_node(x: ir.Value, prefix: str, packed: list[ir.Value], overload: str = "") -> ir.Node:
     """The layer's ``HMatMul`` node (contract: ``dehm_onnx.ops.hmatmul``)."""
     name = f"{prefix}/hmatmul"
@@ -59,35 +77,42 @@ def hmatmul_node(x: ir.Value, prefix: str, packed: list[ir.Value], overload: str
 
 
 class _FactorIndex:
-    """Finds a stacked factor matrix as a run of contiguous ranges of the packed ``data``."""
+    """Finds a stacked factor matrix as a run of stored factors (each from a ``source``)."""
 
-    def __init__(self, hm, dtype):
+    def __init__(self):
+        self.by_first_row: dict[tuple[int, bytes], list[tuple[object, np.ndarray]]] = {}
+
+    @classmethod
+    def packed_v1(cls, hm, dtype) -> "_FactorIndex":
+        """The factors of ``pack(hm)``, each found by its offset in ``data``."""
+        index = cls()
         packed = pack(hm)
-        self.by_first_row: dict[tuple[int, bytes], list[tuple[int, np.ndarray]]] = {}
         for kind, r0, r1, c0, c1, rank, off in packed.layout.tolist():
             rows, cols = r1 - r0, c1 - c0
             if kind == BlockKind.DENSE:
-                self._add(off, packed.data[off : off + rows * cols].reshape(rows, cols), dtype)
+                index.add(off, packed.data[off : off + rows * cols].reshape(rows, cols).astype(dtype))
             elif kind == BlockKind.LOWRANK and rank > 0:
-                self._add(off, packed.data[off : off + rows * rank].reshape(rows, rank), dtype)
+                index.add(off, packed.data[off : off + rows * rank].reshape(rows, rank).astype(dtype))
                 vt_off = off + rows * rank
-                self._add(vt_off, packed.data[vt_off : vt_off + rank * cols].reshape(rank, cols), dtype)
+                index.add(vt_off, packed.data[vt_off : vt_off + rank * cols].reshape(rank, cols).astype(dtype))
+        return index
 
-    def _add(self, offset: int, factor: np.ndarray, dtype) -> None:
-        factor = factor.astype(dtype)
-        key = (factor.shape[1], factor[0].tobytes())
-        self.by_first_row.setdefault(key, []).append((offset, factor))
+    def add(self, source, factor: np.ndarray) -> None:
+        """Index ``factor`` (2-D, in the activation dtype), read from ``source``."""
+        if factor.size:
+            key = (factor.shape[1], factor[0].tobytes())
+            self.by_first_row.setdefault(key, []).append((source, factor))
 
     def pieces(self, array: np.ndarray):
-        """``[(offset, shape), ...]`` whose row-stacking equals ``array`` exactly, or None."""
+        """``[(source, shape), ...]`` whose row-stacking equals ``array`` exactly, or None."""
         if array.ndim != 2 or array.shape[0] == 0:
             return None
         out, pos = [], 0
         while pos < array.shape[0]:
-            for offset, factor in self.by_first_row.get((array.shape[1], array[pos].tobytes()), []):
+            for source, factor in self.by_first_row.get((array.shape[1], array[pos].tobytes()), []):
                 end = pos + factor.shape[0]
                 if end <= array.shape[0] and np.array_equal(array[pos:end], factor):
-                    out.append((offset, factor.shape))
+                    out.append((source, factor.shape))
                     pos = end
                     break
             else:
@@ -96,7 +121,8 @@ class _FactorIndex:
 
 
 class _BodyBuilder:
-    """Makes the ops emission's initializers the outputs of function-body nodes."""
+    """Makes the ops emission's initializers the outputs of function-body nodes (layout v1:
+    each factor is ``Reshape(Slice(data, offset, offset + size))``)."""
 
     def __init__(self, index: _FactorIndex, data: ir.Value):
         self.index = index
@@ -111,6 +137,15 @@ class _BodyBuilder:
         self.nodes.append(ir.node("Constant", [], {"value": tensor}, outputs=[out], name=""))
         return out
 
+    def source(self, offset: int, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
+        """The factor of ``shape`` at ``offset`` of ``data``, written into ``out``."""
+        start = self.const(f"{stem}/start", np.array([offset], np.int64))
+        end = self.const(f"{stem}/end", np.array([offset + shape[0] * shape[1]], np.int64))
+        dims = self.const(f"{stem}/shape", np.array(shape, np.int64))
+        flat = ir.node("Slice", [self.data, start, end], outputs=[ir.Value(name=f"{stem}/flat")], name="")
+        self.nodes += [flat, ir.node("Reshape", [flat.outputs[0], dims], outputs=[out], name="")]
+        return out
+
     def factor(self, value: ir.Value, array: np.ndarray) -> None:
         pieces = self.index.pieces(array)
         if pieces is None:
@@ -119,27 +154,80 @@ class _BodyBuilder:
             self.const(value, array)
             return
         parts = []
-        for i, (offset, shape) in enumerate(pieces):
-            size = shape[0] * shape[1]
+        for i, (source, shape) in enumerate(pieces):
             stem = value.name if len(pieces) == 1 else f"{value.name}/part{i}"
-            start = self.const(f"{stem}/start", np.array([offset], np.int64))
-            end = self.const(f"{stem}/end", np.array([offset + size], np.int64))
-            dims = self.const(f"{stem}/shape", np.array(shape, np.int64))
-            flat = ir.node("Slice", [self.data, start, end], outputs=[ir.Value(name=f"{stem}/flat")], name="")
             out = value if len(pieces) == 1 else ir.Value(name=stem)
-            self.nodes += [flat, ir.node("Reshape", [flat.outputs[0], dims], outputs=[out], name="")]
-            parts.append(out)
+            parts.append(self.source(source, shape, stem, out))
         if len(parts) > 1:
             self.nodes.append(ir.node("Concat", parts, {"axis": 0}, outputs=[value], name=""))
+        elif parts[0] is not value:
+            ir.convenience.replace_all_uses_with(value, parts[0])
+
+
+class _DecodingBodyBuilder(_BodyBuilder):
+    """Layout v2: each stored array is decoded once from the bytes of ``data`` by a call to its
+    ``ai.dehm.Decode*`` function (``decode.py``), then cast to the activation dtype."""
+
+    def __init__(self, index: _FactorIndex, data: ir.Value, dtype):
+        super().__init__(index, data)
+        self.dtype = np.dtype(dtype)
+        self.decoded: dict[ArrayLocation, ir.Value] = {}
+
+    def source(self, where: ArrayLocation, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
+        if where not in self.decoded:
+            spec = self.const(f"a{len(self.decoded)}/spec", decode_spec(where.format, where.offset, *where.shape, where.scale_offset))
+            value = ir.Value(name=f"a{len(self.decoded)}")
+            self.nodes.append(decode_call(self.data, spec, where.format, value))
+            if self.dtype != np.float32:
+                cast = ir.node("Cast", [value], {"to": ir.DataType.from_numpy(self.dtype)}, name="",
+                               outputs=[ir.Value(name=f"{value.name}/cast")])
+                self.nodes.append(cast)
+                value = cast.outputs[0]
+            self.decoded[where] = value
+        return self.decoded[where]
 
 
 def function_body(hm, prefix: str, dtype, overload: str) -> ir.Function:
-    """The model-local function ``ai.dehm.HMatMul`` (this overload) computing ``X @ W_H``."""
+    """The model-local function ``ai.dehm.HMatMul`` (this overload) computing ``X @ W_H`` from
+    the layout-v1 inputs of ``hm`` (every array in the weight's dtype)."""
+    inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
+    return _body_function(hm, prefix, dtype, overload, inputs, _BodyBuilder(_FactorIndex.packed_v1(hm, dtype), inputs[1]))
+
+
+def function_body_v2(hm, prefix: str, dtype, overload: str) -> tuple[ir.Function, list[str]]:
+    """The function body for the layout-v2 inputs of ``hm`` (``packed_inputs_v2``), and the
+    names of the ``ai.dehm.Decode*`` functions it calls.
+
+    The product is the ``blocks`` emission of the H-matrix that ``unpack`` reads back from the
+    packed bytes, every array as float values in the activation dtype (one term per tier), and
+    each of its factor initializers is replaced by the decoded arrays it stacks.
+    """
+    packed = pack(hm, version=2)
+    stored = unpack(packed)
+    locations = array_locations(packed)
+    arrays = [a for b in stored.blocks for a in b.storage]
+    assert len(arrays) == len(locations), "Bug: unpack and array_locations list different arrays"
+    index = _FactorIndex()
+    for where, array in zip(locations, arrays):
+        index.add(where, array.dequantized().astype(dtype))
+    floats = dataclasses.replace(stored, dtype=np.dtype(dtype), blocks=tuple(_exact_block(b, dtype) for b in stored.blocks))
+    inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
+    body = _DecodingBodyBuilder(index, inputs[1], dtype)
+    function = _body_function(floats, prefix, dtype, overload, inputs, body)
+    function.opset_imports[hmatmul.DOMAIN] = hmatmul.VERSION
+    return function, sorted({decoder_name(where.format) for where in body.decoded})
+
+
+def _exact_block(b, dtype):
+    """``b`` with every stored array replaced by its dequantized values in ``dtype`` (FLOAT)."""
+    arrays = tuple(StoredArray.exact(a.dequantized().astype(dtype)) for a in b.storage)
+    return Block(b.kind, b.r0, b.r1, b.c0, b.c1, storage=arrays)
+
+
+def _body_function(hm, prefix: str, dtype, overload: str, inputs: list[ir.Value], body: _BodyBuilder) -> ir.Function:
     from .emit_ops import EmitContext, emit_blocks
 
-    inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
     emission = emit_blocks(hm, inputs[0], prefix, dtype, EmitContext(family="blocks"))
-    body = _BodyBuilder(_FactorIndex(hm, dtype), inputs[1])
     for value in emission.initializers:
         array = value.const_value.numpy()
         value.const_value = None  # the value becomes a body node's output
@@ -174,25 +262,27 @@ def fit_function_to_model(model: ir.Model, function: ir.Function) -> None:
 def emit_function(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission:
     """Emit ``x @ W_H`` as one ``HMatMul`` node plus its model-local function body.
 
-    For activation dtypes the op does not support (anything but float32/float16) this
-    falls back to the ``ops`` emission.
+    Packed layout v1 when every array of ``hm`` is in the weight's dtype, else layout v2 with
+    the ``ai.dehm.Decode*`` functions its body calls. For activation dtypes the op does not
+    support (anything but float32/float16) this falls back to the ``ops`` emission.
     """
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
         logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
         return emit_ops(hm, x, prefix, dtype, context)
-    packed = packed_inputs(hm, prefix, dtype)
+    if all(b.is_float for b in hm.blocks):
+        packed = packed_inputs(hm, prefix, dtype)
+        functions = [function_body(as_float(hm), prefix, dtype, prefix)]
+    else:
+        packed = packed_inputs_v2(hm, prefix)
+        body, decoders = function_body_v2(hm, prefix, dtype, prefix)
+        functions = [body, *decoder_functions(decoders)]
     node = hmatmul_node(x, prefix, packed, overload=prefix)
-    return Emission([node], packed, node.outputs[0], [function_body(as_float(hm), prefix, dtype, prefix)],
-                    family="function", inputs=list(packed))
+    return Emission([node], packed, node.outputs[0], functions, family="function", inputs=list(packed))
 
 
 def as_float(hm):
     """``hm`` with every array in float (its dequantized values), as packed layout v1 holds it."""
-    import dataclasses
-
-    from ..hmatrix import Block
-
     blocks = []
     for b in hm.blocks:
         if b.kind == BlockKind.DENSE:

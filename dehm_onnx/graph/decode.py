@@ -1,0 +1,207 @@
+"""Standard-op decoders of packed layout v2 arrays: the model-local functions ``ai.dehm.Decode*``.
+
+ONNX has no bit-cast, so each decoder rebuilds the values of one array of a layout-v2 ``data``
+(``dehm_onnx/hmatrix/pack.py``) from its bytes with integer and float arithmetic::
+
+    A = DecodeXxx(data, spec)          A: float32, shape (K, N)
+
+``spec`` is a small int64 tensor: ``[offset, K, N]`` for a float array, ``[offset, K, N,
+scale_offset, groups, group]`` for an integer one (``decode_spec``). Every decoder returns
+float32, and the values are exactly ``pack.unpack``'s, bit for bit:
+
+- ``DecodeFloat16``: ``(-1)^s * (1024 + m) * 2^(e - 25)``, or ``m * 2^-24`` when ``e = 0``
+  (subnormals), from the 16 bits of two little-endian bytes; exact in float32.
+- ``DecodeFloat32``: ``(-1)^s * (2^23 + m) * 2^(e - 150)``, or ``m * 2^-149`` when ``e = 0``,
+  computed in float64 (every term is a normal float64, so the product is exact even for
+  float32 subnormals) and cast to float32, which is exact.
+- ``DecodeInt8``, ``DecodeInt4``: two's complement (int4: value ``i`` in the low nibble of
+  byte ``i // 2`` when ``i`` is even, else the high nibble) times the float32 scale of the
+  row's group, one float32 rounding.
+- ``DecodeInt8F16``, ``DecodeInt4F16``: the same with float16 scales: the product is exact in
+  float32 (at most 8 + 11 significant bits), then rounded once to float16 by a ``Cast`` and
+  widened back, as ``storage.dequantize_groupwise`` computes it.
+
+NaN and infinity are never stored (``storage.store`` refuses them), so exponent 31 (float16)
+and 255 (float32) are not decoded. Integer work is done in int32 (``Div`` and ``Mod`` of
+non-negative values); every op used exists unchanged from opset 13 on, and
+``emit_function.fit_function_to_model`` sets the functions' opset to the model's.
+
+The functions depend only on their inputs; called on an initializer ``data`` and ``Constant``
+specs, onnxruntime inlines them and folds the decoding into constants when it creates the
+session.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..hmatrix.pack import Elem, decode_format
+from ..ops import hmatmul
+
+__all__ = ["DECODER_NAMES", "decoder_name", "decode_spec", "decode_call", "decoder_functions", "DECODE_OPSET"]
+
+DECODE_OPSET = 13
+INPUTS = ("data", "spec")
+OUTPUT = "A"
+# (element, scale element) -> function name; floats have no scale element.
+_NAMES = {
+    (Elem.FLOAT32, None): "DecodeFloat32",
+    (Elem.FLOAT16, None): "DecodeFloat16",
+    (Elem.INT8, Elem.FLOAT32): "DecodeInt8",
+    (Elem.INT4, Elem.FLOAT32): "DecodeInt4",
+    (Elem.INT8, Elem.FLOAT16): "DecodeInt8F16",
+    (Elem.INT4, Elem.FLOAT16): "DecodeInt4F16",
+}
+DECODER_NAMES = tuple(_NAMES.values())
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def decoder_name(code: int) -> str:
+    """The decoder function for an array of format ``code`` (``pack.format_code``)."""
+    elem, scale_elem, group = decode_format(code)
+    return _NAMES[(elem, scale_elem if group else None)]
+
+
+def decode_spec(code: int, offset: int, k: int, n: int, scale_offset: int = 0) -> np.ndarray:
+    """The ``spec`` input of the decoder of a ``(k, n)`` array of format ``code`` at ``offset``."""
+    _, _, group = decode_format(code)
+    if not group:
+        return np.array([offset, k, n], np.int64)
+    return np.array([offset, k, n, scale_offset, -(-k // group), group], np.int64)
+
+
+def decode_call(data: ir.Value, spec: ir.Value, code: int, out: ir.Value) -> ir.Node:
+    """The node ``out = DecodeXxx(data, spec)`` for an array of format ``code``."""
+    return ir.node(decoder_name(code), [data, spec], domain=hmatmul.DOMAIN, outputs=[out], name="")
+
+
+class _Body:
+    """Nodes of one decoder, with short value names."""
+
+    def __init__(self):
+        self.inputs = [ir.Value(name=name) for name in INPUTS]
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, inputs, domain: str = "", **attrs) -> ir.Value:
+        out = ir.Value(name=f"t{len(self.nodes)}")
+        self.nodes.append(ir.node(op_type, list(inputs), attrs, domain=domain, outputs=[out], name=""))
+        return out
+
+    def const(self, array) -> ir.Value:
+        array = np.asarray(array)
+        out = ir.Value(name=f"t{len(self.nodes)}")
+        self.nodes.append(ir.node("Constant", [], {"value": ir.tensor(array)}, outputs=[out], name=""))
+        return out
+
+    def i32(self, value: int) -> ir.Value:
+        return self.const(np.array(value, np.int32))
+
+    def spec(self, start: int, stop: int) -> ir.Value:
+        """``spec[start:stop]`` (int64)."""
+        return self.op("Slice", [self.inputs[1], self.const(np.array([start], np.int64)), self.const(np.array([stop], np.int64))])
+
+    def bytes(self, count: ir.Value) -> ir.Value:
+        """The array's ``count`` bytes from ``spec[0]`` on, as int32."""
+        start = self.spec(0, 1)
+        raw = self.op("Slice", [self.inputs[0], start, self.op("Add", [start, count])])
+        return self.op("Cast", [raw], to=ir.DataType.INT32)
+
+    def every(self, values: ir.Value, first: int, step: int) -> ir.Value:
+        """``values[first::step]``."""
+        c = lambda v: self.const(np.array([v], np.int64))  # noqa: E731
+        return self.op("Slice", [values, c(first), c(_INT64_MAX), c(0), c(step)])
+
+    def size(self) -> ir.Value:
+        """``K * N`` (int64, one element)."""
+        return self.op("Mul", [self.spec(1, 2), self.spec(2, 3)])
+
+    def function(self, name: str, out: ir.Value) -> ir.Function:
+        out.name = OUTPUT
+        graph = ir.Graph(self.inputs, [out], nodes=self.nodes, opset_imports={"": DECODE_OPSET, hmatmul.DOMAIN: hmatmul.VERSION}, name=name)
+        return ir.Function(hmatmul.DOMAIN, name, "", graph=graph, attributes=[])
+
+
+def _float16() -> ir.Function:
+    b = _Body()
+    data = b.bytes(b.op("Mul", [b.size(), b.const(np.array([2], np.int64))]))
+    lo, hi = b.every(data, 0, 2), b.every(data, 1, 2)
+    sign = b.op("Div", [hi, b.i32(128)])
+    exponent = b.op("Div", [b.op("Mod", [hi, b.i32(128)]), b.i32(4)])
+    mantissa = b.op("Add", [b.op("Mul", [b.op("Mod", [hi, b.i32(4)]), b.i32(256)]), lo])
+    normal = b.op("Div", [b.op("Add", [exponent, b.i32(31)]), b.i32(32)])  # 1 when exponent >= 1
+    significand = b.op("Add", [mantissa, b.op("Mul", [normal, b.i32(1024)])])
+    effective = b.op("Sub", [b.op("Add", [exponent, b.i32(1)]), normal])  # max(exponent, 1)
+    powers = b.const(np.ldexp(np.float32(1), np.arange(32) - 25).astype(np.float32))
+    value = b.op("Mul", [b.op("Cast", [significand], to=ir.DataType.FLOAT), b.op("Gather", [powers, effective])])
+    value = b.op("Mul", [value, b.op("Gather", [b.const(np.array([1, -1], np.float32)), sign])])
+    return b.function("DecodeFloat16", b.op("Reshape", [value, b.spec(1, 3)]))
+
+
+def _float32() -> ir.Function:
+    b = _Body()
+    data = b.bytes(b.op("Mul", [b.size(), b.const(np.array([4], np.int64))]))
+    b0, b1, b2, b3 = (b.every(data, i, 4) for i in range(4))
+    sign = b.op("Div", [b3, b.i32(128)])
+    exponent = b.op("Add", [b.op("Mul", [b.op("Mod", [b3, b.i32(128)]), b.i32(2)]), b.op("Div", [b2, b.i32(128)])])
+    mantissa = b.op("Mul", [b.op("Mod", [b2, b.i32(128)]), b.i32(65536)])
+    mantissa = b.op("Add", [b.op("Add", [mantissa, b.op("Mul", [b1, b.i32(256)])]), b0])
+    normal = b.op("Div", [b.op("Add", [exponent, b.i32(255)]), b.i32(256)])
+    significand = b.op("Add", [mantissa, b.op("Mul", [normal, b.i32(1 << 23)])])
+    effective = b.op("Sub", [b.op("Add", [exponent, b.i32(1)]), normal])
+    # 2^(effective - 150) = 2^(16 * (effective // 16) - 150) * 2^(effective % 16): two small tables.
+    high = b.const(np.ldexp(1.0, 16 * np.arange(16) - 150))
+    low = b.const(np.ldexp(1.0, np.arange(16)))
+    power = b.op("Mul", [b.op("Gather", [high, b.op("Div", [effective, b.i32(16)])]),
+                         b.op("Gather", [low, b.op("Mod", [effective, b.i32(16)])])])
+    value = b.op("Mul", [b.op("Cast", [significand], to=ir.DataType.DOUBLE), power])
+    value = b.op("Mul", [value, b.op("Gather", [b.const(np.array([1.0, -1.0])), sign])])
+    value = b.op("Cast", [value], to=ir.DataType.FLOAT)
+    return b.function("DecodeFloat32", b.op("Reshape", [value, b.spec(1, 3)]))
+
+
+def _integer(elem: Elem, scale_elem: Elem) -> ir.Function:
+    b = _Body()
+    size = b.size()
+    if elem == Elem.INT8:
+        q = b.op("Sub", [b.op("Mod", [b.op("Add", [b.bytes(size), b.i32(128)]), b.i32(256)]), b.i32(128)])
+    else:
+        one = b.const(np.array([1], np.int64))
+        data = b.bytes(b.op("Div", [b.op("Add", [size, one]), b.const(np.array([2], np.int64))]))
+        column = b.const(np.array([-1, 1], np.int64))
+        low = b.op("Reshape", [b.op("Mod", [data, b.i32(16)]), column])
+        high = b.op("Reshape", [b.op("Div", [data, b.i32(16)]), column])
+        nibbles = b.op("Reshape", [b.op("Concat", [low, high], axis=1), b.const(np.array([-1], np.int64))])
+        nibbles = b.op("Slice", [nibbles, b.const(np.array([0], np.int64)), size])
+        q = b.op("Sub", [b.op("Mod", [b.op("Add", [nibbles, b.i32(8)]), b.i32(16)]), b.i32(8)])
+    q = b.op("Reshape", [b.op("Cast", [q], to=ir.DataType.FLOAT), b.spec(1, 3)])
+    scale_spec = b.op("Concat", [b.spec(3, 5), b.spec(2, 3)], axis=0)  # [scale_offset, groups, N]
+    scale_name = _NAMES[(scale_elem, None)]
+    scales = b.op(scale_name, [b.inputs[0], scale_spec], domain=hmatmul.DOMAIN)
+    scalar = b.const(np.zeros(0, np.int64))
+    rows = b.op("Reshape", [b.spec(1, 2), scalar])
+    rows = b.op("Range", [b.const(np.array(0, np.int64)), rows, b.const(np.array(1, np.int64))])
+    rows = b.op("Div", [rows, b.spec(5, 6)])  # each row's scale group
+    value = b.op("Mul", [q, b.op("Gather", [scales, rows], axis=0)])
+    if scale_elem == Elem.FLOAT16:
+        value = b.op("Cast", [b.op("Cast", [value], to=ir.DataType.FLOAT16)], to=ir.DataType.FLOAT)
+    return b.function(_NAMES[(elem, scale_elem)], value)
+
+
+def _build(name: str) -> ir.Function:
+    if name == "DecodeFloat16":
+        return _float16()
+    if name == "DecodeFloat32":
+        return _float32()
+    (elem, scale_elem), = [key for key, value in _NAMES.items() if value == name]
+    return _integer(elem, scale_elem)
+
+
+def decoder_functions(names) -> list[ir.Function]:
+    """Fresh ``FunctionProto``s of the decoders ``names`` and of the scale decoders they call."""
+    needed = set(names)
+    for name in list(needed):
+        elem, scale_elem = next(key for key, value in _NAMES.items() if value == name)
+        if scale_elem is not None:
+            needed.add(_NAMES[(scale_elem, None)])
+    return [_build(name) for name in DECODER_NAMES if name in needed]
