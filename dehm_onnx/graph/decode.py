@@ -22,7 +22,7 @@ float32, and the values are exactly ``pack.unpack``'s, bit for bit:
   widened back, as ``storage.dequantize_groupwise`` computes it.
 
 NaN and infinity are never stored (``storage.store`` refuses them), so exponent 31 (float16)
-and 255 (float32) are not decoded. Integer work is done in int32 (``Div`` and ``Mod`` of
+and 255 (float32) are not decoded. Integer work is done in int64 (``Div`` and ``Mod`` of
 non-negative values); every op used exists unchanged from opset 13 on, and
 ``emit_function.fit_function_to_model`` sets the functions' opset to the model's.
 
@@ -77,40 +77,51 @@ def decode_call(data: ir.Value, spec: ir.Value, code: int, out: ir.Value) -> ir.
 
 
 class _Body:
-    """Nodes of one decoder, with short value names."""
+    """Nodes of one decoder, with short value names and each constant made once."""
 
     def __init__(self):
         self.inputs = [ir.Value(name=name) for name in INPUTS]
         self.nodes: list[ir.Node] = []
+        self._consts: dict[tuple, ir.Value] = {}
 
     def op(self, op_type: str, inputs, domain: str = "", **attrs) -> ir.Value:
         out = ir.Value(name=f"t{len(self.nodes)}")
         self.nodes.append(ir.node(op_type, list(inputs), attrs, domain=domain, outputs=[out], name=""))
         return out
 
-    def const(self, array) -> ir.Value:
-        array = np.asarray(array)
-        out = ir.Value(name=f"t{len(self.nodes)}")
-        self.nodes.append(ir.node("Constant", [], {"value": ir.tensor(array)}, outputs=[out], name=""))
-        return out
+    def _constant(self, key: tuple, attrs: dict) -> ir.Value:
+        if key not in self._consts:
+            out = ir.Value(name=f"t{len(self.nodes)}")
+            self.nodes.append(ir.node("Constant", [], attrs, outputs=[out], name=""))
+            self._consts[key] = out
+        return self._consts[key]
 
-    def i32(self, value: int) -> ir.Value:
-        return self.const(np.array(value, np.int32))
+    def const(self, array: np.ndarray) -> ir.Value:
+        """A tensor constant (the float tables)."""
+        array = np.asarray(array)
+        return self._constant(("tensor", array.dtype.str, array.shape, array.tobytes()), {"value": ir.tensor(array)})
+
+    def int(self, value: int) -> ir.Value:
+        """An int64 scalar (``value_int``, the smallest form in the file)."""
+        return self._constant(("int", int(value)), {"value_int": int(value)})
+
+    def ints(self, *values: int) -> ir.Value:
+        """A 1-D int64 constant."""
+        return self._constant(("ints", *values), {"value_ints": [int(v) for v in values]})
 
     def spec(self, start: int, stop: int) -> ir.Value:
         """``spec[start:stop]`` (int64)."""
-        return self.op("Slice", [self.inputs[1], self.const(np.array([start], np.int64)), self.const(np.array([stop], np.int64))])
+        return self.op("Slice", [self.inputs[1], self.ints(start), self.ints(stop)])
 
     def bytes(self, count: ir.Value) -> ir.Value:
-        """The array's ``count`` bytes from ``spec[0]`` on, as int32."""
+        """The array's ``count`` bytes from ``spec[0]`` on, as int64."""
         start = self.spec(0, 1)
         raw = self.op("Slice", [self.inputs[0], start, self.op("Add", [start, count])])
-        return self.op("Cast", [raw], to=ir.DataType.INT32)
+        return self.op("Cast", [raw], to=ir.DataType.INT64)
 
     def every(self, values: ir.Value, first: int, step: int) -> ir.Value:
         """``values[first::step]``."""
-        c = lambda v: self.const(np.array([v], np.int64))  # noqa: E731
-        return self.op("Slice", [values, c(first), c(_INT64_MAX), c(0), c(step)])
+        return self.op("Slice", [values, self.ints(first), self.ints(_INT64_MAX), self.ints(0), self.ints(step)])
 
     def size(self) -> ir.Value:
         """``K * N`` (int64, one element)."""
@@ -124,14 +135,14 @@ class _Body:
 
 def _float16() -> ir.Function:
     b = _Body()
-    data = b.bytes(b.op("Mul", [b.size(), b.const(np.array([2], np.int64))]))
+    data = b.bytes(b.op("Mul", [b.size(), b.ints(2)]))
     lo, hi = b.every(data, 0, 2), b.every(data, 1, 2)
-    sign = b.op("Div", [hi, b.i32(128)])
-    exponent = b.op("Div", [b.op("Mod", [hi, b.i32(128)]), b.i32(4)])
-    mantissa = b.op("Add", [b.op("Mul", [b.op("Mod", [hi, b.i32(4)]), b.i32(256)]), lo])
-    normal = b.op("Div", [b.op("Add", [exponent, b.i32(31)]), b.i32(32)])  # 1 when exponent >= 1
-    significand = b.op("Add", [mantissa, b.op("Mul", [normal, b.i32(1024)])])
-    effective = b.op("Sub", [b.op("Add", [exponent, b.i32(1)]), normal])  # max(exponent, 1)
+    sign = b.op("Div", [hi, b.int(128)])
+    exponent = b.op("Div", [b.op("Mod", [hi, b.int(128)]), b.int(4)])
+    mantissa = b.op("Add", [b.op("Mul", [b.op("Mod", [hi, b.int(4)]), b.int(256)]), lo])
+    normal = b.op("Div", [b.op("Add", [exponent, b.int(31)]), b.int(32)])  # 1 when exponent >= 1
+    significand = b.op("Add", [mantissa, b.op("Mul", [normal, b.int(1024)])])
+    effective = b.op("Sub", [b.op("Add", [exponent, b.int(1)]), normal])  # max(exponent, 1)
     powers = b.const(np.ldexp(np.float32(1), np.arange(32) - 25).astype(np.float32))
     value = b.op("Mul", [b.op("Cast", [significand], to=ir.DataType.FLOAT), b.op("Gather", [powers, effective])])
     value = b.op("Mul", [value, b.op("Gather", [b.const(np.array([1, -1], np.float32)), sign])])
@@ -140,20 +151,20 @@ def _float16() -> ir.Function:
 
 def _float32() -> ir.Function:
     b = _Body()
-    data = b.bytes(b.op("Mul", [b.size(), b.const(np.array([4], np.int64))]))
+    data = b.bytes(b.op("Mul", [b.size(), b.ints(4)]))
     b0, b1, b2, b3 = (b.every(data, i, 4) for i in range(4))
-    sign = b.op("Div", [b3, b.i32(128)])
-    exponent = b.op("Add", [b.op("Mul", [b.op("Mod", [b3, b.i32(128)]), b.i32(2)]), b.op("Div", [b2, b.i32(128)])])
-    mantissa = b.op("Mul", [b.op("Mod", [b2, b.i32(128)]), b.i32(65536)])
-    mantissa = b.op("Add", [b.op("Add", [mantissa, b.op("Mul", [b1, b.i32(256)])]), b0])
-    normal = b.op("Div", [b.op("Add", [exponent, b.i32(255)]), b.i32(256)])
-    significand = b.op("Add", [mantissa, b.op("Mul", [normal, b.i32(1 << 23)])])
-    effective = b.op("Sub", [b.op("Add", [exponent, b.i32(1)]), normal])
+    sign = b.op("Div", [b3, b.int(128)])
+    exponent = b.op("Add", [b.op("Mul", [b.op("Mod", [b3, b.int(128)]), b.int(2)]), b.op("Div", [b2, b.int(128)])])
+    mantissa = b.op("Mul", [b.op("Mod", [b2, b.int(128)]), b.int(65536)])
+    mantissa = b.op("Add", [b.op("Add", [mantissa, b.op("Mul", [b1, b.int(256)])]), b0])
+    normal = b.op("Div", [b.op("Add", [exponent, b.int(255)]), b.int(256)])
+    significand = b.op("Add", [mantissa, b.op("Mul", [normal, b.int(1 << 23)])])
+    effective = b.op("Sub", [b.op("Add", [exponent, b.int(1)]), normal])
     # 2^(effective - 150) = 2^(16 * (effective // 16) - 150) * 2^(effective % 16): two small tables.
     high = b.const(np.ldexp(1.0, 16 * np.arange(16) - 150))
     low = b.const(np.ldexp(1.0, np.arange(16)))
-    power = b.op("Mul", [b.op("Gather", [high, b.op("Div", [effective, b.i32(16)])]),
-                         b.op("Gather", [low, b.op("Mod", [effective, b.i32(16)])])])
+    power = b.op("Mul", [b.op("Gather", [high, b.op("Div", [effective, b.int(16)])]),
+                         b.op("Gather", [low, b.op("Mod", [effective, b.int(16)])])])
     value = b.op("Mul", [b.op("Cast", [significand], to=ir.DataType.DOUBLE), power])
     value = b.op("Mul", [value, b.op("Gather", [b.const(np.array([1.0, -1.0])), sign])])
     value = b.op("Cast", [value], to=ir.DataType.FLOAT)
@@ -164,23 +175,23 @@ def _integer(elem: Elem, scale_elem: Elem) -> ir.Function:
     b = _Body()
     size = b.size()
     if elem == Elem.INT8:
-        q = b.op("Sub", [b.op("Mod", [b.op("Add", [b.bytes(size), b.i32(128)]), b.i32(256)]), b.i32(128)])
+        q = b.op("Sub", [b.op("Mod", [b.op("Add", [b.bytes(size), b.int(128)]), b.int(256)]), b.int(128)])
     else:
-        one = b.const(np.array([1], np.int64))
-        data = b.bytes(b.op("Div", [b.op("Add", [size, one]), b.const(np.array([2], np.int64))]))
-        column = b.const(np.array([-1, 1], np.int64))
-        low = b.op("Reshape", [b.op("Mod", [data, b.i32(16)]), column])
-        high = b.op("Reshape", [b.op("Div", [data, b.i32(16)]), column])
-        nibbles = b.op("Reshape", [b.op("Concat", [low, high], axis=1), b.const(np.array([-1], np.int64))])
-        nibbles = b.op("Slice", [nibbles, b.const(np.array([0], np.int64)), size])
-        q = b.op("Sub", [b.op("Mod", [b.op("Add", [nibbles, b.i32(8)]), b.i32(16)]), b.i32(8)])
+        one = b.ints(1)
+        data = b.bytes(b.op("Div", [b.op("Add", [size, one]), b.ints(2)]))
+        column = b.ints(-1, 1)
+        low = b.op("Reshape", [b.op("Mod", [data, b.int(16)]), column])
+        high = b.op("Reshape", [b.op("Div", [data, b.int(16)]), column])
+        nibbles = b.op("Reshape", [b.op("Concat", [low, high], axis=1), b.ints(-1)])
+        nibbles = b.op("Slice", [nibbles, b.ints(0), size])
+        q = b.op("Sub", [b.op("Mod", [b.op("Add", [nibbles, b.int(8)]), b.int(16)]), b.int(8)])
     q = b.op("Reshape", [b.op("Cast", [q], to=ir.DataType.FLOAT), b.spec(1, 3)])
     scale_spec = b.op("Concat", [b.spec(3, 5), b.spec(2, 3)], axis=0)  # [scale_offset, groups, N]
     scale_name = _NAMES[(scale_elem, None)]
     scales = b.op(scale_name, [b.inputs[0], scale_spec], domain=hmatmul.DOMAIN)
     scalar = b.const(np.zeros(0, np.int64))
     rows = b.op("Reshape", [b.spec(1, 2), scalar])
-    rows = b.op("Range", [b.const(np.array(0, np.int64)), rows, b.const(np.array(1, np.int64))])
+    rows = b.op("Range", [b.int(0), rows, b.int(1)])
     rows = b.op("Div", [rows, b.spec(5, 6)])  # each row's scale group
     value = b.op("Mul", [q, b.op("Gather", [scales, rows], axis=0)])
     if scale_elem == Elem.FLOAT16:

@@ -3,19 +3,32 @@
     y = HMatMul(x, data, layout, row_perm, col_perm)    (node.overload = the layer's prefix)
 
 The node follows the op contract in ``dehm_onnx/ops/hmatmul.py``; the four packed arrays
-(``dehm_onnx/hmatrix/pack.py``) are the layer's only weight initializers. The model also
-gets a ``FunctionProto`` with the same domain, name and overload (model IR version 10)
-whose body computes the same product with standard ops:
+(``dehm_onnx/hmatrix/pack.py``) are the layer's only weight initializers, in layout version 1
+(``data`` in the activation dtype) when every stored array is in the weight's dtype, else in
+layout version 2 (``data`` uint8, every array in its float16/int8/int4 storage), exactly as
+``--emit custom`` writes them. The model also gets a ``FunctionProto`` with the same domain,
+name and overload (model IR version 10) whose body computes the same product with standard
+ops:
 
 - stock onnxruntime inlines the body, so the file runs everywhere;
 - with the custom-op library registered (``dehm_onnx.make_session``), the compiled kernel
   runs instead, for every overload.
 
-The body is the ``ops`` emission (``emit_ops``) of the same H-matrix with each factor
-initializer replaced by ``Reshape(Slice(data, offset, offset + size))`` of the function's
-``data`` input (stacked factors by a ``Concat`` of such slices), so the weights are stored
-once. These nodes depend only on ``data``, an initializer, and onnxruntime folds them into
-constants when the session is created. Index constants become ``Constant`` nodes.
+The body is the ``blocks`` family of the ``ops`` emission (``emit_ops.emit_blocks``) of the
+same H-matrix, every array in float, with each factor initializer replaced by nodes reading
+the function's ``data`` input (stacked factors by a ``Concat`` of such pieces, a factor cut
+at another block's column boundary by a ``Slice`` of its columns), so the weights are stored
+once:
+
+- layout v1: ``Reshape(Slice(data, offset, offset + size))``;
+- layout v2: ``DecodeXxx(data, spec)``, a call of the model-local function that decodes the
+  array's bytes into its exact dequantized values (``decode.py``; one per storage format,
+  stored once per model and shared by every layer), then a ``Cast`` to float16 for float16
+  activations. A low-rank block of several tiers is ``sum_t (x_b @ U_t) @ Vt_t``.
+
+These nodes depend only on ``data``, an initializer, and onnxruntime folds them into constants
+when the session is created (integers are multiplied as their dequantized float values, as
+the folded form of the ``ops`` emission does). Index constants become ``Constant`` nodes.
 """
 
 from __future__ import annotations
@@ -104,7 +117,9 @@ class _FactorIndex:
             self.by_first_row.setdefault(key, []).append((source, factor))
 
     def pieces(self, array: np.ndarray):
-        """``[(source, shape), ...]`` whose row-stacking equals ``array`` exactly, or None."""
+        """``[(source, shape, columns), ...]`` whose row-stacking equals ``array`` exactly, or
+        None; ``columns`` is None for a whole factor, else the ``(start, stop)`` of the factor's
+        columns to take (where the emission cut a block at a column boundary of another)."""
         if array.ndim != 2 or array.shape[0] == 0:
             return None
         out, pos = [], 0
@@ -112,12 +127,29 @@ class _FactorIndex:
             for source, factor in self.by_first_row.get((array.shape[1], array[pos].tobytes()), []):
                 end = pos + factor.shape[0]
                 if end <= array.shape[0] and np.array_equal(array[pos:end], factor):
-                    out.append((source, factor.shape))
+                    out.append((source, factor.shape, None))
                     pos = end
                     break
             else:
-                return None
+                window = self._window(array, pos) if np.any(array) else None
+                if window is None:
+                    return None
+                out.append(window)
+                pos += window[1][0]
         return out
+
+    def _window(self, array: np.ndarray, pos: int):
+        """A wider factor some of whose columns equal the rows of ``array`` from ``pos`` on."""
+        width = array.shape[1]
+        for factors in self.by_first_row.values():
+            for source, factor in factors:
+                rows = factor.shape[0]
+                if factor.shape[1] <= width or pos + rows > array.shape[0]:
+                    continue
+                for start in range(factor.shape[1] - width + 1):
+                    if np.array_equal(factor[:, start : start + width], array[pos : pos + rows]):
+                        return source, factor.shape, (start, start + width)
+        return None
 
 
 class _BodyBuilder:
@@ -154,10 +186,17 @@ class _BodyBuilder:
             self.const(value, array)
             return
         parts = []
-        for i, (source, shape) in enumerate(pieces):
+        for i, (source, shape, columns) in enumerate(pieces):
             stem = value.name if len(pieces) == 1 else f"{value.name}/part{i}"
-            out = value if len(pieces) == 1 else ir.Value(name=stem)
-            parts.append(self.source(source, shape, stem, out))
+            out = value if len(pieces) == 1 and columns is None else ir.Value(name=stem)
+            part = self.source(source, shape, stem, out)
+            if columns is not None:
+                out = value if len(pieces) == 1 else ir.Value(name=f"{stem}/columns")
+                start, stop = (self.const(f"{out.name}/{n}", np.array([c], np.int64)) for n, c in zip(("c0", "c1"), columns))
+                axis = self.const(f"{out.name}/axis", np.array([1], np.int64))
+                self.nodes.append(ir.node("Slice", [part, start, stop, axis], outputs=[out], name=""))
+                part = out
+            parts.append(part)
         if len(parts) > 1:
             self.nodes.append(ir.node("Concat", parts, {"axis": 0}, outputs=[value], name=""))
         elif parts[0] is not value:
