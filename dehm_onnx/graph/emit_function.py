@@ -212,6 +212,17 @@ class _DecodingBodyBuilder(_BodyBuilder):
         self.dtype = np.dtype(dtype)
         self.decoded: dict[ArrayLocation, ir.Value] = {}
 
+    def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
+        """A ``Constant`` node: ``value_ints`` for a 1-D int64 array, else an unnamed tensor."""
+        out = ir.Value(name=value) if isinstance(value, str) else value
+        array = np.ascontiguousarray(array)
+        if array.dtype == np.int64 and array.ndim == 1 and array.size:
+            attrs = {"value_ints": [int(v) for v in array]}
+        else:
+            attrs = {"value": ir.tensor(array)}
+        self.nodes.append(ir.node("Constant", [], attrs, outputs=[out], name=""))
+        return out
+
     def source(self, where: ArrayLocation, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
         if where not in self.decoded:
             spec = self.const(f"a{len(self.decoded)}/spec", decode_spec(where.format, where.offset, *where.shape, where.scale_offset))
@@ -254,7 +265,21 @@ def function_body_v2(hm, prefix: str, dtype, overload: str) -> tuple[ir.Function
     body = _DecodingBodyBuilder(index, inputs[1], dtype)
     function = _body_function(floats, prefix, dtype, overload, inputs, body)
     function.opset_imports[hmatmul.DOMAIN] = hmatmul.VERSION
+    _shorten_names(function)
     return function, sorted({decoder_name(where.format) for where in body.decoded})
+
+
+def _shorten_names(function: ir.Function) -> None:
+    """Empty node names and ``v<i>`` value names inside a body: names are local to a function,
+    and the layer prefix repeated in every name took half of a filterbank body's bytes."""
+    outputs = set(map(id, function.outputs))
+    count = 0
+    for node in function:
+        node.name = ""
+        for value in node.outputs:
+            if id(value) not in outputs:
+                value.name = f"v{count}"
+                count += 1
 
 
 def _exact_block(b, dtype):
