@@ -42,6 +42,8 @@ from ..ops import hmatmul
 __all__ = ["DECODER_NAMES", "decoder_name", "decode_spec", "decode_call", "decoder_functions", "DECODE_OPSET"]
 
 DECODE_OPSET = 13
+# ``Constant``'s ``value_int``/``value_ints`` attributes exist from opset 12; before, tensors.
+CONSTANT_ATTRIBUTES_OPSET = 12
 INPUTS = ("data", "spec")
 OUTPUT = "A"
 # (element, scale element) -> function name; floats have no scale element.
@@ -79,10 +81,11 @@ def decode_call(data: ir.Value, spec: ir.Value, code: int, out: ir.Value) -> ir.
 class _Body:
     """Nodes of one decoder, with short value names and each constant made once."""
 
-    def __init__(self):
+    def __init__(self, opset: int):
         self.inputs = [ir.Value(name=name) for name in INPUTS]
         self.nodes: list[ir.Node] = []
         self._consts: dict[tuple, ir.Value] = {}
+        self.attributes = opset >= CONSTANT_ATTRIBUTES_OPSET
 
     def op(self, op_type: str, inputs, domain: str = "", **attrs) -> ir.Value:
         out = ir.Value(name=f"t{len(self.nodes)}")
@@ -102,11 +105,15 @@ class _Body:
         return self._constant(("tensor", array.dtype.str, array.shape, array.tobytes()), {"value": ir.tensor(array)})
 
     def int(self, value: int) -> ir.Value:
-        """An int64 scalar (``value_int``, the smallest form in the file)."""
+        """An int64 scalar (``value_int``, the smallest form in the file, from opset 12)."""
+        if not self.attributes:
+            return self.const(np.array(value, np.int64))
         return self._constant(("int", int(value)), {"value_int": int(value)})
 
     def ints(self, *values: int) -> ir.Value:
         """A 1-D int64 constant."""
+        if not self.attributes:
+            return self.const(np.array(values, np.int64))
         return self._constant(("ints", *values), {"value_ints": [int(v) for v in values]})
 
     def spec(self, start: int, stop: int) -> ir.Value:
@@ -133,8 +140,8 @@ class _Body:
         return ir.Function(hmatmul.DOMAIN, name, "", graph=graph, attributes=[])
 
 
-def _float16() -> ir.Function:
-    b = _Body()
+def _float16(opset: int) -> ir.Function:
+    b = _Body(opset)
     data = b.bytes(b.op("Mul", [b.size(), b.ints(2)]))
     lo, hi = b.every(data, 0, 2), b.every(data, 1, 2)
     sign = b.op("Div", [hi, b.int(128)])
@@ -149,8 +156,8 @@ def _float16() -> ir.Function:
     return b.function("DecodeFloat16", b.op("Reshape", [value, b.spec(1, 3)]))
 
 
-def _float32() -> ir.Function:
-    b = _Body()
+def _float32(opset: int) -> ir.Function:
+    b = _Body(opset)
     data = b.bytes(b.op("Mul", [b.size(), b.ints(4)]))
     b0, b1, b2, b3 = (b.every(data, i, 4) for i in range(4))
     sign = b.op("Div", [b3, b.int(128)])
@@ -171,8 +178,8 @@ def _float32() -> ir.Function:
     return b.function("DecodeFloat32", b.op("Reshape", [value, b.spec(1, 3)]))
 
 
-def _integer(elem: Elem, scale_elem: Elem) -> ir.Function:
-    b = _Body()
+def _integer(elem: Elem, scale_elem: Elem, opset: int) -> ir.Function:
+    b = _Body(opset)
     size = b.size()
     if elem == Elem.INT8:
         q = b.op("Sub", [b.op("Mod", [b.op("Add", [b.bytes(size), b.int(128)]), b.int(256)]), b.int(128)])
@@ -199,20 +206,21 @@ def _integer(elem: Elem, scale_elem: Elem) -> ir.Function:
     return b.function(_NAMES[(elem, scale_elem)], value)
 
 
-def _build(name: str) -> ir.Function:
+def _build(name: str, opset: int) -> ir.Function:
     if name == "DecodeFloat16":
-        return _float16()
+        return _float16(opset)
     if name == "DecodeFloat32":
-        return _float32()
+        return _float32(opset)
     (elem, scale_elem), = [key for key, value in _NAMES.items() if value == name]
-    return _integer(elem, scale_elem)
+    return _integer(elem, scale_elem, opset)
 
 
-def decoder_functions(names) -> list[ir.Function]:
-    """Fresh ``FunctionProto``s of the decoders ``names`` and of the scale decoders they call."""
+def decoder_functions(names, opset: int = DECODE_OPSET) -> list[ir.Function]:
+    """Fresh ``FunctionProto``s of the decoders ``names`` and of the scale decoders they call,
+    for a model whose default-domain opset is ``opset`` (>= 11)."""
     needed = set(names)
     for name in list(needed):
         elem, scale_elem = next(key for key, value in _NAMES.items() if value == name)
         if scale_elem is not None:
             needed.add(_NAMES[(scale_elem, None)])
-    return [_build(name) for name in DECODER_NAMES if name in needed]
+    return [_build(name, opset) for name in DECODER_NAMES if name in needed]

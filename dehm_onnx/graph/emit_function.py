@@ -42,8 +42,8 @@ import onnx_ir as ir
 from ..hmatrix import Block, BlockKind, StoredArray, pack
 from ..hmatrix.pack import ArrayLocation, array_locations, unpack
 from ..ops import hmatmul
-from .decode import decode_call, decode_spec, decoder_functions, decoder_name
-from .emit_ops import Emission, emit_ops, initializer
+from .decode import CONSTANT_ATTRIBUTES_OPSET, decode_call, decode_spec, decoder_functions, decoder_name
+from .emit_ops import Emission, EmitContext, emit_blocks, emit_ops, initializer
 
 __all__ = [
     "emit_function",
@@ -207,16 +207,18 @@ class _DecodingBodyBuilder(_BodyBuilder):
     """Layout v2: each stored array is decoded once from the bytes of ``data`` by a call to its
     ``ai.dehm.Decode*`` function (``decode.py``), then cast to the activation dtype."""
 
-    def __init__(self, index: _FactorIndex, data: ir.Value, dtype):
+    def __init__(self, index: _FactorIndex, data: ir.Value, dtype, opset: int):
         super().__init__(index, data)
         self.dtype = np.dtype(dtype)
         self.decoded: dict[ArrayLocation, ir.Value] = {}
+        self.attributes = opset >= CONSTANT_ATTRIBUTES_OPSET
 
     def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
-        """A ``Constant`` node: ``value_ints`` for a 1-D int64 array, else an unnamed tensor."""
+        """A ``Constant`` node: ``value_ints`` for a 1-D int64 array (opset >= 12), else an
+        unnamed tensor."""
         out = ir.Value(name=value) if isinstance(value, str) else value
         array = np.ascontiguousarray(array)
-        if array.dtype == np.int64 and array.ndim == 1 and array.size:
+        if self.attributes and array.dtype == np.int64 and array.ndim == 1 and array.size:
             attrs = {"value_ints": [int(v) for v in array]}
         else:
             attrs = {"value": ir.tensor(array)}
@@ -244,9 +246,9 @@ def function_body(hm, prefix: str, dtype, overload: str) -> ir.Function:
     return _body_function(hm, prefix, dtype, overload, inputs, _BodyBuilder(_FactorIndex.packed_v1(hm, dtype), inputs[1]))
 
 
-def function_body_v2(hm, prefix: str, dtype, overload: str) -> tuple[ir.Function, list[str]]:
-    """The function body for the layout-v2 inputs of ``hm`` (``packed_inputs_v2``), and the
-    names of the ``ai.dehm.Decode*`` functions it calls.
+def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int) -> tuple[ir.Function, list[str]]:
+    """The function body for the layout-v2 inputs of ``hm`` (``packed_inputs_v2``) in a model
+    of default-domain ``opset``, and the names of the ``ai.dehm.Decode*`` functions it calls.
 
     The product is the ``blocks`` emission of the H-matrix that ``unpack`` reads back from the
     packed bytes, every array as float values in the activation dtype (one term per tier), and
@@ -262,7 +264,7 @@ def function_body_v2(hm, prefix: str, dtype, overload: str) -> tuple[ir.Function
         index.add(where, array.dequantized().astype(dtype))
     floats = dataclasses.replace(stored, dtype=np.dtype(dtype), blocks=tuple(_exact_block(b, dtype) for b in stored.blocks))
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
-    body = _DecodingBodyBuilder(index, inputs[1], dtype)
+    body = _DecodingBodyBuilder(index, inputs[1], dtype, opset)
     function = _body_function(floats, prefix, dtype, overload, inputs, body)
     function.opset_imports[hmatmul.DOMAIN] = hmatmul.VERSION
     _shorten_names(function)
@@ -289,8 +291,6 @@ def _exact_block(b, dtype):
 
 
 def _body_function(hm, prefix: str, dtype, overload: str, inputs: list[ir.Value], body: _BodyBuilder) -> ir.Function:
-    from .emit_ops import EmitContext, emit_blocks
-
     emission = emit_blocks(hm, inputs[0], prefix, dtype, EmitContext(family="blocks"))
     for value in emission.initializers:
         array = value.const_value.numpy()
@@ -338,9 +338,10 @@ def emit_function(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission
         packed = packed_inputs(hm, prefix, dtype)
         functions = [function_body(as_float(hm), prefix, dtype, prefix)]
     else:
+        opset = (context or EmitContext()).opset
         packed = packed_inputs_v2(hm, prefix)
-        body, decoders = function_body_v2(hm, prefix, dtype, prefix)
-        functions = [body, *decoder_functions(decoders)]
+        body, decoders = function_body_v2(hm, prefix, dtype, prefix, opset)
+        functions = [body, *decoder_functions(decoders, opset)]
     node = hmatmul_node(x, prefix, packed, overload=prefix)
     return Emission([node], packed, node.outputs[0], functions, family="function", inputs=list(packed))
 

@@ -171,6 +171,18 @@ def test_function_v2_runs_stock_and_with_the_library(case, tmp_path):
     assert_matches(case, make_session(model).run(None, {"X": case.x})[0])
 
 
+@pytest.mark.parametrize("opset", [11, 12, 21])
+def test_function_v2_at_every_opset(opset, tmp_path):
+    """Before opset 12 ``Constant`` has no ``value_int(s)``: the body and decoders use tensors."""
+    case = next(c for c in CASES_V2 if c.name == "q_mixed_tiers_permuted")
+    model = layer_model(case.hm, "function", ["a", "b", case.hm.shape[0]], case.x.dtype, "layer.w.hm", opset)
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.version for f in model.functions for o in f.opset_import if o.domain == ""} == {opset}
+    session, optimized = _stock(model, tmp_path)
+    assert_matches(case, session.run(None, {"X": case.x})[0])
+    _check_folded(optimized)
+
+
 @settings(max_examples=25, deadline=None)
 @given(cases())
 def test_function_v2_random_tilings(tmp_path_factory, case):
