@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_hmatmul_cases import assert_matches
 from test_hmatmul_v2_properties import cases
 
+import dehm_onnx
 from dehm_onnx.graph import decode
 from dehm_onnx.graph.emit import layer_model
 from dehm_onnx.graph.emit_function import as_float, fit_function_to_model
@@ -225,6 +226,35 @@ def test_function_v2_file_stores_the_weights_once(tmp_path, precision, tol):
     y = ort.InferenceSession(str(tmp_path / "v2.onnx"), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
     ref = hm.matmul(x.astype(np.float64))
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_optimized_model_stores_each_decoder_once(tmp_path):
+    """Two v2 layers: one body each, every decoder once, all at the model's opset (raised to 21
+    for the integer arrays); stock onnxruntime and the library agree."""
+    w1, w2 = _gaussian_kernel(192)[:, :160], _gaussian_kernel(160)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 192])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 160])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    optimized, report = dehm_onnx.optimize(model, emit="function", precision="int8", tol=1e-2)
+    assert len(report.compressed) == 2
+    onnx.checker.check_model(optimized, full_check=True)
+    opset = {o.domain: o.version for o in optimized.opset_import}
+    assert opset[""] == 21
+    names = [f.name for f in optimized.functions]
+    assert names.count("HMatMul") == 2 and "DecodeInt8" in names
+    assert len(names) == len(set(names)) + 1  # only HMatMul repeats (two overloads)
+    assert all({o.domain: o.version for o in f.opset_import}[""] == 21 for f in optimized.functions)
+    x = np.random.default_rng(4).standard_normal((3, 192)).astype(np.float32)
+    session, folded = _stock(optimized, tmp_path)
+    stock = session.run(None, {"x": x})[0]
+    _check_folded(folded)
+    library = make_session(optimized).run(None, {"x": x})[0]
+    np.testing.assert_allclose(library, stock, rtol=1e-4, atol=1e-4 * np.abs(stock).max())
+    y0 = (x @ w1) @ w2
+    assert np.linalg.norm(stock - y0) <= 3e-2 * np.linalg.norm(y0)
 
 
 def test_cli_function_int8(tmp_path):
