@@ -113,7 +113,7 @@ def test_optimized_function_model_same_outputs_stock_and_library(tmp_path):
     assert [n.op_type for n in loaded.graph.node if n.domain == hmatmul.DOMAIN] == ["HMatMul", "HMatMul"]
     bodies = [f.overload for f in loaded.functions if f.name == "HMatMul"]
     decoders = [f for f in loaded.functions if f.name != "HMatMul"]  # layout v2 layers' (precision auto)
-    assert sorted(bodies) == ["W1.hm", "W2.hm"] and loaded.ir_version >= 10
+    assert len(set(bodies)) == 2 and all(bodies) and loaded.ir_version >= 10  # one overload per layer
     assert all(f.name.startswith("Decode") and not f.overload for f in decoders)
 
     x = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
