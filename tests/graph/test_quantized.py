@@ -194,7 +194,8 @@ def test_function_mode_writes_the_storage_it_planned(rng, precision):
     assert record.compressed and record.emit == "function"
     storages = {s for part in record.precision.split(", ") for s in part.split(" ")[1].split("+")}
     assert (storages == {"float"}) == (precision == "float")
-    data = next(t for t in out.graph.initializer if t.name.endswith(".data"))
+    (node,) = [n for n in out.graph.node if n.op_type == "HMatMul"]
+    data = next(t for t in out.graph.initializer if t.name == node.input[1])
     assert data.data_type == (onnx.TensorProto.FLOAT if precision == "float" else onnx.TensorProto.UINT8)
     assert 0 < record.byte_ratio < 1
     x = rng.standard_normal((4, 160)).astype(np.float32)

@@ -161,7 +161,8 @@ def _assert_stored_once(model: onnx.ModelProto, hm) -> None:
 @pytest.mark.parametrize("case", CASES_V2, ids=[c.name for c in CASES_V2])
 def test_function_v2_runs_stock_and_with_the_library(case, tmp_path):
     model = _function_model(case)
-    data = next(t for t in model.graph.initializer if t.name.endswith(".data"))
+    (node,) = [n for n in model.graph.node if n.domain == hmatmul.DOMAIN]
+    data = next(t for t in model.graph.initializer if t.name == node.input[1])
     assert data.data_type == TensorProto.UINT8
     names = sorted(f.name for f in model.functions if f.name != hmatmul.OP_TYPE)
     assert names and set(names) <= set(decode.DECODER_NAMES) and len(set(names)) == len(names)
