@@ -40,9 +40,6 @@ __all__ = [
 # How a compressed layer can be written; ``dehm_onnx.graph.emit.EMITTERS`` has one emitter
 # per name (a test keeps the two equal). The first runs on every onnxruntime provider.
 EMIT_MODES = ("ops", "function", "custom", "auto")
-# Modes whose HMatMul node reads packed layout v1 only (float factors in the weight's dtype):
-# ``custom`` writes layout v2 (every storage) when an array is not in the weight's dtype.
-PACKED_FLOAT_MODES = ("function",)
 # Storages a compressed layer may use, each allowing the ones before it plus a cheaper one
 # (``dehm_onnx.hmatrix.compress``'s ``precision``); ``auto`` allows all of them.
 PRECISIONS = ("auto", "float", "fp16", "int8", "int4")
@@ -81,8 +78,8 @@ class OptimizeConfig:
         metadata={
             "help": "how a compressed layer is written: 'auto' = the cost model's choice per layer, "
             "'ops' = standard ONNX ops ('subgraph' is an old name for it), 'function' = HMatMul node "
-            "with a standard-op function body (float factors), 'custom' = HMatMul node for the compiled "
-            "kernel",
+            "with a standard-op function body that stock onnxruntime runs (weights stored once, every "
+            "storage), 'custom' = HMatMul node for the compiled kernel",
             "choices": _emit_choices,
         },
     )
@@ -92,8 +89,8 @@ class OptimizeConfig:
             "help": "storages of the compressed arrays: 'float' = the weight's dtype only, 'fp16', 'int8', "
             "'int4' = each also allows the ones before it (integers on onnxruntime's quantized kernel, "
             "which quantizes activations to 8 bits); 'auto' = all of them, integers on that kernel only "
-            "where the output bound tol_out leaves room for its error; emit 'function' holds float factors "
-            "only ('auto' means 'float' there)",
+            "where the output bound tol_out leaves room for its error; emit 'function' and 'custom' "
+            "multiply by the exactly dequantized integers instead (float activations)",
             "choices": lambda: list(PRECISIONS),
         },
     )
@@ -229,10 +226,7 @@ class OptimizeConfig:
 
     @property
     def engine_precision(self) -> str:
-        """The storages the engine may use: ``precision``, except that the ``function`` mode
-        writes packed layout v1 (float factors only), so ``auto`` means ``float`` there."""
-        if self.emit in PACKED_FLOAT_MODES and self.precision == "auto":
-            return "float"
+        """The storages the engine may use: ``precision`` (every emit mode writes all of them)."""
         return self.precision
 
     @property
@@ -271,11 +265,6 @@ class OptimizeConfig:
             raise ConfigError(f"emit must be one of {list(EMIT_MODES)}, got {self.emit!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.emit in PACKED_FLOAT_MODES and self.precision not in ("auto", "float"):
-            raise ConfigError(
-                f"precision {self.precision!r} needs emit 'auto', 'ops' or 'custom': emit {self.emit!r} writes the "
-                "HMatMul v1 layout, which holds float factors only"
-            )
 
     def _validate_verification(self) -> None:
         for name in ("tol_out", "max_model_error"):

@@ -148,8 +148,7 @@ def canonical_methods(methods) -> list:
 
 def _dehm_pairs(precisions, emits) -> list[tuple]:
     """The (precision, emit) pairs of the dehm rows: every value must be known to optimize;
-    pairs it refuses together (integers with the float-only ``function``/``custom``
-    layouts) are left out, unless that leaves none."""
+    pairs it refuses together are left out, unless that leaves none."""
     for precision in precisions:
         check_dehm_options(MethodSpec("dehm", precision=precision).dehm_overrides())
     for emit in emits:

@@ -25,13 +25,14 @@ __all__ = ["EMITTERS", "Emission", "EmitContext"]
 EMITTERS = {
     "ops": emit_ops,
     # One HMatMul node (dehm_onnx/ops/hmatmul.py) plus its standard-op function body:
-    # stock onnxruntime runs the body, the compiled library the node (layout v1, float).
+    # stock onnxruntime runs the body, the compiled library the node (layout v1, or v2
+    # decoded in the body by the model-local ai.dehm.Decode* functions).
     "function": emit_function,
     # The HMatMul node alone (layout v1, or v2 for quantized arrays): needs the compiled
     # library (dehm_onnx.make_session).
     "custom": emit_custom,
     # The default: the cost model's choice per layer (today always standard ops, which run on
-    # stock runtimes; custom needs the library, function packs float factors).
+    # stock runtimes; custom needs the library).
     "auto": emit_ops,
 }
 

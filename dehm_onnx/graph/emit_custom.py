@@ -17,10 +17,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ..hmatrix import pack
-from ..ops import hmatmul
-from .emit_function import SUPPORTED_DTYPES, hmatmul_node, packed_inputs
-from .emit_ops import Emission, emit_ops, initializer
+from .emit_function import SUPPORTED_DTYPES, hmatmul_node, packed_inputs, packed_inputs_v2
+from .emit_ops import Emission, emit_ops
 
 __all__ = ["emit_custom"]
 
@@ -33,13 +31,6 @@ def emit_custom(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission:
     if dtype not in SUPPORTED_DTYPES:
         logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
         return emit_ops(hm, x, prefix, dtype, context)
-    packed = packed_inputs(hm, prefix, dtype) if all(b.is_float for b in hm.blocks) else _packed_inputs_v2(hm, prefix)
+    packed = packed_inputs(hm, prefix, dtype) if all(b.is_float for b in hm.blocks) else packed_inputs_v2(hm, prefix)
     node = hmatmul_node(x, prefix, packed)
     return Emission([node], packed, node.outputs[0], family="custom", inputs=list(packed))
-
-
-def _packed_inputs_v2(hm, prefix: str) -> list[ir.Value]:
-    """The four layout-v2 initializers of ``hm``, named as ``packed_inputs`` names them."""
-    packed = pack(hm, version=2)
-    arrays = (packed.data, packed.layout, packed.row_perm, packed.col_perm)
-    return [initializer(f"{prefix}.{field}", a) for a, field in zip(arrays, hmatmul.INPUTS[1:])]

@@ -3,33 +3,57 @@
     y = HMatMul(x, data, layout, row_perm, col_perm)    (node.overload = the layer's prefix)
 
 The node follows the op contract in ``dehm_onnx/ops/hmatmul.py``; the four packed arrays
-(``dehm_onnx/hmatrix/pack.py``) are the layer's only weight initializers. The model also
-gets a ``FunctionProto`` with the same domain, name and overload (model IR version 10)
-whose body computes the same product with standard ops:
+(``dehm_onnx/hmatrix/pack.py``) are the layer's only weight initializers, in layout version 1
+(``data`` in the activation dtype) when every stored array is in the weight's dtype, else in
+layout version 2 (``data`` uint8, every array in its float16/int8/int4 storage), exactly as
+``--emit custom`` writes them. The model also gets a ``FunctionProto`` with the same domain,
+name and overload (model IR version 10) whose body computes the same product with standard
+ops:
 
 - stock onnxruntime inlines the body, so the file runs everywhere;
 - with the custom-op library registered (``dehm_onnx.make_session``), the compiled kernel
   runs instead, for every overload.
 
-The body is the ``ops`` emission (``emit_ops``) of the same H-matrix with each factor
-initializer replaced by ``Reshape(Slice(data, offset, offset + size))`` of the function's
-``data`` input (stacked factors by a ``Concat`` of such slices), so the weights are stored
-once. These nodes depend only on ``data``, an initializer, and onnxruntime folds them into
-constants when the session is created. Index constants become ``Constant`` nodes.
+The body is the ``blocks`` family of the ``ops`` emission (``emit_ops.emit_blocks``) of the
+same H-matrix, every array in float, with each factor initializer replaced by nodes reading
+the function's ``data`` input (stacked factors by a ``Concat`` of such pieces, a factor cut
+at another block's column boundary by a ``Slice`` of its columns), so the weights are stored
+once:
+
+- layout v1: ``Reshape(Slice(data, offset, offset + size))``;
+- layout v2: ``DecodeXxx(data, spec)``, a call of the model-local function that decodes the
+  array's bytes into its exact dequantized values (``decode.py``; one per storage format,
+  stored once per model and shared by every layer), then a ``Cast`` to float16 for float16
+  activations. A low-rank block of several tiers is ``sum_t (x_b @ U_t) @ Vt_t``.
+
+These nodes depend only on ``data``, an initializer, and onnxruntime folds them into constants
+when the session is created (integers are multiplied as their dequantized float values, as
+the folded form of the ``ops`` emission does). Index constants become ``Constant`` nodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
-from ..hmatrix import BlockKind, pack
+from ..hmatrix import Block, BlockKind, StoredArray, pack
+from ..hmatrix.pack import ArrayLocation, array_locations, unpack
 from ..ops import hmatmul
-from .emit_ops import Emission, emit_ops, initializer
+from .decode import CONSTANT_ATTRIBUTES_OPSET, decode_call, decode_spec, decoder_functions, decoder_name
+from .emit_ops import Emission, EmitContext, emit_blocks, emit_ops, initializer
 
-__all__ = ["emit_function", "fit_function_to_model", "FUNCTION_OPSET", "SUPPORTED_DTYPES", "FUNCTION_IR_VERSION"]
+__all__ = [
+    "emit_function",
+    "fit_function_to_model",
+    "packed_inputs",
+    "packed_inputs_v2",
+    "FUNCTION_OPSET",
+    "SUPPORTED_DTYPES",
+    "FUNCTION_IR_VERSION",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +73,13 @@ def packed_inputs(hm, prefix: str, dtype) -> list[ir.Value]:
     return [initializer(f"{prefix}.{field}", a) for a, field in zip(arrays, hmatmul.INPUTS[1:])]
 
 
+def packed_inputs_v2(hm, prefix: str) -> list[ir.Value]:
+    """The four layout-v2 initializers of ``hm`` (``data`` uint8), named as ``packed_inputs`` names them."""
+    packed = pack(hm, version=2)
+    arrays = (packed.data, packed.layout, packed.row_perm, packed.col_perm)
+    return [initializer(f"{prefix}.{field}", a) for a, field in zip(arrays, hmatmul.INPUTS[1:])]
+
+
 def hmatmul_node(x: ir.Value, prefix: str, packed: list[ir.Value], overload: str = "") -> ir.Node:
     """The layer's ``HMatMul`` node (contract: ``dehm_onnx.ops.hmatmul``)."""
     name = f"{prefix}/hmatmul"
@@ -59,44 +90,71 @@ def hmatmul_node(x: ir.Value, prefix: str, packed: list[ir.Value], overload: str
 
 
 class _FactorIndex:
-    """Finds a stacked factor matrix as a run of contiguous ranges of the packed ``data``."""
+    """Finds a stacked factor matrix as a run of stored factors (each from a ``source``)."""
 
-    def __init__(self, hm, dtype):
+    def __init__(self):
+        self.by_first_row: dict[tuple[int, bytes], list[tuple[object, np.ndarray]]] = {}
+
+    @classmethod
+    def packed_v1(cls, hm, dtype) -> "_FactorIndex":
+        """The factors of ``pack(hm)``, each found by its offset in ``data``."""
+        index = cls()
         packed = pack(hm)
-        self.by_first_row: dict[tuple[int, bytes], list[tuple[int, np.ndarray]]] = {}
         for kind, r0, r1, c0, c1, rank, off in packed.layout.tolist():
             rows, cols = r1 - r0, c1 - c0
             if kind == BlockKind.DENSE:
-                self._add(off, packed.data[off : off + rows * cols].reshape(rows, cols), dtype)
+                index.add(off, packed.data[off : off + rows * cols].reshape(rows, cols).astype(dtype))
             elif kind == BlockKind.LOWRANK and rank > 0:
-                self._add(off, packed.data[off : off + rows * rank].reshape(rows, rank), dtype)
+                index.add(off, packed.data[off : off + rows * rank].reshape(rows, rank).astype(dtype))
                 vt_off = off + rows * rank
-                self._add(vt_off, packed.data[vt_off : vt_off + rank * cols].reshape(rank, cols), dtype)
+                index.add(vt_off, packed.data[vt_off : vt_off + rank * cols].reshape(rank, cols).astype(dtype))
+        return index
 
-    def _add(self, offset: int, factor: np.ndarray, dtype) -> None:
-        factor = factor.astype(dtype)
-        key = (factor.shape[1], factor[0].tobytes())
-        self.by_first_row.setdefault(key, []).append((offset, factor))
+    def add(self, source, factor: np.ndarray) -> None:
+        """Index ``factor`` (2-D, in the activation dtype), read from ``source``."""
+        if factor.size:
+            key = (factor.shape[1], factor[0].tobytes())
+            self.by_first_row.setdefault(key, []).append((source, factor))
 
     def pieces(self, array: np.ndarray):
-        """``[(offset, shape), ...]`` whose row-stacking equals ``array`` exactly, or None."""
+        """``[(source, shape, columns), ...]`` whose row-stacking equals ``array`` exactly, or
+        None; ``columns`` is None for a whole factor, else the ``(start, stop)`` of the factor's
+        columns to take (where the emission cut a block at a column boundary of another)."""
         if array.ndim != 2 or array.shape[0] == 0:
             return None
         out, pos = [], 0
         while pos < array.shape[0]:
-            for offset, factor in self.by_first_row.get((array.shape[1], array[pos].tobytes()), []):
+            for source, factor in self.by_first_row.get((array.shape[1], array[pos].tobytes()), []):
                 end = pos + factor.shape[0]
                 if end <= array.shape[0] and np.array_equal(array[pos:end], factor):
-                    out.append((offset, factor.shape))
+                    out.append((source, factor.shape, None))
                     pos = end
                     break
             else:
-                return None
+                window = self._window(array, pos) if np.any(array) else None
+                if window is None:
+                    return None
+                out.append(window)
+                pos += window[1][0]
         return out
+
+    def _window(self, array: np.ndarray, pos: int):
+        """A wider factor some of whose columns equal the rows of ``array`` from ``pos`` on."""
+        width = array.shape[1]
+        for factors in self.by_first_row.values():
+            for source, factor in factors:
+                rows = factor.shape[0]
+                if factor.shape[1] <= width or pos + rows > array.shape[0]:
+                    continue
+                for start in range(factor.shape[1] - width + 1):
+                    if np.array_equal(factor[:, start : start + width], array[pos : pos + rows]):
+                        return source, factor.shape, (start, start + width)
+        return None
 
 
 class _BodyBuilder:
-    """Makes the ops emission's initializers the outputs of function-body nodes."""
+    """Makes the ops emission's initializers the outputs of function-body nodes (layout v1:
+    each factor is ``Reshape(Slice(data, offset, offset + size))``)."""
 
     def __init__(self, index: _FactorIndex, data: ir.Value):
         self.index = index
@@ -111,6 +169,15 @@ class _BodyBuilder:
         self.nodes.append(ir.node("Constant", [], {"value": tensor}, outputs=[out], name=""))
         return out
 
+    def source(self, offset: int, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
+        """The factor of ``shape`` at ``offset`` of ``data``, written into ``out``."""
+        start = self.const(f"{stem}/start", np.array([offset], np.int64))
+        end = self.const(f"{stem}/end", np.array([offset + shape[0] * shape[1]], np.int64))
+        dims = self.const(f"{stem}/shape", np.array(shape, np.int64))
+        flat = ir.node("Slice", [self.data, start, end], outputs=[ir.Value(name=f"{stem}/flat")], name="")
+        self.nodes += [flat, ir.node("Reshape", [flat.outputs[0], dims], outputs=[out], name="")]
+        return out
+
     def factor(self, value: ir.Value, array: np.ndarray) -> None:
         pieces = self.index.pieces(array)
         if pieces is None:
@@ -119,27 +186,112 @@ class _BodyBuilder:
             self.const(value, array)
             return
         parts = []
-        for i, (offset, shape) in enumerate(pieces):
-            size = shape[0] * shape[1]
+        for i, (source, shape, columns) in enumerate(pieces):
             stem = value.name if len(pieces) == 1 else f"{value.name}/part{i}"
-            start = self.const(f"{stem}/start", np.array([offset], np.int64))
-            end = self.const(f"{stem}/end", np.array([offset + size], np.int64))
-            dims = self.const(f"{stem}/shape", np.array(shape, np.int64))
-            flat = ir.node("Slice", [self.data, start, end], outputs=[ir.Value(name=f"{stem}/flat")], name="")
-            out = value if len(pieces) == 1 else ir.Value(name=stem)
-            self.nodes += [flat, ir.node("Reshape", [flat.outputs[0], dims], outputs=[out], name="")]
-            parts.append(out)
+            out = value if len(pieces) == 1 and columns is None else ir.Value(name=stem)
+            part = self.source(source, shape, stem, out)
+            if columns is not None:
+                out = value if len(pieces) == 1 else ir.Value(name=f"{stem}/columns")
+                start, stop = (self.const(f"{out.name}/{n}", np.array([c], np.int64)) for n, c in zip(("c0", "c1"), columns))
+                axis = self.const(f"{out.name}/axis", np.array([1], np.int64))
+                self.nodes.append(ir.node("Slice", [part, start, stop, axis], outputs=[out], name=""))
+                part = out
+            parts.append(part)
         if len(parts) > 1:
             self.nodes.append(ir.node("Concat", parts, {"axis": 0}, outputs=[value], name=""))
+        elif parts[0] is not value:
+            ir.convenience.replace_all_uses_with(value, parts[0])
+
+
+class _DecodingBodyBuilder(_BodyBuilder):
+    """Layout v2: each stored array is decoded once from the bytes of ``data`` by a call to its
+    ``ai.dehm.Decode*`` function (``decode.py``), then cast to the activation dtype."""
+
+    def __init__(self, index: _FactorIndex, data: ir.Value, dtype, opset: int):
+        super().__init__(index, data)
+        self.dtype = np.dtype(dtype)
+        self.decoded: dict[ArrayLocation, ir.Value] = {}
+        self.attributes = opset >= CONSTANT_ATTRIBUTES_OPSET
+
+    def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
+        """A ``Constant`` node: ``value_ints`` for a 1-D int64 array (opset >= 12), else an
+        unnamed tensor."""
+        out = ir.Value(name=value) if isinstance(value, str) else value
+        array = np.ascontiguousarray(array)
+        if self.attributes and array.dtype == np.int64 and array.ndim == 1 and array.size:
+            attrs = {"value_ints": [int(v) for v in array]}
+        else:
+            attrs = {"value": ir.tensor(array)}
+        self.nodes.append(ir.node("Constant", [], attrs, outputs=[out], name=""))
+        return out
+
+    def source(self, where: ArrayLocation, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
+        if where not in self.decoded:
+            spec = self.const(f"a{len(self.decoded)}/spec", decode_spec(where.format, where.offset, *where.shape, where.scale_offset))
+            value = ir.Value(name=f"a{len(self.decoded)}")
+            self.nodes.append(decode_call(self.data, spec, where.format, value))
+            if self.dtype != np.float32:
+                cast = ir.node("Cast", [value], {"to": ir.DataType.from_numpy(self.dtype)}, name="",
+                               outputs=[ir.Value(name=f"{value.name}/cast")])
+                self.nodes.append(cast)
+                value = cast.outputs[0]
+            self.decoded[where] = value
+        return self.decoded[where]
 
 
 def function_body(hm, prefix: str, dtype, overload: str) -> ir.Function:
-    """The model-local function ``ai.dehm.HMatMul`` (this overload) computing ``X @ W_H``."""
-    from .emit_ops import EmitContext, emit_blocks
-
+    """The model-local function ``ai.dehm.HMatMul`` (this overload) computing ``X @ W_H`` from
+    the layout-v1 inputs of ``hm`` (every array in the weight's dtype)."""
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
+    return _body_function(hm, prefix, dtype, overload, inputs, _BodyBuilder(_FactorIndex.packed_v1(hm, dtype), inputs[1]))
+
+
+def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int) -> tuple[ir.Function, list[str]]:
+    """The function body for the layout-v2 inputs of ``hm`` (``packed_inputs_v2``) in a model
+    of default-domain ``opset``, and the names of the ``ai.dehm.Decode*`` functions it calls.
+
+    The product is the ``blocks`` emission of the H-matrix that ``unpack`` reads back from the
+    packed bytes, every array as float values in the activation dtype (one term per tier), and
+    each of its factor initializers is replaced by the decoded arrays it stacks.
+    """
+    packed = pack(hm, version=2)
+    stored = unpack(packed)
+    locations = array_locations(packed)
+    arrays = [a for b in stored.blocks for a in b.storage]
+    assert len(arrays) == len(locations), "Bug: unpack and array_locations list different arrays"
+    index = _FactorIndex()
+    for where, array in zip(locations, arrays):
+        index.add(where, array.dequantized().astype(dtype))
+    floats = dataclasses.replace(stored, dtype=np.dtype(dtype), blocks=tuple(_exact_block(b, dtype) for b in stored.blocks))
+    inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
+    body = _DecodingBodyBuilder(index, inputs[1], dtype, opset)
+    function = _body_function(floats, prefix, dtype, overload, inputs, body)
+    function.opset_imports[hmatmul.DOMAIN] = hmatmul.VERSION
+    _shorten_names(function)
+    return function, sorted({decoder_name(where.format) for where in body.decoded})
+
+
+def _shorten_names(function: ir.Function) -> None:
+    """Empty node names and ``v<i>`` value names inside a body: names are local to a function,
+    and the layer prefix repeated in every name took half of a filterbank body's bytes."""
+    outputs = set(map(id, function.outputs))
+    count = 0
+    for node in function:
+        node.name = ""
+        for value in node.outputs:
+            if id(value) not in outputs:
+                value.name = f"v{count}"
+                count += 1
+
+
+def _exact_block(b, dtype):
+    """``b`` with every stored array replaced by its dequantized values in ``dtype`` (FLOAT)."""
+    arrays = tuple(StoredArray.exact(a.dequantized().astype(dtype)) for a in b.storage)
+    return Block(b.kind, b.r0, b.r1, b.c0, b.c1, storage=arrays)
+
+
+def _body_function(hm, prefix: str, dtype, overload: str, inputs: list[ir.Value], body: _BodyBuilder) -> ir.Function:
     emission = emit_blocks(hm, inputs[0], prefix, dtype, EmitContext(family="blocks"))
-    body = _BodyBuilder(_FactorIndex(hm, dtype), inputs[1])
     for value in emission.initializers:
         array = value.const_value.numpy()
         value.const_value = None  # the value becomes a body node's output
@@ -174,25 +326,28 @@ def fit_function_to_model(model: ir.Model, function: ir.Function) -> None:
 def emit_function(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission:
     """Emit ``x @ W_H`` as one ``HMatMul`` node plus its model-local function body.
 
-    For activation dtypes the op does not support (anything but float32/float16) this
-    falls back to the ``ops`` emission.
+    Packed layout v1 when every array of ``hm`` is in the weight's dtype, else layout v2 with
+    the ``ai.dehm.Decode*`` functions its body calls. For activation dtypes the op does not
+    support (anything but float32/float16) this falls back to the ``ops`` emission.
     """
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
         logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
         return emit_ops(hm, x, prefix, dtype, context)
-    packed = packed_inputs(hm, prefix, dtype)
+    if all(b.is_float for b in hm.blocks):
+        packed = packed_inputs(hm, prefix, dtype)
+        functions = [function_body(as_float(hm), prefix, dtype, prefix)]
+    else:
+        opset = (context or EmitContext()).opset
+        packed = packed_inputs_v2(hm, prefix)
+        body, decoders = function_body_v2(hm, prefix, dtype, prefix, opset)
+        functions = [body, *decoder_functions(decoders, opset)]
     node = hmatmul_node(x, prefix, packed, overload=prefix)
-    return Emission([node], packed, node.outputs[0], [function_body(as_float(hm), prefix, dtype, prefix)],
-                    family="function", inputs=list(packed))
+    return Emission([node], packed, node.outputs[0], functions, family="function", inputs=list(packed))
 
 
 def as_float(hm):
     """``hm`` with every array in float (its dequantized values), as packed layout v1 holds it."""
-    import dataclasses
-
-    from ..hmatrix import Block
-
     blocks = []
     for b in hm.blocks:
         if b.kind == BlockKind.DENSE:

@@ -122,6 +122,8 @@ __all__ = [
     "validate_packed",
     "format_code",
     "decode_format",
+    "ArrayLocation",
+    "array_locations",
 ]
 
 LAYOUT_VERSION = 1  # what ``pack(hm)`` writes
@@ -460,6 +462,37 @@ def unpack(packed: PackedHMatrix, norm: float = float("nan"), certified_error: f
     row_perm = packed.row_perm if packed.row_perm.size else None
     col_perm = packed.col_perm if packed.col_perm.size else None
     return HMatrix(shape, dtype, tuple(blocks), norm, certified_error, tol, row_perm, col_perm)
+
+
+@dataclass(frozen=True)
+class ArrayLocation:
+    """Where one array of a version-2 ``data`` lies: term row ``row`` of the layout, format
+    code, byte offset, shape ``(K, N)`` and, for an integer array, where its scales start."""
+
+    row: int
+    format: int
+    offset: int
+    shape: tuple[int, int]
+    scale_offset: int = 0
+
+
+def array_locations(packed: PackedHMatrix) -> list[ArrayLocation]:
+    """Every array of a version-2 packed H-matrix, in layout order (``A`` then ``B`` of each
+    term row), the order in which ``unpack`` lists the blocks' ``storage``.
+
+    Raises:
+        ValueError: ``packed`` is not a valid version-2 layout.
+    """
+    if packed.version != 2:
+        raise ValueError(f"array_locations reads layout version 2, got version {packed.version}")
+    validate_packed(packed.data, packed.layout, packed.row_perm, packed.col_perm)
+    out = []
+    for i, row in enumerate(packed.layout.tolist()[1:], start=1):
+        for _, code, offset, k, n in _term_arrays(i, row, packed.data):
+            elem, _, group = decode_format(code)
+            scales = _align(offset + _elem_nbytes(elem, k * n)) if group else 0
+            out.append(ArrayLocation(i, code, offset, (k, n), scales))
+    return out
 
 
 def _unpack_v1_blocks(data: np.ndarray, layout: np.ndarray) -> list[Block]:

@@ -177,25 +177,26 @@ def test_storage_enum_labels_match_the_report():
     assert [s.label for s in Storage] == ["float", "fp16", "int8", "int4"]
 
 
-def test_function_mode_refuses_smaller_storages():
-    """The function mode's packed layout v1 holds float factors only: asking for integers is an
-    error; custom (layout v2) takes every storage."""
-    from dehm_onnx.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="precision 'int4' needs emit 'auto', 'ops' or 'custom': emit 'function'"):
-        dehm_onnx.OptimizeConfig(emit="function", precision="int4")
-    assert dehm_onnx.OptimizeConfig(emit="custom", precision="int4").engine_precision == "int4"
-    assert dehm_onnx.OptimizeConfig(emit="custom").engine_precision == "auto"
+def test_function_mode_takes_every_storage():
+    """The function mode writes layout v2 (decoded by its body) for smaller storages, as custom does."""
+    for emit in ("function", "custom"):
+        assert dehm_onnx.OptimizeConfig(emit=emit, precision="int4").engine_precision == "int4"
+        assert dehm_onnx.OptimizeConfig(emit=emit).engine_precision == "auto"
 
 
-def test_function_mode_compresses_in_float(rng):
-    """With the default precision, the function mode's engine uses float storage only, so the
-    bytes it planned are the bytes it writes."""
+@pytest.mark.parametrize("precision", ["auto", "float"])
+def test_function_mode_writes_the_storage_it_planned(rng, precision):
+    """The bytes the engine planned are the bytes the function mode writes: layout v2 keeps
+    float16 and integer arrays (``auto``), layout v1 float ones."""
     model = _gemm(smooth_kernel(160, 128), bias=False)
-    out, report = dehm_onnx.optimize(model, emit="function", tol=1e-2, min_size=8)
+    out, report = dehm_onnx.optimize(model, emit="function", tol=1e-2, min_size=8, precision=precision)
     (record,) = report.layers
     assert record.compressed and record.emit == "function"
-    assert {part.split(" ")[1] for part in record.precision.split(", ")} == {"float"}
+    storages = {s for part in record.precision.split(", ") for s in part.split(" ")[1].split("+")}
+    assert (storages == {"float"}) == (precision == "float")
+    (node,) = [n for n in out.graph.node if n.op_type == "HMatMul"]
+    data = next(t for t in out.graph.initializer if t.name == node.input[1])
+    assert data.data_type == (onnx.TensorProto.FLOAT if precision == "float" else onnx.TensorProto.UINT8)
     assert 0 < record.byte_ratio < 1
     x = rng.standard_normal((4, 160)).astype(np.float32)
     y, y0 = run_model(out, {"x": x})[0], run_model(model, {"x": x})[0]

@@ -111,7 +111,10 @@ def test_optimized_function_model_same_outputs_stock_and_library(tmp_path):
     loaded = onnx.load(path)
     onnx.checker.check_model(loaded)
     assert [n.op_type for n in loaded.graph.node if n.domain == hmatmul.DOMAIN] == ["HMatMul", "HMatMul"]
-    assert len(loaded.functions) == 2 and loaded.ir_version >= 10
+    bodies = [f.overload for f in loaded.functions if f.name == "HMatMul"]
+    decoders = [f for f in loaded.functions if f.name != "HMatMul"]  # layout v2 layers' (precision auto)
+    assert len(set(bodies)) == 2 and all(bodies) and loaded.ir_version >= 10  # one overload per layer
+    assert all(f.name.startswith("Decode") and not f.overload for f in decoders)
 
     x = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
     stock = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
@@ -131,11 +134,12 @@ def test_optimized_function_model_same_outputs_stock_and_library(tmp_path):
     np.testing.assert_allclose(library, stock, rtol=1e-4, atol=1e-4 * np.abs(stock).max())
 
 
-def test_optimized_custom_model_matches_function_model_with_library():
+@pytest.mark.parametrize("precision", ["float", "auto"])
+def test_optimized_custom_model_matches_function_model_with_library(precision):
     model, _ = _two_layer_model()
-    # float storage: custom then writes layout v1, as function always does
-    custom, _ = dehm_onnx.optimize(model, emit="custom", tol=1e-3, precision="float")
-    function, _ = dehm_onnx.optimize(model, emit="function", tol=1e-3)
+    # the same precision: both write the same packed layout (v1 for float storage, else v2)
+    custom, _ = dehm_onnx.optimize(model, emit="custom", tol=1e-3, precision=precision)
+    function, _ = dehm_onnx.optimize(model, emit="function", tol=1e-3, precision=precision)
     assert not custom.functions and all(n.overload == "" for n in custom.graph.node)
     x = np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32)
     y_custom = make_session(custom).run(None, {"X": x})[0]

@@ -188,7 +188,7 @@ def test_verify_measures_every_emission_mode_alike():
     orig = mlp([graded_matrix(rng, 96, 96, 0.8), graded_matrix(rng, 96, 64, 0.8)])
     errors = {}
     for emit in ("subgraph", "function", "custom"):
-        # Float storage, the one the packed HMatMul layout holds: the same W_H in every mode.
+        # Float storage: the same W_H in every mode (ops may run integers on MatMulNBits).
         opt, report = dehm_onnx.optimize(orig, tol=TOL, min_size=8, emit=emit, precision="float")
         result = verify(orig, opt)
         assert result.ok and all(layer.isolated for layer in result.layers)
