@@ -159,6 +159,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         self._written = []
         self._notes = []
         self._prefixes = []
+        self._counted_functions = set(model.functions)  # identifiers
         self._model_opset = model.opset_imports.get("", 0)
         selection = select_candidates(model, self.config)
         compressed = self._compress_groups(selection)
@@ -179,6 +180,7 @@ class CompressWeightsPass(ir.passes.InPlacePass):
             skip = self._byte_check(cand, emission, hm, tol, users)
             if skip is None:
                 emitted[cand.share_key] = (emission, local)
+                self._counted_functions.update(f.identifier() for f in emission.functions)
             else:
                 for other in selection.candidates:
                     if other.share_key == cand.share_key and id(other) not in selection.skips:
@@ -256,11 +258,13 @@ class CompressWeightsPass(ir.passes.InPlacePass):
         layer's ``dehm.layers`` metadata entry against the stored tensor, the constants its
         source chain reads and the node replaced (and at most ``max_ratio`` of them). The
         nodes and entry are counted once per user of a shared weight (``users``, with
-        ``cand``), the tensors and functions once."""
+        ``cand``), the tensors and functions once (a function an earlier layer brought, not at all)."""
         per_user = _protobuf_bytes(emission.nodes, [])
         per_user += len(json.dumps(self._compressed_record(cand, hm, tol, emission, 0).metadata_entry()))
         after = _emitted_bytes(emission) + sum(_initializer_header_bytes(v) for v in emission.initializers)
-        after += _protobuf_bytes([], emission.functions)
+        # A function another layer already brought (the ai.dehm decoders) is stored once.
+        new = [f for f in emission.functions if f.identifier() not in self._counted_functions]
+        after += _protobuf_bytes([], new)
         after += max(len(users), 1) * (per_user + MODEL_METADATA_BYTES)
         before = _source_bytes(cand) + INITIALIZER_BYTES + _protobuf_bytes([u.node for u in users] or [cand.node], [])
         return check_gain(after, before, self._tol(cand), self.config.max_ratio)
