@@ -407,3 +407,22 @@ def test_omitted_optional_outputs_are_not_a_rewrite_error(rng):
     out, report = optimize(model, no_verify=True)
     assert report.layers[0].compressed and out.graph.node[0].output[0] == "d"  # a trailing "" may be dropped
     onnx.checker.check_model(out)
+
+
+def test_byte_check_counts_shared_decoder_functions_once(rng, monkeypatch):
+    """Two like layers in ``function`` mode with integer storage: the second layer's byte
+    check does not pay again for the ``ai.dehm`` decoder functions the first one brought."""
+    from dehm_onnx.graph import rewrite
+
+    seen = []
+    real = rewrite.check_gain
+    monkeypatch.setattr(rewrite, "check_gain", lambda after, before, *a: seen.append(after) or real(after, before, *a))
+    w = smooth_kernel(128, 128)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    model = make_model(nodes, [("x", np.float32, ["B", 128])], [("y", np.float32, ["B", 128])], [("w1", w), ("w2", 2 * w)])
+    out, report = dehm_onnx.optimize(model, emit="function", precision="int8", tol=1e-2, no_verify=True)
+    assert [r.compressed for r in report.layers] == [True, True]
+    decoders = [f for f in out.functions if f.name.startswith("Decode")]
+    assert decoders and len({f.name for f in decoders}) == len(decoders)
+    decoder_bytes = sum(f.ByteSize() for f in decoders)
+    assert len(seen) == 2 and seen[0] - seen[1] >= 0.9 * decoder_bytes, (seen, decoder_bytes)
