@@ -203,13 +203,17 @@ def test_rewrite_fp16_weights_stay_fp16(rng):
     assert rel_fro(y, exact) <= output_bound(x, w, report.layers[0].rel_certified_error, np.float16)
 
 
-def test_rewrite_shared_weight_compressed_once(rng):
-    w = low_rank(rng, 128, 128)
+def _shared_weight_model(rng):
+    """``y = (x @ W) @ W`` with one low-rank 128 x 128 ``W`` read by both MatMuls."""
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
         helper.make_node("MatMul", ["h", "w"], ["y"], name="second"),
     ]
-    model = make_model(nodes, [("x", np.float32, ["B", 128])], [("y", np.float32, ["B", 128])], [("w", w)])
+    return make_model(nodes, [("x", np.float32, ["B", 128])], [("y", np.float32, ["B", 128])], [("w", low_rank(rng, 128, 128))])
+
+
+def test_rewrite_shared_weight_compressed_once(rng):
+    model = _shared_weight_model(rng)
     out, report = optimize(model)
     assert [r.compressed for r in report.layers] == [True, True]
     emitted_params = sum(int(np.prod(t.dims)) for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
@@ -220,12 +224,7 @@ def test_rewrite_shared_weight_compressed_once(rng):
 
 
 def test_rewrite_shared_weight_function_body_stored_once(rng):
-    w = low_rank(rng, 128, 128)
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
-        helper.make_node("MatMul", ["h", "w"], ["y"], name="second"),
-    ]
-    model = make_model(nodes, [("x", np.float32, ["B", 128])], [("y", np.float32, ["B", 128])], [("w", w)])
+    model = _shared_weight_model(rng)
     out, report = optimize(model, emit="function", no_verify=True)
     assert [r.emit for r in report.layers] == ["function", "function"]
     calls = [n for n in out.graph.node if n.op_type == "HMatMul"]
