@@ -39,8 +39,8 @@ AUTO_MIN_ELEMENTS = 1 << 20
 
 @dataclass(frozen=True)
 class LayerTask:
-    """One weight to compress: ``compress(W, tol, seed=seed, precision=..., block_overhead=...)``
-    with ``W = source`` (or its transpose).
+    """One weight to compress: ``compress(W, tol, seed=seed, precision=..., block_overhead=...,
+    scale_dtype=...)`` with ``W = source`` (or its transpose).
 
     ``stored_nbytes`` is what the weight takes in the model as stored (its tensor and the
     constants computing it); the compressed form must take fewer bytes (``check_gain``).
@@ -55,6 +55,7 @@ class LayerTask:
     precision: str = "float"
     block_overhead: int = 64
     stored_nbytes: int | None = None
+    scale_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def run_task(task: LayerTask) -> LayerResult:
             return LayerResult(None, Skip.of(SkipReason.NON_FINITE, weight=task.name, count=bad), dense)
         matrix = w.T if task.transpose else w
         try:
-            hm = compress(matrix, task.tol, seed=task.seed, precision=task.precision, block_overhead=task.block_overhead)
+            hm = compress(matrix, task.tol, seed=task.seed, precision=task.precision, block_overhead=task.block_overhead,
+                          scale_dtype=task.scale_dtype)
         except (CompressionError, InvalidWeightError) as e:
             return LayerResult(None, Skip.of(SkipReason.COMPRESSION_FAILED, error=str(e)), dense)
         stored = task.stored_nbytes if task.stored_nbytes is not None else hm.dense_nbytes

@@ -245,3 +245,27 @@ def test_small_layers_keep_the_precision_whose_emission_is_smaller(monkeypatch):
     monkeypatch.setattr(rewrite, "SMALL_WEIGHT_ELEMENTS", 0)  # the engine's mixed precision alone
     mixed = file_bytes()
     assert default <= min(fp16, mixed) and default < max(fp16, mixed), (default, fp16, mixed)
+
+
+@pytest.mark.parametrize("emit", ["custom", "function"])
+def test_packed_modes_store_float16_scales(emit):
+    """``custom`` and ``function`` keep a float32 weight's integer scales in float16 (half the
+    bytes; their kernels and decoders read them) and stay within the certified bound. (Standard
+    ops keep the activation's dtype, the form onnxruntime fuses into ``MatMulNBits``.)"""
+    from onnx import numpy_helper
+
+    from dehm_onnx.hmatrix.pack import FORMATS, Elem, decode_format
+    from dehm_onnx.ops.library import make_session
+
+    w = smooth_kernel(256, 192)
+    out, report = dehm_onnx.optimize(_gemm(w, bias=False), tol=1e-2, emit=emit, precision="int8", no_verify=True)
+    (record,) = report.layers
+    assert record.compressed and "int8" in record.precision
+    x = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32)
+    runs = [make_session(out).run(None, {"x": x})[0]] + ([run_model(out, {"x": x})[0]] if emit == "function" else [])
+    for y in runs:  # the kernel, and for function files also the body on stock onnxruntime
+        assert rel_fro(y, x.astype(np.float64) @ w) <= output_bound(x, w, record.rel_certified_error, np.float32)
+    layout = next(numpy_helper.to_array(t) for t in out.graph.initializer if t.data_type == TensorProto.INT64 and len(t.dims) == 2 and t.dims[1] == 8)
+    codes = [c for row in layout[1:] for c in (row[FORMATS] % 65536, row[FORMATS] // 65536) if c]
+    ints = [decode_format(int(c)) for c in codes if decode_format(int(c))[0] in (Elem.INT8, Elem.INT4)]
+    assert ints and all(scale == Elem.FLOAT16 for _, scale, _ in ints)
