@@ -122,21 +122,26 @@ class _FactorIndex:
         columns to take (where the emission cut a block at a column boundary of another)."""
         if array.ndim != 2 or array.shape[0] == 0:
             return None
-        out, pos = [], 0
-        while pos < array.shape[0]:
-            for source, factor in self.by_first_row.get((array.shape[1], array[pos].tobytes()), []):
-                end = pos + factor.shape[0]
-                if end <= array.shape[0] and np.array_equal(array[pos:end], factor):
-                    out.append((source, factor.shape, None))
-                    pos = end
-                    break
-            else:
-                window = self._window(array, pos) if np.any(array) else None
-                if window is None:
-                    return None
-                out.append(window)
-                pos += window[1][0]
-        return out
+        return self._cover(array, 0)
+
+    def _cover(self, array: np.ndarray, pos: int):
+        """Pieces for the rows of ``array`` from ``pos`` on, or None. Factors that start with
+        the same row are tried longest first, and the next is tried when the rest cannot be
+        covered (a one-row factor may equal the first row of a taller one)."""
+        if pos == array.shape[0]:
+            return []
+        candidates = self.by_first_row.get((array.shape[1], array[pos].tobytes()), [])
+        for source, factor in sorted(candidates, key=lambda c: -c[1].shape[0]):
+            end = pos + factor.shape[0]
+            if end <= array.shape[0] and np.array_equal(array[pos:end], factor):
+                rest = self._cover(array, end)
+                if rest is not None:
+                    return [(source, factor.shape, None), *rest]
+        window = self._window(array, pos) if np.any(array) else None
+        if window is None:
+            return None
+        rest = self._cover(array, pos + window[1][0])
+        return None if rest is None else [window, *rest]
 
     def _window(self, array: np.ndarray, pos: int):
         """A wider factor some of whose columns equal the rows of ``array`` from ``pos`` on."""

@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from hmatmul_cases import CASES_V2
+from hmatmul_cases import CASES_V2, Case
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -199,6 +199,24 @@ def test_function_v2_random_tilings(tmp_path_factory, case):
     assert_matches(case, make_session(model).run(None, {"X": case.x})[0])
 
 
+def test_function_body_reads_a_factor_whose_first_row_another_factor_shares():
+    """A dense block whose first row equals a one-row ``Vt`` elsewhere (found by hypothesis):
+    the body takes the dense block whole from the packed data instead of copying it."""
+    u = np.array([[1.2573e-4], [-1.321e-4]], np.float32)
+    vt_q, scales = np.array([[127, -127]], np.int8), np.array([[9.9e-7, 1.04e-6]], np.float32)
+    d = np.vstack([(vt_q * scales).astype(np.float32), np.array([[6.4e-4, 1.05e-4]], np.float32)])
+    blocks = (
+        Block(BlockKind.ZERO, 0, 1, 0, 4),
+        Block(BlockKind.LOWRANK, 1, 3, 0, 2, storage=(StoredArray(Storage.FLOAT, u, None, 0), StoredArray(Storage.INT8, vt_q, scales, 16))),
+        Block(BlockKind.DENSE, 1, 3, 2, 4, storage=(StoredArray(Storage.FLOAT, d, None, 0),)),
+    )
+    hm = HMatrix((3, 4), np.dtype(np.float32), blocks, norm=1.0, certified_error=0.0, tol=0.1)
+    case = Case("shared first row", hm, np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32))
+    model = _function_model(case)
+    _assert_stored_once(model, hm)
+    assert_matches(case, ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": case.x})[0])
+
+
 def _gaussian_kernel(n: int) -> np.ndarray:
     s = np.linspace(0.0, 1.0, n)
     return np.exp(-(((s[:, None] - s[None, :]) / 0.3) ** 2)).astype(np.float32) + 0.01 * np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
@@ -245,7 +263,7 @@ def test_optimized_model_stores_each_decoder_once(tmp_path):
     opset = {o.domain: o.version for o in optimized.opset_import}
     assert opset[""] == 21
     names = [f.name for f in optimized.functions]
-    assert names.count("HMatMul") == 2 and "DecodeInt8" in names
+    assert names.count("HMatMul") == 2 and "DecodeInt8F16" in names  # float16 scales in packed modes
     assert len(names) == len(set(names)) + 1  # only HMatMul repeats (two overloads)
     assert all({o.domain: o.version for o in f.opset_import}[""] == 21 for f in optimized.functions)
     x = np.random.default_rng(4).standard_normal((3, 192)).astype(np.float32)
@@ -276,7 +294,7 @@ def test_cli_function_int8(tmp_path):
     (node,) = [n for n in model.graph.node if n.domain == hmatmul.DOMAIN]
     data = next(t for t in model.graph.initializer if t.name == node.input[1])
     assert data.data_type == TensorProto.UINT8
-    assert {f.name for f in model.functions} >= {"HMatMul", "DecodeInt8"}
+    assert {f.name for f in model.functions} >= {"HMatMul", "DecodeInt8F16"}  # float16 scales in packed modes
     x = rng.standard_normal((5, 192)).astype(np.float32)
     y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     y0 = x @ w
