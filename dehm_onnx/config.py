@@ -89,8 +89,9 @@ class OptimizeConfig:
             "help": "storages of the compressed arrays: 'float' = the weight's dtype only, 'fp16', 'int8', "
             "'int4' = each also allows the ones before it (integers on onnxruntime's quantized kernel, "
             "which quantizes activations to 8 bits); 'auto' = all of them, integers on that kernel only "
-            "where the output bound tol_out leaves room for its error; emit 'function' and 'custom' "
-            "multiply by the exactly dequantized integers instead (float activations)",
+            "where the output bound tol_out leaves room for its error, and weights of up to 2^20 values "
+            "also tried in float16 alone (the smaller standard-op emission is kept); emit 'function' and "
+            "'custom' multiply by the exactly dequantized integers instead (float activations)",
             "choices": lambda: list(PRECISIONS),
         },
     )
