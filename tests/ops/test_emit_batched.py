@@ -103,6 +103,17 @@ def test_cost_model_trades_a_few_bytes_for_much_speed_only():
     assert choose([slow, merely_faster], dense) is slow
 
 
+def test_deep_float_tree_keeps_the_batched_family():
+    """The 4096² log kernel in float storage: per-block 2354 nodes (about dense speed) against
+    a batched plan 18 % larger (with short names) and about 6 times faster by the time model:
+    the batched plan is chosen (it was not when the slack for speed was 10 %)."""
+    from dehm_onnx.graph.cost import choose_family
+
+    hm = compress(_log_kernel(4096), 1e-4, seed=0, precision="float")
+    family, plan = choose_family(hm, np.float32, EmitContext(x_rank=2, opset=21))
+    assert family == "batched" and plan is not None
+
+
 def test_gather_indices_are_stored_narrow_and_widened_at_load(log_kernels, tmp_path):
     """Index arrays of 16 or more entries are stored as uint8/uint16 behind a ``Cast`` that
     onnxruntime folds when the session is created: the file is smaller, the graph it runs has
