@@ -393,6 +393,32 @@ def _exact_in(vec: _Vec, dtype) -> bool:
         return bool(np.array_equal(values.astype(dtype).astype(values.dtype), values))
 
 
+def _place(per_tile: list, counts: list, widths: dict, spill: dict, order) -> tuple[dict, dict, int]:
+    """Put each tile's vectors into the slots of ``widths`` (storages laid out in ``order``)
+    as ``_assign`` plans them. Returns per storage ``{(tile, slot): vector}``, per vector key
+    ``(tile, position)`` and the total width."""
+    offsets, position = {}, 0
+    for storage in order:
+        if storage in widths:
+            offsets[storage] = position
+            position += widths[storage]
+    placed = {s: {} for s in widths}
+    where = {}
+    for tile, vectors in enumerate(per_tile):
+        plan = _assign(counts[tile], widths, spill)
+        assert plan is not None, "Bug: packing widths do not fit a tile"
+        filled = {s: 0 for s in widths}
+        for storage, moves in plan.items():
+            queue = [v for v in vectors if v.storage == storage]
+            for target, count in moves:
+                for vec in queue[:count]:
+                    placed[target][(tile, filled[target])] = vec
+                    where[vec.key] = (tile, offsets[target] + filled[target])
+                    filled[target] += 1
+                queue = queue[count:]
+    return placed, where, position
+
+
 def _assign(counts: dict, widths: dict, spill: dict) -> dict | None:
     """Slots of each storage used by a tile's vectors (narrowest first, the rest spilling to the
     next wider storage that holds them), or ``None`` when they do not fit ``widths``."""
@@ -522,26 +548,7 @@ class _OutputSegments:
         cost = {s: _slot_bytes(s, self.L, self.dtype, scale_bytes, g) for s in _CLASS_ORDER}
         counts = [{s: sum(v.storage == s for v in vs) for s in _CLASS_ORDER} for vs in self.vectors]
         widths = _choose_widths(counts, cost, spill)
-        placed = {s: {} for s in widths}
-        where = {}
-        offsets, position = {}, 0
-        for s in _CLASS_ORDER:
-            if s in widths:
-                offsets[s] = position
-                position += widths[s]
-        for b, vs in enumerate(self.vectors):
-            plan = _assign(counts[b], widths, spill)
-            assert plan is not None, "Bug: packing widths do not fit a tile"
-            filled = {s: 0 for s in widths}
-            queues = {s: [v for v in vs if v.storage == s] for s in _CLASS_ORDER}
-            for storage, moves in plan.items():
-                queue = queues[storage]
-                for target, count in moves:
-                    for vec in queue[:count]:
-                        placed[target][(b, filled[target])] = vec
-                        where[vec.key] = (b, offsets[target] + filled[target])
-                        filled[target] += 1
-                    queue = queue[count:]
+        placed, where, position = _place(self.vectors, counts, widths, spill, _CLASS_ORDER)
         parts = [_part(self.names, self.stem, s, self.dtype, (self.B,), widths[s], self.L, placed[s])
                  for s in _CLASS_ORDER if s in widths]
         return Stack(parts, axis=1, shape=(self.B, position, self.L)), where
@@ -580,25 +587,7 @@ class _ContractionSegments:
             widths = _choose_widths(counts, cost, spill)
         else:
             widths = {s: max(cn[s] for cn in counts) for s in floats if any(cn[s] for cn in counts)}
-        offsets, position = {}, 0
-        for storage in floats:
-            if storage in widths:
-                offsets[storage] = position
-                position += widths[storage]
-        placed = {s: {} for s in widths}
-        where = {}
-        for j, vs in enumerate(flat):
-            plan = _assign(counts[j], widths, spill)
-            assert plan is not None, "Bug: packing widths do not fit a tile"
-            filled = {s: 0 for s in widths}
-            for storage, moves in plan.items():
-                queue = [v for v in vs if v.storage == storage]
-                for target, count in moves:
-                    for vec in queue[:count]:
-                        placed[target][(j, filled[target])] = vec
-                        where[vec.key] = (j, offsets[target] + filled[target])
-                        filled[target] += 1
-                    queue = queue[count:]
+        placed, where, position = _place(flat, counts, widths, spill, floats)
         parts = []
         for storage in floats:
             if storage not in widths:
