@@ -43,6 +43,7 @@ from ..hmatrix import Block, BlockKind, StoredArray, pack
 from ..hmatrix.pack import ArrayLocation, array_locations, unpack
 from ..ops import hmatmul
 from .decode import CONSTANT_ATTRIBUTES_OPSET, decode_call, decode_spec, decoder_functions, decoder_name
+from .emit_body import BODY_BATCHED_OPSET, emit_batched_body
 from .emit_ops import Emission, EmitContext, emit_blocks, emit_ops, initializer
 
 __all__ = [
@@ -166,6 +167,8 @@ class _BodyBuilder:
         self.data = data
         self.nodes: list[ir.Node] = []
         self.copied = 0  # float values stored again because no factor matched
+        self.arrays: dict[tuple, ir.Value] = {}
+        self.data32: ir.Value | None = None
 
     def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
         """A ``Constant`` node writing ``array`` into ``value`` (a new value for a name)."""
@@ -182,6 +185,20 @@ class _BodyBuilder:
         flat = ir.node("Slice", [self.data, start, end], outputs=[ir.Value(name=f"{stem}/flat")], name="")
         self.nodes += [flat, ir.node("Reshape", [flat.outputs[0], dims], outputs=[out], name="")]
         return out
+
+    def array(self, offset: int, shape: tuple[int, int], as_float32: bool = False) -> ir.Value:
+        """The factor of ``shape`` at ``offset`` of ``data`` (its nodes made once), read from
+        ``data`` cast to float32 when ``as_float32``."""
+        if as_float32 and self.data32 is None:
+            self.data32 = ir.Value(name="data32")
+            self.nodes.append(ir.node("Cast", [self.data], {"to": ir.DataType.FLOAT}, outputs=[self.data32], name=""))
+        key = (offset, tuple(shape), as_float32)
+        if key not in self.arrays:
+            data, self.data = self.data, self.data32 if as_float32 else self.data
+            stem = f"f{len(self.arrays)}"
+            self.arrays[key] = self.source(offset, shape, stem, ir.Value(name=stem))
+            self.data = data
+        return self.arrays[key]
 
     def factor(self, value: ir.Value, array: np.ndarray) -> None:
         pieces = self.index.pieces(array)
@@ -216,6 +233,7 @@ class _DecodingBodyBuilder(_BodyBuilder):
         super().__init__(index, data)
         self.dtype = np.dtype(dtype)
         self.decoded: dict[ArrayLocation, ir.Value] = {}
+        self.raw: dict[ArrayLocation, ir.Value] = {}
         self.attributes = opset >= CONSTANT_ATTRIBUTES_OPSET
 
     def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
@@ -230,11 +248,17 @@ class _DecodingBodyBuilder(_BodyBuilder):
         self.nodes.append(ir.node("Constant", [], attrs, outputs=[out], name=""))
         return out
 
+    def decoded_float32(self, where: ArrayLocation) -> ir.Value:
+        """The decoder's output for the array at ``where`` (float32, before any cast)."""
+        self.source(where, (), "", None)
+        return self.raw[where]
+
     def source(self, where: ArrayLocation, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
         if where not in self.decoded:
             spec = self.const(f"a{len(self.decoded)}/spec", decode_spec(where.format, where.offset, *where.shape, where.scale_offset))
             value = ir.Value(name=f"a{len(self.decoded)}")
             self.nodes.append(decode_call(self.data, spec, where.format, value))
+            self.raw[where] = value
             if self.dtype != np.float32:
                 cast = ir.node("Cast", [value], {"to": ir.DataType.from_numpy(self.dtype)}, name="",
                                outputs=[ir.Value(name=f"{value.name}/cast")])
@@ -244,20 +268,33 @@ class _DecodingBodyBuilder(_BodyBuilder):
         return self.decoded[where]
 
 
-def function_body(hm, prefix: str, dtype, overload: str) -> ir.Function:
+def function_body(hm, prefix: str, dtype, overload: str, opset: int = FUNCTION_OPSET, family: str = "auto") -> ir.Function:
     """The model-local function ``ai.dehm.HMatMul`` (this overload) computing ``X @ W_H`` from
-    the layout-v1 inputs of ``hm`` (every array in the weight's dtype)."""
+    the layout-v1 inputs of ``hm`` (every array in the weight's dtype) in a model of
+    default-domain ``opset``; ``family`` as for ``body_family``."""
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
-    return _body_function(hm, prefix, dtype, overload, inputs, _BodyBuilder(_FactorIndex.packed_v1(hm, dtype), inputs[1]))
+    packed = pack(hm)
+    stored = dataclasses.replace(unpack(packed), dtype=np.dtype(dtype))
+    body = _BodyBuilder(_FactorIndex.packed_v1(hm, dtype), inputs[1])
+    places = {}
+    for b, (_, r0, r1, c0, c1, rank, off) in zip(stored.blocks, packed.layout.tolist()):
+        shapes = [(r1 - r0, c1 - c0)] if b.kind == BlockKind.DENSE else [(r1 - r0, rank), (rank, c1 - c0)]
+        for arr, shape, start in zip(b.storage, shapes, (off, off + (r1 - r0) * rank)):
+            places[id(arr)] = (start, shape)
+    half = np.dtype(dtype) == np.float16
+    function = _body_function(stored, prefix, dtype, overload, inputs, body, opset, family,
+                              lambda arr: body.array(*places[id(arr)], as_float32=half))
+    _shorten_names(function)
+    return function
 
 
-def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int) -> tuple[ir.Function, list[str]]:
+def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int, family: str = "auto") -> tuple[ir.Function, list[str]]:
     """The function body for the layout-v2 inputs of ``hm`` (``packed_inputs_v2``) in a model
     of default-domain ``opset``, and the names of the ``ai.dehm.Decode*`` functions it calls.
 
-    The product is the ``blocks`` emission of the H-matrix that ``unpack`` reads back from the
-    packed bytes, every array as float values in the activation dtype (one term per tier), and
-    each of its factor initializers is replaced by the decoded arrays it stacks.
+    The product is the emission (``body_family``) of the H-matrix that ``unpack`` reads back
+    from the packed bytes, every array as float values in the activation dtype (one term per
+    tier), and each of its factors is built from the decoded arrays.
     """
     packed = pack(hm, version=2)
     stored = unpack(packed)
@@ -268,12 +305,29 @@ def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int) -> tuple
     for where, array in zip(locations, arrays):
         index.add(where, array.dequantized().astype(dtype))
     floats = dataclasses.replace(stored, dtype=np.dtype(dtype), blocks=tuple(_exact_block(b, dtype) for b in stored.blocks))
+    places = {id(a): where for a, where in zip((a for b in floats.blocks for a in b.storage), locations)}
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
     body = _DecodingBodyBuilder(index, inputs[1], dtype, opset)
-    function = _body_function(floats, prefix, dtype, overload, inputs, body)
+    function = _body_function(floats, prefix, dtype, overload, inputs, body, opset, family,
+                              lambda arr: body.decoded_float32(places[id(arr)]))
     function.opset_imports[hmatmul.DOMAIN] = hmatmul.VERSION
     _shorten_names(function)
     return function, sorted({decoder_name(where.format) for where in body.decoded})
+
+
+def body_family(hm, dtype, opset: int, family: str = "auto") -> tuple[str, object]:
+    """``("batched", plan)`` or ``("blocks", None)``: the family of a function body for ``hm``
+    (its arrays in float, as the body computes). ``family`` ``auto`` leaves it to the cost
+    model of the ``ops`` emission (``cost.choose_family``) for an activation of unknown rank:
+    it weighs the float bytes each family holds, which for a body is the memory onnxruntime
+    fills when it folds the body's constants, against its time estimate. ``batched`` forces the
+    best batched plan where there is one and the opset allows it (``BODY_BATCHED_OPSET``)."""
+    from .cost import choose_family
+
+    if opset < BODY_BATCHED_OPSET or family == "blocks":
+        return "blocks", None
+    family = "batched" if family == "batched" else "auto"
+    return choose_family(hm, dtype, EmitContext(x_rank=None, opset=opset, family=family))
 
 
 def _shorten_names(function: ir.Function) -> None:
@@ -295,7 +349,24 @@ def _exact_block(b, dtype):
     return Block(b.kind, b.r0, b.r1, b.c0, b.c1, storage=arrays)
 
 
-def _body_function(hm, prefix: str, dtype, overload: str, inputs: list[ir.Value], body: _BodyBuilder) -> ir.Function:
+def _body_function(hm, prefix: str, dtype, overload: str, inputs: list[ir.Value], body: _BodyBuilder,
+                   opset: int, family: str, array_value) -> ir.Function:
+    family, plan = body_family(hm, dtype, opset, family)
+    if family == "batched" and plan is not None:
+        # The stacks are assembled in float32 (the values array_value gives) and cast.
+        cast_to = ir.DataType.FLOAT16 if np.dtype(dtype) == np.float16 else None
+        y = emit_batched_body(plan, inputs[0], body.nodes, array_value, opset, cast_to)
+        nodes = body.nodes
+    else:
+        nodes, y = _blocks_body(hm, prefix, dtype, inputs, body)
+    (y_name,) = hmatmul.OUTPUTS
+    y.name = y_name
+    graph = ir.Graph(inputs, [y], nodes=nodes, opset_imports={"": FUNCTION_OPSET}, name=hmatmul.OP_TYPE)
+    return ir.Function(hmatmul.DOMAIN, hmatmul.OP_TYPE, overload, graph=graph, attributes=[])
+
+
+def _blocks_body(hm, prefix: str, dtype, inputs: list[ir.Value], body: _BodyBuilder):
+    """The ``blocks`` emission with each factor initializer replaced by body nodes."""
     emission = emit_blocks(hm, inputs[0], prefix, dtype, EmitContext(family="blocks"))
     for value in emission.initializers:
         array = value.const_value.numpy()
@@ -306,13 +377,7 @@ def _body_function(hm, prefix: str, dtype, overload: str, inputs: list[ir.Value]
             body.const(value, array)
     if body.copied:
         logger.info("function body of %r repeats %d weight values not found in the packed data", prefix, body.copied)
-    (y_name,) = hmatmul.OUTPUTS
-    emission.output.name = y_name
-    graph = ir.Graph(
-        inputs, [emission.output], nodes=body.nodes + emission.nodes, opset_imports={"": FUNCTION_OPSET},
-        name=hmatmul.OP_TYPE,
-    )
-    return ir.Function(hmatmul.DOMAIN, hmatmul.OP_TYPE, overload, graph=graph, attributes=[])
+    return body.nodes + emission.nodes, emission.output
 
 
 def fit_function_to_model(model: ir.Model, function: ir.Function) -> None:
@@ -336,16 +401,17 @@ def emit_function(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission
     support (anything but float32/float16) this falls back to the ``ops`` emission.
     """
     dtype = np.dtype(dtype)
+    context = context or EmitContext()
+    opset, family = context.opset, context.family
     if dtype not in SUPPORTED_DTYPES:
         logger.info("HMatMul does not support %s; %r uses the ops emission", dtype, prefix)
         return emit_ops(hm, x, prefix, dtype, context)
     if all(b.is_float for b in hm.blocks):
         packed = packed_inputs(hm, prefix, dtype)
-        functions = [function_body(as_float(hm), prefix, dtype, prefix)]
+        functions = [function_body(as_float(hm), prefix, dtype, prefix, opset, family)]
     else:
-        opset = (context or EmitContext()).opset
         packed = packed_inputs_v2(hm, prefix)
-        body, decoders = function_body_v2(hm, prefix, dtype, prefix, opset)
+        body, decoders = function_body_v2(hm, prefix, dtype, prefix, opset, family)
         functions = [body, *decoder_functions(decoders, opset)]
     node = hmatmul_node(x, prefix, packed, overload=prefix)
     return Emission([node], packed, node.outputs[0], functions, family="function", inputs=list(packed))

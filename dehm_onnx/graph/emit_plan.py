@@ -190,12 +190,20 @@ class Part:
 @dataclass(eq=False)
 class Stack:
     """A constant 3-D factor stack, the concatenation of its parts along ``axis`` (then
-    reshaped to ``shape`` when ``reshape`` is set)."""
+    reshaped to ``shape`` when ``reshape`` is set).
+
+    ``vectors`` says where each stored vector came from, ``{(batch, slot): (array, k, start,
+    stop)}``: in a left stack (``axis`` 1, ``(B, O, L)``) slot ``(b, o)`` is ``[b, o, :]`` and
+    holds column ``k`` of ``array`` (rows ``start:stop``); in a right stack (``axis`` 2,
+    ``(C, c, J)``) slot ``(j, p)`` is ``[j, :, p]`` and holds row ``k`` of ``array``, columns
+    ``start:stop``. Every other slot is zero. A function body rebuilds the stack from it.
+    """
 
     parts: list[Part]
     axis: int
     shape: tuple[int, int, int]
     reshape: bool = False
+    vectors: dict = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -510,7 +518,8 @@ def _part(names, stem, storage, dtype, shape_prefix, slots, length, vectors_at) 
         return Part(storage, names.add(f"{stem}.{storage.label}", values, "payload", storage))
     g = min(min(v.group, length) for v in vectors_at.values())
     G = group_count(length, g)
-    scale_dtype = next(iter(vectors_at.values())).scales.dtype
+    # float32 when any vector's scales are (a float16 copy of float32 scales would round them).
+    scale_dtype = np.result_type(*(v.scales.dtype for v in vectors_at.values()))
     q = np.zeros((*shape_prefix, slots, G * g), dtype=np.int8)
     scales = np.zeros((*shape_prefix, slots, G, 1), dtype=scale_dtype)
     for where, vec in vectors_at.items():
@@ -520,6 +529,18 @@ def _part(names, stem, storage, dtype, shape_prefix, slots, length, vectors_at) 
     payload = names.add(f"{stem}.{storage.label}", q.reshape(*shape_prefix, slots, G, g), "payload", storage)
     sc = names.add(f"{stem}.{storage.label}_scales", scales, "scales")
     return Part(storage, payload, sc, deq_shape=(*shape_prefix, slots, G * g), length=length if G * g != length else 0)
+
+
+def _mixed_scales(scales) -> bool:
+    """Integer scales in both float16 and float32 (``None``: not an integer array)."""
+    return len({sc.dtype for sc in scales if sc is not None}) > 1
+
+
+def _half_scaled(scales) -> bool:
+    """An integer array with float16 scales. Beside float32-scaled ones it is stored as float
+    values: one integer part multiplies in one scale dtype, and the float32 product of a
+    float16-scaled integer is not its value (``dequantize_groupwise`` rounds it to float16)."""
+    return scales is not None and scales.dtype == np.float16
 
 
 def _scale_bytes(vectors) -> int:
@@ -534,13 +555,18 @@ class _OutputSegments:
     def __init__(self, names: _Names, B: int, L: int, dtype, stem: str):
         self.names, self.B, self.L, self.dtype, self.stem = names, B, L, np.dtype(dtype), stem
         self.vectors: list[list[_Vec]] = [[] for _ in range(B)]
+        self.arrays: dict = {}
 
     def add(self, batch: int, arr: StoredArray, key) -> None:
         """Place the columns of ``arr`` (``L_t x k``) in tile ``batch``; vector ``k`` has key ``(key, k)``."""
         self.vectors[batch] += _columns(arr, key)
+        self.arrays[key] = arr
 
     def build(self) -> tuple[Stack, dict]:
         """The stack and, per vector key, ``(batch, output row)``."""
+        if _mixed_scales(v.scales for vs in self.vectors for v in vs):
+            self.vectors = [[_Vec(v.key, Storage.FLOAT, v.dequantized()) if _half_scaled(v.scales) else v for v in vs]
+                            for vs in self.vectors]
         every = [v for vs in self.vectors for v in vs]
         spill = _spill_paths(every, self.dtype)
         scale_bytes = _scale_bytes(every)
@@ -551,7 +577,11 @@ class _OutputSegments:
         placed, where, position = _place(self.vectors, counts, widths, spill, _CLASS_ORDER)
         parts = [_part(self.names, self.stem, s, self.dtype, (self.B,), widths[s], self.L, placed[s])
                  for s in _CLASS_ORDER if s in widths]
-        return Stack(parts, axis=1, shape=(self.B, position, self.L)), where
+        vectors = {}
+        for (key, k), slot in where.items():
+            arr = self.arrays[key]
+            vectors[slot] = (arr, k, 0, arr.shape[0])
+        return Stack(parts, axis=1, shape=(self.B, position, self.L), vectors=vectors), where
 
 
 class _ContractionSegments:
@@ -563,11 +593,13 @@ class _ContractionSegments:
     def __init__(self, names: _Names, C: int, c: int, dtype, stem: str):
         self.names, self.C, self.c, self.dtype, self.stem = names, C, c, np.dtype(dtype), stem
         self.items: list[list] = [[] for _ in range(C)]
+        self.origins: dict = {}
 
     def add(self, tile: int, arr: StoredArray, cols: slice, key) -> None:
         """Place columns ``cols`` of ``arr`` (``K_t x cols``) transposed in tile ``tile``; row
         ``k`` of it gets the key ``(key, k)``."""
         self.items[tile].append((key, arr, cols))
+        self.origins[key] = (arr, cols)
 
     def build(self, pack: bool = True) -> tuple[Stack, dict]:
         """The stack and, per row key, ``(tile, J position)``.
@@ -576,6 +608,9 @@ class _ContractionSegments:
         rows stay contiguous).
         """
         C, c = self.C, self.c
+        if _mixed_scales(arr.scales for items in self.items for _, arr, _ in items):
+            self.items = [[(key, StoredArray.exact(arr.dequantized()) if _half_scaled(arr.scales) else arr, cols)
+                           for key, arr, cols in items] for items in self.items]
         floats = (Storage.FLOAT, Storage.FP16)
         flat = [[_Vec((key, k), arr.storage, arr.values[k, cols]) for key, arr, cols in items
                  if not arr.storage.is_int for k in range(arr.shape[0])] for items in self.items]
@@ -603,7 +638,11 @@ class _ContractionSegments:
                 part, length = self._int_part(storage, per_tile, where, position)
                 parts.append(part)
                 position += length
-        return Stack(parts, axis=2, shape=(C, c, position)), where
+        vectors = {}
+        for (key, k), slot in where.items():
+            arr, cols = self.origins[key]
+            vectors[slot] = (arr, k, *cols.indices(arr.shape[1])[:2])
+        return Stack(parts, axis=2, shape=(C, c, position), vectors=vectors), where
 
     def _int_part(self, storage, per_tile, where, offset) -> tuple[Part, int]:
         C, c = self.C, self.c
@@ -616,7 +655,7 @@ class _ContractionSegments:
             G = max(group_count(a.shape[0], g) for a in arrays)
         seg = G * g
         nseg = max(len(items) for items in per_tile)
-        scale_dtype = arrays[0].scales.dtype
+        scale_dtype = np.result_type(*(a.scales.dtype for a in arrays))
         q = np.zeros((C, c, nseg, G, g), dtype=np.int8)
         scales = np.zeros((C, c, nseg, G, 1), dtype=scale_dtype)
         for j, items in enumerate(per_tile):
