@@ -30,8 +30,9 @@ def _base36(i: int) -> str:
 
 
 def compact_names(nodes, initializers, prefix: str) -> None:
-    """Rename the initializers and node outputs whose names start with ``prefix`` (and the
-    nodes themselves) to ``<prefix>/<n>``, in order; other names are left as they are."""
+    """Rename the initializers and node outputs whose names start with ``prefix`` to
+    ``<prefix>/<n>``, in order, and drop the names of the nodes named so (a node's name is
+    optional, and its output already names it); other names are left as they are."""
     counter = itertools.count()
     owned = prefix + "/", prefix + "."
 
@@ -47,7 +48,7 @@ def compact_names(nodes, initializers, prefix: str) -> None:
         for value in node.outputs:
             rename(value)
         if node.name and node.name.startswith(owned):
-            node.name = node.outputs[0].name if node.outputs else ""
+            node.name = ""
 
 
 def compact_function_names(function: ir.Function) -> None:
