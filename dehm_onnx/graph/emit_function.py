@@ -14,17 +14,18 @@ ops:
 - with the custom-op library registered (``dehm_onnx.make_session``), the compiled kernel
   runs instead, for every overload.
 
-The body is the ``blocks`` family of the ``ops`` emission (``emit_ops.emit_blocks``) of the
-same H-matrix, every array in float, with each factor initializer replaced by nodes reading
-the function's ``data`` input (stacked factors by a ``Concat`` of such pieces, a factor cut
-at another block's column boundary by a ``Slice`` of its columns), so the weights are stored
-once:
+The body is the standard-op emission of the same H-matrix with every array in float, in the
+family ``body_family`` picks: the ``blocks`` family (``emit_ops.emit_blocks``), each factor
+initializer replaced by nodes reading the function's ``data`` input (stacked factors by a
+``Concat`` of such pieces, a factor cut at another block's column boundary by a ``Slice`` of
+its columns), or a batched plan whose stacks are assembled from the arrays
+(``emit_body.py``). Either way the weights are stored once; each array is
 
 - layout v1: ``Reshape(Slice(data, offset, offset + size))``;
-- layout v2: ``DecodeXxx(data, spec)``, a call of the model-local function that decodes the
-  array's bytes into its exact dequantized values (``decode.py``; one per storage format,
-  stored once per model and shared by every layer), then a ``Cast`` to float16 for float16
-  activations. A low-rank block of several tiers is ``sum_t (x_b @ U_t) @ Vt_t``.
+- layout v2: its piece of ``data`` decoded by ``decode.PackedArrays`` (one call per element
+  type of the model-local ``ai.dehm.Decode*`` functions, stored once per model and shared by
+  every layer, then a ``Split``; integers times their scales), then a ``Cast`` to float16
+  for float16 activations. A low-rank block of several tiers is ``sum_t (x_b @ U_t) @ Vt_t``.
 
 These nodes depend only on ``data``, an initializer, and onnxruntime folds them into constants
 when the session is created (integers are multiplied as their dequantized float values, as
@@ -42,7 +43,7 @@ import onnx_ir as ir
 from ..hmatrix import Block, BlockKind, StoredArray, pack
 from ..hmatrix.pack import ArrayLocation, array_locations, unpack
 from ..ops import hmatmul
-from .decode import CONSTANT_ATTRIBUTES_OPSET, decode_call, decode_spec, decoder_functions, decoder_name
+from .decode import CONSTANT_ATTRIBUTES_OPSET, PackedArrays, decoder_functions
 from .emit_body import BODY_BATCHED_OPSET, emit_batched_body
 from .emit_ops import Emission, EmitContext, emit_blocks, emit_ops, initializer
 
@@ -226,15 +227,16 @@ class _BodyBuilder:
 
 
 class _DecodingBodyBuilder(_BodyBuilder):
-    """Layout v2: each stored array is decoded once from the bytes of ``data`` by a call to its
-    ``ai.dehm.Decode*`` function (``decode.py``), then cast to the activation dtype."""
+    """Layout v2: every stored array is built from the bytes of ``data`` by
+    ``decode.PackedArrays`` (one decoder call per element type), then cast to the activation
+    dtype."""
 
-    def __init__(self, index: _FactorIndex, data: ir.Value, dtype, opset: int):
+    def __init__(self, index: _FactorIndex, data: ir.Value, dtype, opset: int, nbytes: int, locations):
         super().__init__(index, data)
         self.dtype = np.dtype(dtype)
-        self.decoded: dict[ArrayLocation, ir.Value] = {}
-        self.raw: dict[ArrayLocation, ir.Value] = {}
         self.attributes = opset >= CONSTANT_ATTRIBUTES_OPSET
+        self.arrays_v2 = PackedArrays(data, nbytes, locations, opset, self.nodes)
+        self.decoded: dict[ArrayLocation, ir.Value] = {}
 
     def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
         """A ``Constant`` node: ``value_ints`` for a 1-D int64 array (opset >= 12), else an
@@ -249,16 +251,12 @@ class _DecodingBodyBuilder(_BodyBuilder):
         return out
 
     def decoded_float32(self, where: ArrayLocation) -> ir.Value:
-        """The decoder's output for the array at ``where`` (float32, before any cast)."""
-        self.source(where, (), "", None)
-        return self.raw[where]
+        """The array at ``where`` as float32 values (before any cast)."""
+        return self.arrays_v2.value(where)
 
     def source(self, where: ArrayLocation, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
         if where not in self.decoded:
-            spec = self.const(f"a{len(self.decoded)}/spec", decode_spec(where.format, where.offset, *where.shape, where.scale_offset))
-            value = ir.Value(name=f"a{len(self.decoded)}")
-            self.nodes.append(decode_call(self.data, spec, where.format, value))
-            self.raw[where] = value
+            value = self.arrays_v2.value(where)
             if self.dtype != np.float32:
                 cast = ir.node("Cast", [value], {"to": ir.DataType.from_numpy(self.dtype)}, name="",
                                outputs=[ir.Value(name=f"{value.name}/cast")])
@@ -307,12 +305,12 @@ def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int, family: 
     floats = dataclasses.replace(stored, dtype=np.dtype(dtype), blocks=tuple(_exact_block(b, dtype) for b in stored.blocks))
     places = {id(a): where for a, where in zip((a for b in floats.blocks for a in b.storage), locations)}
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
-    body = _DecodingBodyBuilder(index, inputs[1], dtype, opset)
+    body = _DecodingBodyBuilder(index, inputs[1], dtype, opset, packed.data.size, locations)
     function = _body_function(floats, prefix, dtype, overload, inputs, body, opset, family,
                               lambda arr: body.decoded_float32(places[id(arr)]))
     function.opset_imports[hmatmul.DOMAIN] = hmatmul.VERSION
     _shorten_names(function)
-    return function, sorted({decoder_name(where.format) for where in body.decoded})
+    return function, sorted(body.arrays_v2.decoders)
 
 
 def body_family(hm, dtype, opset: int, family: str = "auto") -> tuple[str, object]:

@@ -69,20 +69,18 @@ def stored_arrays(draw, k: int):
 
 
 def _decoder_model(packed) -> onnx.ModelProto:
-    """``A_i = Decode*(data, spec_i)`` for every array of a v2 ``packed``, as graph outputs."""
+    """Every array of a v2 ``packed``, built by ``decode.PackedArrays``, as graph outputs."""
     data = ir.Value(name="data", const_value=ir.tensor(packed.data, name="data"))
-    nodes, outputs, names = [], [], set()
+    nodes: list[ir.Node] = []
+    arrays = decode.PackedArrays(data, packed.data.size, array_locations(packed), 17, nodes)
+    outputs = []
     for i, where in enumerate(array_locations(packed)):
-        spec = ir.Value(name=f"spec{i}")
-        array = decode.decode_spec(where.format, where.offset, *where.shape, where.scale_offset)
-        nodes.append(ir.node("Constant", [], {"value": ir.tensor(array)}, outputs=[spec]))
         out = ir.Value(name=f"A{i}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(where.shape)))
-        nodes.append(decode.decode_call(data, spec, where.format, out))
+        nodes.append(ir.node("Identity", [arrays.value(where)], outputs=[out]))
         outputs.append(out)
-        names.add(decode.decoder_name(where.format))
     graph = ir.Graph([], outputs, nodes=nodes, initializers=[data], opset_imports={"": 17, hmatmul.DOMAIN: 1}, name="decode")
     model = ir.Model(graph, ir_version=10)
-    for function in decode.decoder_functions(names):
+    for function in decode.decoder_functions(arrays.decoders):
         fit_function_to_model(model, function)
         model.functions[function.identifier()] = function
     return ir.serde.serialize_model(model)
@@ -99,9 +97,10 @@ def _stock(model: onnx.ModelProto, tmp_path):
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 40).flatmap(lambda k: st.lists(stored_arrays(k), min_size=1, max_size=4)))
 def test_decoders_equal_unpack_bit_for_bit(tmp_path_factory, arrays):
-    """Every decoder, run by stock onnxruntime, gives ``unpack``'s float32 values bit for bit
-    (float16 subnormals and signed zeros, float32 subnormals, int8, int4 nibbles, float16 and
-    float32 scales), and onnxruntime folds all of it when the session is created."""
+    """The decoders and ``PackedArrays``, run by stock onnxruntime, give ``unpack``'s float32
+    values bit for bit (float16 subnormals and signed zeros, float32 subnormals, int8, int4
+    nibbles, float16 and float32 scales, arrays of several element types decoded from one
+    buffer), and onnxruntime folds all of it when the session is created."""
     k = arrays[0].shape[0]
     blocks, c0 = [], 0
     with np.errstate(over="ignore"):  # float16 scales times 127 may overflow: inf on both sides
@@ -263,7 +262,8 @@ def test_optimized_model_stores_each_decoder_once(tmp_path):
     opset = {o.domain: o.version for o in optimized.opset_import}
     assert opset[""] == 21
     names = [f.name for f in optimized.functions]
-    assert names.count("HMatMul") == 2 and "DecodeInt8F16" in names  # float16 scales in packed modes
+    # int8 arrays with float16 scales (packed modes): integers and float16 decoded once each
+    assert names.count("HMatMul") == 2 and {"DecodeInt8", "DecodeFloat16"} <= set(names)
     assert len(names) == len(set(names)) + 1  # only HMatMul repeats (two overloads)
     assert all({o.domain: o.version for o in f.opset_import}[""] == 21 for f in optimized.functions)
     x = np.random.default_rng(4).standard_normal((3, 192)).astype(np.float32)
@@ -294,7 +294,7 @@ def test_cli_function_int8(tmp_path):
     (node,) = [n for n in model.graph.node if n.domain == hmatmul.DOMAIN]
     data = next(t for t in model.graph.initializer if t.name == node.input[1])
     assert data.data_type == TensorProto.UINT8
-    assert {f.name for f in model.functions} >= {"HMatMul", "DecodeInt8F16"}  # float16 scales in packed modes
+    assert {f.name for f in model.functions} >= {"HMatMul", "DecodeInt8", "DecodeFloat16"}  # float16 scales in packed modes
     x = rng.standard_normal((5, 192)).astype(np.float32)
     y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     y0 = x @ w
