@@ -42,7 +42,7 @@ import onnx_ir as ir
 from ..hmatrix.pack import ArrayLocation, Elem, decode_format
 from ..ops import hmatmul
 
-__all__ = ["DECODER_NAMES", "PackedArrays", "decoder_functions", "DECODE_OPSET"]
+__all__ = ["DECODER_NAMES", "PackedArrays", "decoder_functions", "split_values", "DECODE_OPSET"]
 
 DECODE_OPSET = 13
 # ``Constant``'s ``value_int``/``value_ints`` attributes exist from opset 12; before, tensors.
@@ -205,7 +205,7 @@ class PackedArrays:
     per array to fold (66 s to create a session for a 4096² layer of ~2,600 arrays).
     """
 
-    def __init__(self, data: ir.Value, nbytes: int, locations, opset: int, nodes: list[ir.Node]):
+    def __init__(self, data: ir.Value, locations, opset: int, nodes: list[ir.Node]):
         self.data, self.opset, self.nodes = data, opset, nodes
         self.attributes = opset >= CONSTANT_ATTRIBUTES_OPSET
         self.decoders: set[str] = set()
@@ -221,7 +221,7 @@ class PackedArrays:
                 _add_piece(pieces, scale_elem, where.scale_offset, -(-k // group) * n, ("s", where))
         self._pieces: dict[tuple, ir.Value] = {}
         for elem, items in pieces.items():
-            self._split(elem, items, nbytes)
+            self._split(elem, items)
 
     def value(self, where: ArrayLocation) -> ir.Value:
         """The array at ``where`` as float32 values (nodes made once)."""
@@ -246,7 +246,7 @@ class PackedArrays:
             value = self._op("Cast", [self._op("Cast", [value], to=ir.DataType.FLOAT16)], to=ir.DataType.FLOAT)
         return value
 
-    def _split(self, elem: Elem, items: list, nbytes: int) -> None:
+    def _split(self, elem: Elem, items: list) -> None:
         """Decode the span of ``data`` holding ``items`` as ``elem`` and cut it into them."""
         items = sorted(set(items), key=lambda item: item[0])
         per_byte = _PER_BYTE[elem]
@@ -258,25 +258,7 @@ class PackedArrays:
         name = _NAMES[elem]
         self.decoders.add(name)
         decoded = self._op(name, [self.data, spec], domain=hmatmul.DOMAIN)
-        sizes, outputs, position = [], [], first
-        for start, size, key in items:
-            if start < position:
-                raise AssertionError("Bug: packed arrays overlap")
-            if start > position:
-                sizes.append(start - position)
-                outputs.append(self._fresh())
-            sizes.append(size)
-            out = self._fresh()
-            outputs.append(out)
-            self._pieces[key] = out
-            position = start + size
-        if len(sizes) == 1:
-            self._pieces[items[0][2]] = decoded
-            return
-        if self.opset >= 13:
-            self.nodes.append(ir.node("Split", [decoded, self._ints(*sizes)], {"axis": 1}, outputs=outputs, name=""))
-        else:
-            self.nodes.append(ir.node("Split", [decoded], {"axis": 1, "split": sizes}, outputs=outputs, name=""))
+        self._pieces.update(split_values(self.nodes, decoded, 1, items, first, self.opset, self._fresh, self._ints))
 
     def _fresh(self) -> ir.Value:
         self._count += 1
@@ -301,6 +283,37 @@ class PackedArrays:
         out = self._fresh()
         self.nodes.append(ir.node("Constant", [], {"value": ir.tensor(array)}, outputs=[out], name=""))
         return out
+
+
+def split_values(nodes: list[ir.Node], buffer: ir.Value, axis: int, items, origin: int, opset: int,
+                 fresh, ints) -> dict:
+    """``{key: value}`` for ``items`` ``(start, size, key)``: pieces of ``buffer`` along
+    ``axis``, whose first element is element ``origin``, cut by one ``Split`` appended to
+    ``nodes`` (gaps between the pieces become unused outputs; one piece covering the buffer
+    is the buffer itself). ``fresh()`` makes a value, ``ints(*v)`` an int64 constant.
+
+    Raises:
+        AssertionError: two items overlap.
+    """
+    items = sorted(items, key=lambda item: item[0])
+    sizes, outputs, pieces, position = [], [], {}, origin
+    for start, size, key in items:
+        if start < position:
+            raise AssertionError("Bug: packed arrays overlap")
+        if start > position:
+            sizes.append(start - position)
+            outputs.append(fresh())
+        sizes.append(size)
+        outputs.append(fresh())
+        pieces[key] = outputs[-1]
+        position = start + size
+    if len(sizes) == 1:
+        return {items[0][2]: buffer}
+    if opset >= 13:
+        nodes.append(ir.node("Split", [buffer, ints(*sizes)], {"axis": axis}, outputs=outputs, name=""))
+    else:
+        nodes.append(ir.node("Split", [buffer], {"axis": axis, "split": sizes}, outputs=outputs, name=""))
+    return pieces
 
 
 # Elements per byte of each element type (arrays and scales start on 16-byte boundaries,

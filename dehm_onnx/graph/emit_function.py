@@ -21,7 +21,7 @@ initializer replaced by nodes reading the function's ``data`` input (stacked fac
 its columns), or a batched plan whose stacks are assembled from the arrays
 (``emit_body.py``). Either way the weights are stored once; each array is
 
-- layout v1: ``Reshape(Slice(data, offset, offset + size))``;
+- layout v1: a ``Reshape`` of its piece of ``data``, cut by one ``Split`` per layer;
 - layout v2: its piece of ``data`` decoded by ``decode.PackedArrays`` (one call per element
   type of the model-local ``ai.dehm.Decode*`` functions, stored once per model and shared by
   every layer, then a ``Split``; integers times their scales), then a ``Cast`` to float16
@@ -43,7 +43,7 @@ import onnx_ir as ir
 from ..hmatrix import Block, BlockKind, StoredArray, pack
 from ..hmatrix.pack import ArrayLocation, array_locations, unpack
 from ..ops import hmatmul
-from .decode import CONSTANT_ATTRIBUTES_OPSET, PackedArrays, decoder_functions
+from .decode import CONSTANT_ATTRIBUTES_OPSET, PackedArrays, decoder_functions, split_values
 from .emit_body import BODY_BATCHED_OPSET, emit_batched_body
 from .emit_ops import Emission, EmitContext, emit_blocks, emit_ops, initializer
 
@@ -160,16 +160,20 @@ class _FactorIndex:
 
 
 class _BodyBuilder:
-    """Makes the ops emission's initializers the outputs of function-body nodes (layout v1:
-    each factor is ``Reshape(Slice(data, offset, offset + size))``)."""
+    """Makes the ops emission's initializers the outputs of function-body nodes. Layout v1:
+    one ``Split`` cuts ``data`` into every stored array (``places``: ``(offset, shape)`` of
+    each), and a factor is a ``Reshape`` of its piece."""
 
-    def __init__(self, index: _FactorIndex, data: ir.Value):
+    def __init__(self, index: _FactorIndex, data: ir.Value, places=(), opset: int = FUNCTION_OPSET):
         self.index = index
         self.data = data
         self.nodes: list[ir.Node] = []
         self.copied = 0  # float values stored again because no factor matched
         self.arrays: dict[tuple, ir.Value] = {}
-        self.data32: ir.Value | None = None
+        self.places = {offset: tuple(shape) for offset, shape in places if shape[0] * shape[1]}
+        self.opset = opset
+        self._pieces: dict[int, ir.Value] | None = None
+        self._ints: dict[tuple, ir.Value] = {}
 
     def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
         """A ``Constant`` node writing ``array`` into ``value`` (a new value for a name)."""
@@ -178,28 +182,42 @@ class _BodyBuilder:
         self.nodes.append(ir.node("Constant", [], {"value": tensor}, outputs=[out], name=""))
         return out
 
+    def ints(self, *values: int) -> ir.Value:
+        """A 1-D int64 ``Constant``, made once per value."""
+        key = tuple(int(v) for v in values)
+        if key not in self._ints:
+            self._ints[key] = self.const(f"i{len(self._ints)}", np.array(key, np.int64))
+        return self._ints[key]
+
     def source(self, offset: int, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
-        """The factor of ``shape`` at ``offset`` of ``data``, written into ``out``."""
-        start = self.const(f"{stem}/start", np.array([offset], np.int64))
-        end = self.const(f"{stem}/end", np.array([offset + shape[0] * shape[1]], np.int64))
-        dims = self.const(f"{stem}/shape", np.array(shape, np.int64))
-        flat = ir.node("Slice", [self.data, start, end], outputs=[ir.Value(name=f"{stem}/flat")], name="")
-        self.nodes += [flat, ir.node("Reshape", [flat.outputs[0], dims], outputs=[out], name="")]
-        return out
+        """The stored array of ``shape`` at ``offset`` of ``data`` (its nodes made once)."""
+        return self.array(offset, shape)
 
     def array(self, offset: int, shape: tuple[int, int], as_float32: bool = False) -> ir.Value:
-        """The factor of ``shape`` at ``offset`` of ``data`` (its nodes made once), read from
-        ``data`` cast to float32 when ``as_float32``."""
-        if as_float32 and self.data32 is None:
-            self.data32 = ir.Value(name="data32")
-            self.nodes.append(ir.node("Cast", [self.data], {"to": ir.DataType.FLOAT}, outputs=[self.data32], name=""))
+        """The stored array of ``shape`` at ``offset`` of ``data`` (its nodes made once), cast
+        to float32 when ``as_float32``."""
         key = (offset, tuple(shape), as_float32)
         if key not in self.arrays:
-            data, self.data = self.data, self.data32 if as_float32 else self.data
-            stem = f"f{len(self.arrays)}"
-            self.arrays[key] = self.source(offset, shape, stem, ir.Value(name=stem))
-            self.data = data
+            if as_float32:
+                value = self._node("Cast", [self.array(offset, shape)], to=ir.DataType.FLOAT)
+            else:
+                value = self._node("Reshape", [self._piece(offset, shape), self.ints(*shape)])
+            self.arrays[key] = value
         return self.arrays[key]
+
+    def _piece(self, offset: int, shape: tuple[int, int]) -> ir.Value:
+        if self._pieces is None:
+            items = [(off, rows * cols, off) for off, (rows, cols) in self.places.items()]
+            count = iter(range(1 << 62))
+            self._pieces = split_values(self.nodes, self.data, 0, items, 0, self.opset,
+                                        lambda: ir.Value(name=f"p{next(count)}"), self.ints)
+        assert self.places.get(offset) == tuple(shape), "Bug: a factor is not a stored array"
+        return self._pieces[offset]
+
+    def _node(self, op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+        out = ir.Value(name=f"n{len(self.nodes)}")
+        self.nodes.append(ir.node(op, inputs, attrs, outputs=[out], name=""))
+        return out
 
     def factor(self, value: ir.Value, array: np.ndarray) -> None:
         pieces = self.index.pieces(array)
@@ -231,11 +249,11 @@ class _DecodingBodyBuilder(_BodyBuilder):
     ``decode.PackedArrays`` (one decoder call per element type), then cast to the activation
     dtype."""
 
-    def __init__(self, index: _FactorIndex, data: ir.Value, dtype, opset: int, nbytes: int, locations):
+    def __init__(self, index: _FactorIndex, data: ir.Value, dtype, opset: int, locations):
         super().__init__(index, data)
         self.dtype = np.dtype(dtype)
         self.attributes = opset >= CONSTANT_ATTRIBUTES_OPSET
-        self.arrays_v2 = PackedArrays(data, nbytes, locations, opset, self.nodes)
+        self.arrays_v2 = PackedArrays(data, locations, opset, self.nodes)
         self.decoded: dict[ArrayLocation, ir.Value] = {}
 
     def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
@@ -273,12 +291,12 @@ def function_body(hm, prefix: str, dtype, overload: str, opset: int = FUNCTION_O
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
     packed = pack(hm)
     stored = dataclasses.replace(unpack(packed), dtype=np.dtype(dtype))
-    body = _BodyBuilder(_FactorIndex.packed_v1(hm, dtype), inputs[1])
     places = {}
     for b, (_, r0, r1, c0, c1, rank, off) in zip(stored.blocks, packed.layout.tolist()):
         shapes = [(r1 - r0, c1 - c0)] if b.kind == BlockKind.DENSE else [(r1 - r0, rank), (rank, c1 - c0)]
         for arr, shape, start in zip(b.storage, shapes, (off, off + (r1 - r0) * rank)):
             places[id(arr)] = (start, shape)
+    body = _BodyBuilder(_FactorIndex.packed_v1(hm, dtype), inputs[1], places.values(), opset)
     half = np.dtype(dtype) == np.float16
     function = _body_function(stored, prefix, dtype, overload, inputs, body, opset, family,
                               lambda arr: body.array(*places[id(arr)], as_float32=half))
@@ -305,7 +323,7 @@ def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int, family: 
     floats = dataclasses.replace(stored, dtype=np.dtype(dtype), blocks=tuple(_exact_block(b, dtype) for b in stored.blocks))
     places = {id(a): where for a, where in zip((a for b in floats.blocks for a in b.storage), locations)}
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
-    body = _DecodingBodyBuilder(index, inputs[1], dtype, opset, packed.data.size, locations)
+    body = _DecodingBodyBuilder(index, inputs[1], dtype, opset, locations)
     function = _body_function(floats, prefix, dtype, overload, inputs, body, opset, family,
                               lambda arr: body.decoded_float32(places[id(arr)]))
     function.opset_imports[hmatmul.DOMAIN] = hmatmul.VERSION

@@ -72,7 +72,7 @@ def _decoder_model(packed) -> onnx.ModelProto:
     """Every array of a v2 ``packed``, built by ``decode.PackedArrays``, as graph outputs."""
     data = ir.Value(name="data", const_value=ir.tensor(packed.data, name="data"))
     nodes: list[ir.Node] = []
-    arrays = decode.PackedArrays(data, packed.data.size, array_locations(packed), 17, nodes)
+    arrays = decode.PackedArrays(data, array_locations(packed), 17, nodes)
     outputs = []
     for i, where in enumerate(array_locations(packed)):
         out = ir.Value(name=f"A{i}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(where.shape)))
