@@ -1,16 +1,18 @@
 """Standard-op emission on stock onnxruntime: nodes, speed against dense, and file bytes.
 
-    python benchmarks/bench_emit.py speed [--size 4096] [--tol 1e-4] [--emit ops] [--precision auto]
+    python benchmarks/bench_emit.py speed [--size 4096] [--tol 1e-4] [--emit ops [function ...]] [--precision auto]
                                           [--threads 2]
                                           [--blocks 7] [--runs 20]
     python benchmarks/bench_emit.py bytes [--size 1024] [--tols 1e-2 0.1]
     python benchmarks/bench_emit.py modes [--asr]
 
 ``speed``: the log kernel of ``bench_kernel.log_kernel`` as one MatMul, optimized by
-``dehm_onnx.optimize`` (``--emit``, default precision, no verification) and timed against the
-dense MatMul at batch 1 and 256: stock onnxruntime, ``--threads`` intra-op threads, spinning
-off, one warm-up run, then ``--blocks`` alternating blocks of ``--runs`` runs per session; the
-median over all timed runs is printed with the ratio dense / compressed (> 1: faster).
+``dehm_onnx.optimize`` (each ``--emit`` mode, default precision, no verification) and timed
+against the dense MatMul at batch 1 and 256, every session in one alternation: stock
+onnxruntime, ``--threads`` intra-op threads, spinning off, one warm-up run, then ``--blocks``
+alternating blocks of ``--runs`` runs per session; the median over all timed runs is printed
+with the ratio dense / compressed (> 1: faster). The median time to create each session
+(loading, function inlining, constant folding) is printed too.
 
 ``bytes``: a Gaussian ``size x size`` float32 weight (seed 0) as one MatMul, optimized at each
 tol (default precision and emission), and the whole serialized file's bytes against the
@@ -58,6 +60,19 @@ def session_nodes(model, threads: int) -> collections.Counter:
         return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 
+def creation_seconds(model, threads: int, repeats: int = 3) -> float:
+    """Median seconds to create a stock session for ``model`` (load, inlining, folding)."""
+    data = model.SerializeToString()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def alternating_medians(runners: dict, blocks: int, runs: int) -> dict:
     """Median seconds per call of each runner over ``blocks`` alternating blocks of ``runs`` calls."""
     times = {name: [] for name in runners}
@@ -72,33 +87,43 @@ def alternating_medians(runners: dict, blocks: int, runs: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def speed(args) -> None:
-    w = log_kernel(args.size)
-    dense = dense_model(w)
+def _optimized(dense, args, emit: str):
+    """``dense`` optimized with ``--emit emit``; prints what the file holds and what runs."""
     t0 = time.perf_counter()
-    model, report = dehm_onnx.optimize(dense, tol=args.tol, emit=args.emit, precision=args.precision, no_verify=True)
+    model, report = dehm_onnx.optimize(dense, tol=args.tol, emit=emit, precision=args.precision, no_verify=True)
     (record,) = report.layers
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    print(f"log kernel {args.size}^2 tol {args.tol:g} --emit {args.emit} --precision {args.precision}: optimized in {time.perf_counter() - t0:.1f} s")
+    print(f"log kernel {args.size}^2 tol {args.tol:g} --emit {emit} --precision {args.precision}: optimized in {time.perf_counter() - t0:.1f} s")
     print(f"  {record.emit} {record.family}, {len(model.graph.node)} nodes in the file {dict(ops)}")
     print(f"  whole file {len(model.SerializeToString())} bytes (dense file {len(dense.SerializeToString())})")
     run_ops = session_nodes(model, args.threads)
     print(f"  {sum(run_ops.values())} nodes after onnxruntime's load-time folding {dict(run_ops)}")
     print(f"  bytes {record.bytes_before} -> {record.bytes_after} ({record.byte_ratio:.4f}x), "
           f"precision {record.precision}, cert. error {record.rel_certified_error:.2e}")
-    sessions = {"dense": stock_session(dense, args.threads), "dehm": stock_session(model, args.threads)}
+    return model
+
+
+def speed(args) -> None:
+    w = log_kernel(args.size)
+    dense = dense_model(w)
+    models = {"dense": dense, **{emit: _optimized(dense, args, emit) for emit in args.emit}}
+    sessions = {name: stock_session(m, args.threads) for name, m in models.items()}
+    created = ", ".join(f"{name} {creation_seconds(m, args.threads):.3f} s" for name, m in models.items())
+    print(f"session creation (median of 3): {created}")
     rng = np.random.default_rng(1)
-    print(f"  onnxruntime {ort.__version__}, {args.threads} threads, spinning off, "
+    print(f"onnxruntime {ort.__version__}, {args.threads} threads, spinning off, "
           f"{args.blocks} alternating blocks of {args.runs} runs")
     for batch in args.batches:
         x = rng.standard_normal((batch, args.size)).astype(np.float32)
         y_ref = sessions["dense"].run(None, {"X": x})[0]
-        y = sessions["dehm"].run(None, {"X": x})[0]
-        err = float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref))
         runners = {name: (lambda s=s: s.run(None, {"X": x})) for name, s in sessions.items()}
         med = alternating_medians(runners, args.blocks, args.runs)
-        print(f"  batch {batch:4d}: dense {med['dense'] * 1e3:8.3f} ms, dehm {med['dehm'] * 1e3:8.3f} ms, "
-              f"{med['dense'] / med['dehm']:.2f}x dense; rel. output error {err:.1e}")
+        cells = []
+        for emit in args.emit:
+            y = sessions[emit].run(None, {"X": x})[0]
+            err = float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref))
+            cells.append(f"{emit} {med[emit] * 1e3:.3f} ms, {med['dense'] / med[emit]:.2f}x dense (rel. output error {err:.1e})")
+        print(f"  batch {batch:4d}: dense {med['dense'] * 1e3:.3f} ms; " + "; ".join(cells))
 
 
 def file_bytes(args) -> None:
@@ -165,7 +190,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("speed")
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--emit", default="ops")
+    p.add_argument("--emit", nargs="+", default=["ops"], help="one or more emit modes, timed alternately")
     p.add_argument("--precision", default="auto")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
