@@ -113,53 +113,60 @@ class _StackAssembler:
         groups = _left_groups(pieces) if left else _right_groups(pieces, length)
         parts, rows, count = [], {}, 0
         for kind, width, members in groups:
-            value, layout = self._group(kind, width, members, length)
+            build = {"columns": self._columns, "rows": self._rows, "chunks": self._chunks}[kind]
+            value, layout, height = build(width, members, length)
             parts.append(value)
             for key, offset in layout.items():
                 rows[key] = count + offset
-            count += _group_rows(kind, width, members, length)
+            count += height
         table = parts[0] if len(parts) == 1 else self.ops.node("Concat", parts, axis=0)
         return table, rows, count
 
-    def _group(self, kind: str, width: int, members: list, length: int):
-        """One group's rows and where each piece starts in them."""
-        ops = self.ops
+    def _columns(self, width: int, members: list, length: int):
+        """``U`` arrays of ``width`` rows, side by side and transposed: each column a row."""
         values = [self.array_value(arr) for arr, _, _ in members]
-        if kind == "columns":  # U of ``width`` rows: columns become rows
-            joined = values[0] if len(values) == 1 else ops.node("Concat", values, axis=1)
-            rows = ops.node("Transpose", [joined], perm=[1, 0])
-            layout, offset = {}, 0
-            for arr, start, stop in members:
-                layout[(id(arr), start, stop)] = offset
-                offset += arr.shape[1]
-            return _pad_columns(ops, rows, width, length), layout
-        if kind == "rows":  # whole arrays, or column slices, of ``width`` columns
-            parts = []
-            for (arr, start, stop), value in zip(members, values):
-                if (start, stop) != (0, arr.shape[1]):
-                    value = ops.node("Slice", [value, ops.ints([start]), ops.ints([stop]), ops.ints([1])])
-                parts.append(value)
-            joined = parts[0] if len(parts) == 1 else ops.node("Concat", parts, axis=0)
-            layout, offset = {}, 0
-            for arr, start, stop in members:
-                layout[(id(arr), start, stop)] = offset
-                offset += arr.shape[0]
-            return _pad_columns(ops, joined, width, length), layout
-        # "chunks": arrays of ``width`` columns cut into ``length``-wide chunks
-        distinct = list({id(arr): (arr, value) for (arr, _, _), value in zip(members, values)}.values())
-        joined = distinct[0][1] if len(distinct) == 1 else ops.node("Concat", [v for _, v in distinct], axis=0)
+        joined = values[0] if len(values) == 1 else self.ops.node("Concat", values, axis=1)
+        rows = self.ops.node("Transpose", [joined], perm=[1, 0])
+        layout, offset = {}, 0
+        for arr, start, stop in members:
+            layout[(id(arr), start, stop)] = offset
+            offset += arr.shape[1]
+        return _pad_columns(self.ops, rows, width, length), layout, offset
+
+    def _rows(self, width: int, members: list, length: int):
+        """Whole arrays, or column slices, ``width`` wide, one under the other."""
+        ops, parts = self.ops, []
+        for arr, start, stop in members:
+            value = self.array_value(arr)
+            if (start, stop) != (0, arr.shape[1]):
+                value = ops.node("Slice", [value, ops.ints([start]), ops.ints([stop]), ops.ints([1])])
+            parts.append(value)
+        joined = parts[0] if len(parts) == 1 else ops.node("Concat", parts, axis=0)
+        layout, offset = {}, 0
+        for arr, start, stop in members:
+            layout[(id(arr), start, stop)] = offset
+            offset += arr.shape[0]
+        return _pad_columns(ops, joined, width, length), layout, offset
+
+    def _chunks(self, width: int, members: list, length: int):
+        """Arrays ``width`` wide cut into ``length``-wide chunks: stacked, padded to whole
+        chunks and reshaped so that row ``k`` of chunk ``q`` of an array is one row."""
+        ops = self.ops
+        distinct = list({id(arr): arr for arr, _, _ in members}.values())
+        values = [self.array_value(arr) for arr in distinct]
+        joined = values[0] if len(values) == 1 else ops.node("Concat", values, axis=0)
         chunks = -(-width // length)
         joined = _pad_columns(ops, joined, width, chunks * length)
-        height = sum(arr.shape[0] for arr, _ in distinct)
+        height = sum(arr.shape[0] for arr in distinct)
         cube = ops.node("Reshape", [joined, ops.ints([height, chunks, length])])
         cube = ops.node("Transpose", [cube], perm=[1, 0, 2])
         flat = ops.node("Reshape", [cube, ops.ints([chunks * height, length])])
         first, offset = {}, 0
-        for arr, _ in distinct:
+        for arr in distinct:
             first[id(arr)] = offset
             offset += arr.shape[0]
         layout = {(id(arr), start, stop): (start // length) * height + first[id(arr)] for arr, start, stop in members}
-        return flat, layout
+        return flat, layout, chunks * height
 
 
 def _pad_columns(ops: _BodyOps, value: ir.Value, width: int, length: int) -> ir.Value:
@@ -194,15 +201,6 @@ def _right_groups(pieces: dict, length: int) -> list:
                 rows[piece[2] - piece[1]].append(piece)
     return ([("rows", w, m) for w, m in sorted(rows.items())]
             + [("chunks", w, m) for w, m in sorted(chunks.items())])
-
-
-def _group_rows(kind: str, width: int, members: list, length: int) -> int:
-    if kind == "columns":
-        return sum(arr.shape[1] for arr, _, _ in members)
-    if kind == "rows":
-        return sum(arr.shape[0] for arr, _, _ in members)
-    distinct = {id(arr): arr for arr, _, _ in members}
-    return -(-width // length) * sum(arr.shape[0] for arr in distinct.values())
 
 
 class _BodyPlanEmitter(_PlanEmitter):
