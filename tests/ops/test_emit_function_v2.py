@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from hmatmul_cases import CASES_V2, Case
+from hmatmul_cases import CASES, CASES_V2, Case
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -172,11 +172,15 @@ def test_function_v2_runs_stock_and_with_the_library(case, tmp_path):
     assert_matches(case, make_session(model).run(None, {"X": case.x})[0])
 
 
-@pytest.mark.parametrize("opset", [11, 12, 21])
-def test_function_v2_at_every_opset(opset, tmp_path):
-    """Before opset 12 ``Constant`` has no ``value_int(s)``: the body and decoders use tensors."""
-    case = next(c for c in CASES_V2 if c.name == "q_mixed_tiers_permuted")
-    model = layer_model(case.hm, "function", ["a", "b", case.hm.shape[0]], case.x.dtype, "layer.w.hm", opset)
+@pytest.mark.parametrize("opset", [11, 12, 13, 21])
+@pytest.mark.parametrize("name", ["q_mixed_tiers_permuted", "tall_row_perm"])
+def test_function_at_every_opset(name, opset, tmp_path):
+    """Layout v2 (``q_mixed_tiers_permuted``) and v1 (``tall_row_perm``, float): before opset
+    12 ``Constant`` has no ``value_int(s)`` (the body and decoders use tensors), before 13
+    ``Split`` takes its sizes as an attribute, before 14 the body is per block."""
+    case = next(c for c in CASES_V2 + CASES if c.name == name)
+    lead = [f"d{i}" for i in range(case.x.ndim - 1)]
+    model = layer_model(case.hm, "function", [*lead, case.hm.shape[0]], case.x.dtype, "layer.w.hm", opset)
     onnx.checker.check_model(model, full_check=True)
     assert {o.version for f in model.functions for o in f.opset_import if o.domain == ""} == {opset}
     session, optimized = _stock(model, tmp_path)
