@@ -27,7 +27,7 @@ from ..hmatrix import Storage
 from .emit_ops import dequantize_nodes
 from .emit_plan import Part, Plan, RightGroup, Stack, Tensor, Tiles
 
-__all__ = ["emit_plan_nodes", "INT4_OPSET"]
+__all__ = ["emit_plan_nodes", "PlanEmitter", "INT4_OPSET"]
 
 # int4 tensors (and Cast from them) need the default-domain opset 21.
 INT4_OPSET = 21
@@ -37,7 +37,10 @@ def _onnx_dtype(dtype) -> ir.DataType:
     return ir.DataType.from_numpy(np.dtype(dtype))
 
 
-class _PlanEmitter:
+class PlanEmitter:
+    """Appends a plan's nodes to a builder (``emit_ops._Builder`` interface); ``stack`` is
+    the one step a function body overrides (``emit_body``)."""
+
     def __init__(self, plan: Plan, builder, x: ir.Value, x_rank: int | None, opset: int):
         self.plan = plan
         self.opset = opset
@@ -158,4 +161,4 @@ def emit_plan_nodes(plan: Plan, builder, x: ir.Value, x_rank: int | None = None,
     size 0 fails at run time (``Reshape`` has no ``allowzero``), so callers use the standard
     per-block emission there when ``x`` is not 2-D.
     """
-    return _PlanEmitter(plan, builder, x, x_rank, opset).run()
+    return PlanEmitter(plan, builder, x, x_rank, opset).run()

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..hmatrix import StoredArray
-from .emit_batched import _PlanEmitter
+from .emit_batched import PlanEmitter
 from .emit_plan import Plan, Stack
 
 __all__ = ["emit_batched_body", "BODY_BATCHED_OPSET"]
@@ -71,6 +71,7 @@ class _BodyOps:
         return self.ints(values)
 
     def stored(self, stem: str, values: np.ndarray, int4: bool = False) -> ir.Value:
+        """Never called: the plan's stacks are assembled by ``_StackAssembler``."""
         raise AssertionError("Bug: a function body stores no tensor; its stacks come from the packed data")
 
     def node(self, op: str, inputs: list[ir.Value], stem: str = "", **attrs) -> ir.Value:
@@ -82,12 +83,12 @@ class _BodyOps:
 class _StackAssembler:
     """Builds a plan's stacks from decoded arrays (see the module docstring)."""
 
-    def __init__(self, ops: _BodyOps, array_value: ArrayValue, cast_to: ir.DataType | None):
+    def __init__(self, ops: _BodyOps, array_value: ArrayValue):
         self.ops = ops
         self.array_value = array_value
-        self.cast_to = cast_to
 
     def stack(self, s: Stack) -> ir.Value:
+        """The value of stack ``s``."""
         left = s.axis == 1
         P, Q, length = (s.shape[0], s.shape[1], s.shape[2]) if left else (s.shape[0], s.shape[2], s.shape[1])
         table, rows, count = self._table(s.vectors, length, left)
@@ -100,9 +101,7 @@ class _StackAssembler:
                 table = ops.node("Pad", [table, ops.ints([0, 0, 1, 0])])
             table = ops.node("Gather", [table, ops.index("", index)], axis=0)
         value = ops.node("Reshape", [table, ops.ints([P, Q, length])])
-        if not left:
-            value = ops.node("Transpose", [value], perm=[0, 2, 1])
-        return value if self.cast_to is None else ops.node("Cast", [value], to=self.cast_to)
+        return value if left else ops.node("Transpose", [value], perm=[0, 2, 1])
 
     def _table(self, vectors: dict, length: int, left: bool):
         """``(table, first row of each (array, start, stop), rows)``: a ``(rows, length)``
@@ -203,7 +202,7 @@ def _right_groups(pieces: dict, length: int) -> list:
             + [("chunks", w, m) for w, m in sorted(chunks.items())])
 
 
-class _BodyPlanEmitter(_PlanEmitter):
+class _BodyPlanEmitter(PlanEmitter):
     """The plan's nodes, with each stack assembled from the decoded arrays."""
 
     def __init__(self, plan: Plan, ops: _BodyOps, x: ir.Value, opset: int, assembler: _StackAssembler):
@@ -214,17 +213,11 @@ class _BodyPlanEmitter(_PlanEmitter):
         return self.assembler.stack(s)
 
 
-def emit_batched_body(plan: Plan, x: ir.Value, nodes: list[ir.Node], array_value: ArrayValue, opset: int,
-                      cast_to: ir.DataType | None = None) -> ir.Value:
+def emit_batched_body(plan: Plan, x: ir.Value, nodes: list[ir.Node], array_value: ArrayValue, opset: int) -> ir.Value:
     """Append to ``nodes`` the batched body of ``plan`` (built from an H-matrix whose arrays
     are all float) reading ``x`` of any rank; ``array_value(arr)`` gives the body's value of
-    each of the plan's arrays. Returns ``y``.
-
-    ``cast_to``: the stacks are assembled in the dtype of ``array_value``'s values and cast to
-    this one (onnxruntime's CPU ``Pad`` has no float16 kernel, so a float16 stack assembled as
-    float16 would not be folded at load time but run, cast to float32, at every call).
-    """
+    each of the plan's arrays, in ``x``'s dtype. Returns ``y``."""
     if opset < BODY_BATCHED_OPSET:
         raise ValueError(f"a batched function body needs opset {BODY_BATCHED_OPSET}, got {opset}")
     ops = _BodyOps(nodes)
-    return _BodyPlanEmitter(plan, ops, x, opset, _StackAssembler(ops, array_value, cast_to)).run()
+    return _BodyPlanEmitter(plan, ops, x, opset, _StackAssembler(ops, array_value)).run()

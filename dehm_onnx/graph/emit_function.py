@@ -24,8 +24,11 @@ its columns), or a batched plan whose stacks are assembled from the arrays
 - layout v1: a ``Reshape`` of its piece of ``data``, cut by one ``Split`` per layer;
 - layout v2: its piece of ``data`` decoded by ``decode.PackedArrays`` (one call per element
   type of the model-local ``ai.dehm.Decode*`` functions, stored once per model and shared by
-  every layer, then a ``Split``; integers times their scales), then a ``Cast`` to float16
-  for float16 activations. A low-rank block of several tiers is ``sum_t (x_b @ U_t) @ Vt_t``.
+  every layer, then a ``Split``; integers times their scales). A low-rank block of several
+  tiers is ``sum_t (x_b @ U_t) @ Vt_t``.
+
+The body computes in float32, as the kernels accumulate: a float16 ``X`` is cast to float32
+first and ``Y`` back to float16 once at the end.
 
 These nodes depend only on ``data``, an initializer, and onnxruntime folds them into constants
 when the session is created (integers are multiplied as their dequantized float values, as
@@ -139,14 +142,18 @@ class _FactorIndex:
                 rest = self._cover(array, end)
                 if rest is not None:
                     return [(source, factor.shape, None), *rest]
-        window = self._window(array, pos) if np.any(array) else None
-        if window is None:
+        if not np.any(array):
             return None
-        rest = self._cover(array, pos + window[1][0])
-        return None if rest is None else [window, *rest]
+        for window in self._windows(array, pos):
+            rest = self._cover(array, pos + window[1][0])
+            if rest is not None:
+                return [window, *rest]
+        return None
 
-    def _window(self, array: np.ndarray, pos: int):
-        """A wider factor some of whose columns equal the rows of ``array`` from ``pos`` on."""
+    def _windows(self, array: np.ndarray, pos: int):
+        """Every wider factor some of whose columns equal the rows of ``array`` from ``pos``
+        on, as ``(source, shape, columns)`` (the first one found may lead nowhere: a one-row
+        factor's column can equal the first row of the next piece)."""
         width = array.shape[1]
         for factors in self.by_first_row.values():
             for source, factor in factors:
@@ -155,8 +162,7 @@ class _FactorIndex:
                     continue
                 for start in range(factor.shape[1] - width + 1):
                     if np.array_equal(factor[:, start : start + width], array[pos : pos + rows]):
-                        return source, factor.shape, (start, start + width)
-        return None
+                        yield source, factor.shape, (start, start + width)
 
 
 class _BodyBuilder:
@@ -164,10 +170,12 @@ class _BodyBuilder:
     one ``Split`` cuts ``data`` into every stored array (``places``: ``(offset, shape)`` of
     each), and a factor is a ``Reshape`` of its piece."""
 
-    def __init__(self, index: _FactorIndex, data: ir.Value, places=(), opset: int = FUNCTION_OPSET):
+    def __init__(self, index: _FactorIndex, data: ir.Value, places=(), opset: int = FUNCTION_OPSET,
+                 widen: bool = False):
         self.index = index
         self.data = data
         self.nodes: list[ir.Node] = []
+        self.widen = widen  # float16 data: cut it after one Cast to float32
         self.copied = 0  # float values stored again because no factor matched
         self.arrays: dict[tuple, ir.Value] = {}
         self.places = {offset: tuple(shape) for offset, shape in places if shape[0] * shape[1]}
@@ -193,23 +201,19 @@ class _BodyBuilder:
         """The stored array of ``shape`` at ``offset`` of ``data`` (its nodes made once)."""
         return self.array(offset, shape)
 
-    def array(self, offset: int, shape: tuple[int, int], as_float32: bool = False) -> ir.Value:
-        """The stored array of ``shape`` at ``offset`` of ``data`` (its nodes made once), cast
-        to float32 when ``as_float32``."""
-        key = (offset, tuple(shape), as_float32)
+    def array(self, offset: int, shape: tuple[int, int]) -> ir.Value:
+        """The stored array of ``shape`` at ``offset`` of ``data`` (its nodes made once)."""
+        key = (offset, tuple(shape))
         if key not in self.arrays:
-            if as_float32:
-                value = self._node("Cast", [self.array(offset, shape)], to=ir.DataType.FLOAT)
-            else:
-                value = self._node("Reshape", [self._piece(offset, shape), self.ints(*shape)])
-            self.arrays[key] = value
+            self.arrays[key] = self._node("Reshape", [self._piece(offset, shape), self.ints(*shape)])
         return self.arrays[key]
 
     def _piece(self, offset: int, shape: tuple[int, int]) -> ir.Value:
         if self._pieces is None:
             items = [(off, rows * cols, off) for off, (rows, cols) in self.places.items()]
             count = iter(range(1 << 62))
-            self._pieces = split_values(self.nodes, self.data, 0, items, 0, self.opset,
+            data = self._node("Cast", [self.data], to=ir.DataType.FLOAT) if self.widen else self.data
+            self._pieces = split_values(self.nodes, data, 0, items, 0, self.opset,
                                         lambda: ir.Value(name=f"p{next(count)}"), self.ints)
         assert self.places.get(offset) == tuple(shape), "Bug: a factor is not a stored array"
         return self._pieces[offset]
@@ -245,16 +249,13 @@ class _BodyBuilder:
 
 
 class _DecodingBodyBuilder(_BodyBuilder):
-    """Layout v2: every stored array is built from the bytes of ``data`` by
-    ``decode.PackedArrays`` (one decoder call per element type), then cast to the activation
-    dtype."""
+    """Layout v2: every stored array is built (in float32) from the bytes of ``data`` by
+    ``decode.PackedArrays`` (one decoder call per element type)."""
 
-    def __init__(self, index: _FactorIndex, data: ir.Value, dtype, opset: int, locations):
+    def __init__(self, index: _FactorIndex, data: ir.Value, opset: int, locations):
         super().__init__(index, data)
-        self.dtype = np.dtype(dtype)
         self.attributes = opset >= CONSTANT_ATTRIBUTES_OPSET
         self.arrays_v2 = PackedArrays(data, locations, opset, self.nodes)
-        self.decoded: dict[ArrayLocation, ir.Value] = {}
 
     def const(self, value: ir.Value | str, array: np.ndarray) -> ir.Value:
         """A ``Constant`` node: ``value_ints`` for a 1-D int64 array (opset >= 12), else an
@@ -268,20 +269,9 @@ class _DecodingBodyBuilder(_BodyBuilder):
         self.nodes.append(ir.node("Constant", [], attrs, outputs=[out], name=""))
         return out
 
-    def decoded_float32(self, where: ArrayLocation) -> ir.Value:
-        """The array at ``where`` as float32 values (before any cast)."""
-        return self.arrays_v2.value(where)
-
     def source(self, where: ArrayLocation, shape: tuple[int, int], stem: str, out: ir.Value) -> ir.Value:
-        if where not in self.decoded:
-            value = self.arrays_v2.value(where)
-            if self.dtype != np.float32:
-                cast = ir.node("Cast", [value], {"to": ir.DataType.from_numpy(self.dtype)}, name="",
-                               outputs=[ir.Value(name=f"{value.name}/cast")])
-                self.nodes.append(cast)
-                value = cast.outputs[0]
-            self.decoded[where] = value
-        return self.decoded[where]
+        """The array at ``where`` (float32)."""
+        return self.arrays_v2.value(where)
 
 
 def function_body(hm, prefix: str, dtype, overload: str, opset: int = FUNCTION_OPSET, family: str = "auto") -> ir.Function:
@@ -290,16 +280,15 @@ def function_body(hm, prefix: str, dtype, overload: str, opset: int = FUNCTION_O
     default-domain ``opset``; ``family`` as for ``body_family``."""
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
     packed = pack(hm)
-    stored = dataclasses.replace(unpack(packed), dtype=np.dtype(dtype))
+    stored = dataclasses.replace(unpack(packed), dtype=np.dtype(np.float32))
     places = {}
     for b, (_, r0, r1, c0, c1, rank, off) in zip(stored.blocks, packed.layout.tolist()):
         shapes = [(r1 - r0, c1 - c0)] if b.kind == BlockKind.DENSE else [(r1 - r0, rank), (rank, c1 - c0)]
         for arr, shape, start in zip(b.storage, shapes, (off, off + (r1 - r0) * rank)):
             places[id(arr)] = (start, shape)
-    body = _BodyBuilder(_FactorIndex.packed_v1(hm, dtype), inputs[1], places.values(), opset)
-    half = np.dtype(dtype) == np.float16
-    function = _body_function(stored, prefix, dtype, overload, inputs, body, opset, family,
-                              lambda arr: body.array(*places[id(arr)], as_float32=half))
+    body = _BodyBuilder(_FactorIndex.packed_v1(hm, np.float32), inputs[1], places.values(), opset,
+                        widen=np.dtype(dtype) != np.float32)
+    function = _body_function(stored, dtype, overload, inputs, body, opset, family, lambda arr: body.array(*places[id(arr)]))
     _shorten_names(function)
     return function
 
@@ -319,13 +308,13 @@ def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int, family: 
     assert len(arrays) == len(locations), "Bug: unpack and array_locations list different arrays"
     index = _FactorIndex()
     for where, array in zip(locations, arrays):
-        index.add(where, array.dequantized().astype(dtype))
-    floats = dataclasses.replace(stored, dtype=np.dtype(dtype), blocks=tuple(_exact_block(b, dtype) for b in stored.blocks))
+        index.add(where, array.dequantized().astype(np.float32))
+    floats = dataclasses.replace(stored, dtype=np.dtype(np.float32), blocks=tuple(_exact_block(b) for b in stored.blocks))
     places = {id(a): where for a, where in zip((a for b in floats.blocks for a in b.storage), locations)}
     inputs = [ir.Value(name=name) for name in hmatmul.INPUTS]
-    body = _DecodingBodyBuilder(index, inputs[1], dtype, opset, locations)
-    function = _body_function(floats, prefix, dtype, overload, inputs, body, opset, family,
-                              lambda arr: body.decoded_float32(places[id(arr)]))
+    body = _DecodingBodyBuilder(index, inputs[1], opset, locations)
+    function = _body_function(floats, dtype, overload, inputs, body, opset, family,
+                              lambda arr: body.arrays_v2.value(places[id(arr)]))
     function.opset_imports[hmatmul.DOMAIN] = hmatmul.VERSION
     _shorten_names(function)
     return function, sorted(body.arrays_v2.decoders)
@@ -359,31 +348,38 @@ def _shorten_names(function: ir.Function) -> None:
                 count += 1
 
 
-def _exact_block(b, dtype):
-    """``b`` with every stored array replaced by its dequantized values in ``dtype`` (FLOAT)."""
-    arrays = tuple(StoredArray.exact(a.dequantized().astype(dtype)) for a in b.storage)
+def _exact_block(b):
+    """``b`` with every stored array replaced by its dequantized values in float32 (FLOAT)."""
+    arrays = tuple(StoredArray.exact(a.dequantized().astype(np.float32)) for a in b.storage)
     return Block(b.kind, b.r0, b.r1, b.c0, b.c1, storage=arrays)
 
 
-def _body_function(hm, prefix: str, dtype, overload: str, inputs: list[ir.Value], body: _BodyBuilder,
-                   opset: int, family: str, array_value) -> ir.Function:
-    family, plan = body_family(hm, dtype, opset, family)
+def _body_function(hm, dtype, overload: str, inputs: list[ir.Value], body: _BodyBuilder, opset: int,
+                   family: str, array_value) -> ir.Function:
+    """The function computing ``X @ W_H`` with the arrays of ``hm`` (float32): in float32, as
+    the kernels accumulate, with float16 ``X`` widened first and ``Y`` rounded once."""
+    x = inputs[0]
+    if np.dtype(dtype) != np.float32:
+        x = body._node("Cast", [x], to=ir.DataType.FLOAT)
+    family, plan = body_family(hm, np.float32, opset, family)
     if family == "batched" and plan is not None:
-        # The stacks are assembled in float32 (the values array_value gives) and cast.
-        cast_to = ir.DataType.FLOAT16 if np.dtype(dtype) == np.float16 else None
-        y = emit_batched_body(plan, inputs[0], body.nodes, array_value, opset, cast_to)
+        y = emit_batched_body(plan, x, body.nodes, array_value, opset)
         nodes = body.nodes
     else:
-        nodes, y = _blocks_body(hm, prefix, dtype, inputs, body)
+        nodes, y = _blocks_body(hm, overload, x, body)
+    if np.dtype(dtype) != np.float32:
+        cast = ir.node("Cast", [y], {"to": ir.DataType.from_numpy(np.dtype(dtype))}, outputs=[ir.Value(name="y16")], name="")
+        nodes.append(cast)
+        y = cast.outputs[0]
     (y_name,) = hmatmul.OUTPUTS
     y.name = y_name
     graph = ir.Graph(inputs, [y], nodes=nodes, opset_imports={"": FUNCTION_OPSET}, name=hmatmul.OP_TYPE)
     return ir.Function(hmatmul.DOMAIN, hmatmul.OP_TYPE, overload, graph=graph, attributes=[])
 
 
-def _blocks_body(hm, prefix: str, dtype, inputs: list[ir.Value], body: _BodyBuilder):
-    """The ``blocks`` emission with each factor initializer replaced by body nodes."""
-    emission = emit_blocks(hm, inputs[0], prefix, dtype, EmitContext(family="blocks"))
+def _blocks_body(hm, prefix: str, x: ir.Value, body: _BodyBuilder):
+    """The ``blocks`` emission (float32) with each factor initializer replaced by body nodes."""
+    emission = emit_blocks(hm, x, prefix, np.float32, EmitContext(family="blocks"))
     for value in emission.initializers:
         array = value.const_value.numpy()
         value.const_value = None  # the value becomes a body node's output

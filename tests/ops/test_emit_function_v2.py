@@ -24,7 +24,7 @@ from test_hmatmul_v2_properties import cases
 
 import dehm_onnx
 from dehm_onnx.graph import decode
-from dehm_onnx.graph.emit import layer_model
+from dehm_onnx.graph.emit import EmitContext, layer_model
 from dehm_onnx.graph.emit_function import as_float, fit_function_to_model
 from dehm_onnx.hmatrix import GROUP_SIZES, Block, BlockKind, HMatrix, Storage, StoredArray, compress, pack, unpack
 from dehm_onnx.hmatrix.pack import array_locations
@@ -216,6 +216,27 @@ def test_function_body_reads_a_factor_whose_first_row_another_factor_shares():
     hm = HMatrix((3, 4), np.dtype(np.float32), blocks, norm=1.0, certified_error=0.0, tol=0.1)
     case = Case("shared first row", hm, np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32))
     model = _function_model(case)
+    _assert_stored_once(model, hm)
+    assert_matches(case, ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": case.x})[0])
+
+
+def test_function_body_backtracks_over_column_windows():
+    """A stacked factor whose pieces are columns of wider factors, where the first column that
+    matches (of a one-row ``U``) leaves a rest no factor covers (found by hypothesis): the body
+    tries the next match and copies no weight."""
+    d = np.array([[1.2573e-4, -1.321e-4]], np.float32)
+    u = np.array([[1.2573e-4, -1.321e-4]], np.float16)
+    vt = np.array([[1.2573e-4, -1.321e-4], [6.4042e-4, 1.049e-4]], np.float32)
+    blocks = (
+        Block(BlockKind.DENSE, 0, 1, 0, 2, storage=(StoredArray(Storage.FLOAT, d, None, 0),)),
+        Block(BlockKind.ZERO, 0, 1, 2, 3),
+        Block(BlockKind.ZERO, 1, 2, 0, 3),
+        Block(BlockKind.ZERO, 2, 3, 0, 1),
+        Block(BlockKind.LOWRANK, 2, 3, 1, 3, storage=(StoredArray(Storage.FP16, u, None, 0), StoredArray(Storage.FLOAT, vt, None, 0))),
+    )
+    hm = HMatrix((3, 3), np.dtype(np.float32), blocks, norm=1.0, certified_error=0.0, tol=0.1)
+    case = Case("column windows", hm, np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32))
+    model = layer_model(hm, "function", ["b", 3], np.float32, "layer.w.hm", 21, EmitContext(x_rank=2, opset=21, family="blocks"))
     _assert_stored_once(model, hm)
     assert_matches(case, ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": case.x})[0])
 
