@@ -274,7 +274,7 @@ class _DecodingBodyBuilder(_BodyBuilder):
         return self.arrays_v2.value(where)
 
 
-def function_body(hm, prefix: str, dtype, overload: str, opset: int = FUNCTION_OPSET, family: str = "auto") -> ir.Function:
+def function_body(hm, dtype, overload: str, opset: int = FUNCTION_OPSET, family: str = "auto") -> ir.Function:
     """The model-local function ``ai.dehm.HMatMul`` (this overload) computing ``X @ W_H`` from
     the layout-v1 inputs of ``hm`` (every array in the weight's dtype) in a model of
     default-domain ``opset``; ``family`` as for ``body_family``."""
@@ -293,13 +293,13 @@ def function_body(hm, prefix: str, dtype, overload: str, opset: int = FUNCTION_O
     return function
 
 
-def function_body_v2(hm, prefix: str, dtype, overload: str, opset: int, family: str = "auto") -> tuple[ir.Function, list[str]]:
+def function_body_v2(hm, dtype, overload: str, opset: int, family: str = "auto") -> tuple[ir.Function, list[str]]:
     """The function body for the layout-v2 inputs of ``hm`` (``packed_inputs_v2``) in a model
     of default-domain ``opset``, and the names of the ``ai.dehm.Decode*`` functions it calls.
 
     The product is the emission (``body_family``) of the H-matrix that ``unpack`` reads back
-    from the packed bytes, every array as float values in the activation dtype (one term per
-    tier), and each of its factors is built from the decoded arrays.
+    from the packed bytes, every array as its float32 values (one term per tier), and each of
+    its factors is built from the decoded arrays.
     """
     packed = pack(hm, version=2)
     stored = unpack(packed)
@@ -420,10 +420,10 @@ def emit_function(hm, x: ir.Value, prefix: str, dtype, context=None) -> Emission
         return emit_ops(hm, x, prefix, dtype, context)
     if all(b.is_float for b in hm.blocks):
         packed = packed_inputs(hm, prefix, dtype)
-        functions = [function_body(as_float(hm), prefix, dtype, prefix, opset, family)]
+        functions = [function_body(as_float(hm), dtype, prefix, opset, family)]
     else:
         packed = packed_inputs_v2(hm, prefix)
-        body, decoders = function_body_v2(hm, prefix, dtype, prefix, opset, family)
+        body, decoders = function_body_v2(hm, dtype, prefix, opset, family)
         functions = [body, *decoder_functions(decoders, opset)]
     node = hmatmul_node(x, prefix, packed, overload=prefix)
     return Emission([node], packed, node.outputs[0], functions, family="function", inputs=list(packed))
