@@ -241,9 +241,13 @@ def choose(candidates: list[Candidate], dense: Cost) -> Candidate:
     return fast if SPEEDUP * fast.score(dense) <= best.score(dense) else best
 
 
-def choose_family(hm, dtype, context) -> tuple[str, Plan | None]:
+def choose_family(hm, dtype, context, memory_slack: float | None = None) -> tuple[str, Plan | None]:
     """``("batched", plan)`` or ``("blocks", None)`` for ``emit_ops`` (``context.family``
-    forces one; batched plans need opset 14 when the activation is not known to be 2-D)."""
+    forces one; batched plans need opset 14 when the activation is not known to be 2-D).
+
+    ``memory_slack``: choose the fastest candidate within this fraction of the smallest bytes
+    instead of ``choose``'s rule (a function body, whose candidates' bytes are memory after
+    folding, not file bytes)."""
     from .emit_ops import blocks_candidate
 
     if context.family == "blocks" or not terms_of(hm):
@@ -257,5 +261,6 @@ def choose_family(hm, dtype, context) -> tuple[str, Plan | None]:
         candidates.append(blocks_candidate(hm, dtype, context))
     if not candidates:
         return "blocks", None
-    best = choose(candidates, dense_cost(*hm.shape, np.dtype(dtype).itemsize))
+    dense = dense_cost(*hm.shape, np.dtype(dtype).itemsize)
+    best = choose(candidates, dense) if memory_slack is None else _fastest_within(candidates, dense, memory_slack)
     return best.family, best.plan
