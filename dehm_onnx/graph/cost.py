@@ -245,9 +245,9 @@ def choose_family(hm, dtype, context, memory_slack: float | None = None) -> tupl
     """``("batched", plan)`` or ``("blocks", None)`` for ``emit_ops`` (``context.family``
     forces one; batched plans need opset 14 when the activation is not known to be 2-D).
 
-    ``memory_slack``: choose the fastest candidate within this fraction of the smallest bytes
-    instead of ``choose``'s rule (a function body, whose candidates' bytes are memory after
-    folding, not file bytes)."""
+    ``memory_slack`` (a function body, whose candidates' bytes are memory after folding, not
+    file bytes): the fastest candidate within this fraction of the smallest bytes replaces
+    ``choose``'s when it is ``SPEEDUP`` times faster still."""
     from .emit_ops import blocks_candidate
 
     if context.family == "blocks" or not terms_of(hm):
@@ -262,5 +262,9 @@ def choose_family(hm, dtype, context, memory_slack: float | None = None) -> tupl
     if not candidates:
         return "blocks", None
     dense = dense_cost(*hm.shape, np.dtype(dtype).itemsize)
-    best = choose(candidates, dense) if memory_slack is None else _fastest_within(candidates, dense, memory_slack)
+    best = choose(candidates, dense)
+    if memory_slack is not None:
+        fast = _fastest_within(candidates, dense, memory_slack)
+        if SPEEDUP * fast.score(dense) <= best.score(dense):
+            best = fast
     return best.family, best.plan

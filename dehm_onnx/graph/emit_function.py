@@ -66,9 +66,9 @@ logger = logging.getLogger(__name__)
 # ``fit_function_to_model`` sets it to the model's own version, as the checker requires.
 FUNCTION_OPSET = 13
 # A function body may hold up to this fraction more float bytes in memory than its smallest
-# candidate when that buys speed: at tol 1e-2 the 4096² log kernel's batched body holds 35 %
-# more than its per-block body and runs in about a fifth of the time (per-block: 1108 nodes,
-# 3× slower than dense on stock onnxruntime).
+# candidate when that buys cost.SPEEDUP times the speed: at tol 1e-2 the 4096² log kernel's
+# batched body holds 35 % more than its per-block body and runs in about a sixth of the time by
+# the time model (per-block: 1108 nodes, 3× slower than dense on stock onnxruntime).
 BODY_MEMORY_SLACK = 1.0
 # Node overloads and overloaded model-local functions need IR version 10.
 FUNCTION_IR_VERSION = 10
@@ -327,11 +327,12 @@ def function_body_v2(hm, dtype, overload: str, opset: int, family: str = "auto")
 
 def body_family(hm, dtype, opset: int, family: str = "auto") -> tuple[str, object]:
     """``("batched", plan)`` or ``("blocks", None)``: the family of a function body for ``hm``
-    (its arrays in float, as the body computes). ``family`` ``auto`` takes the candidate of
-    the ``ops`` cost model (``cost.choose_family``, an activation of unknown rank) with the
-    least estimated time among those whose float bytes are within ``BODY_MEMORY_SLACK`` of the
-    smallest: for a body those bytes are the memory onnxruntime fills when it folds the
-    constants, not the file's (the file holds the packed arrays either way). ``batched``
+    (its arrays in float, as the body computes). ``family`` ``auto`` takes the ``ops`` cost
+    model's choice (``cost.choose_family``, an activation of unknown rank), or the fastest
+    candidate whose float bytes are within ``BODY_MEMORY_SLACK`` of the smallest when its time
+    estimate is ``cost.SPEEDUP`` times lower: for a body those bytes are the memory onnxruntime
+    fills when it folds the constants, not the file's (the file holds the packed arrays either
+    way; a batched body's own nodes take more bytes than a small per-block one's). ``batched``
     forces the best batched plan where there is one and the opset allows it
     (``BODY_BATCHED_OPSET``)."""
     from .cost import choose_family
